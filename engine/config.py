@@ -1,0 +1,180 @@
+"""Engine model-directory format: ``config.json`` + safetensors weights.
+
+config.json:
+  {"format": "stemgen-engine", "format_version": 1,
+   "lm": {LMConfig fields}, "codec": {...} | null, "instruments": [names],
+   "sampling": {SamplingConfig defaults}, "dtype": "float32",
+   "weights": {"lm": "lm.safetensors", "codec": "codec.safetensors" | null}}
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FORMAT_NAME = "stemgen-engine"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+LM_WEIGHTS = "lm.safetensors"
+
+
+class ModelFormatError(ValueError):
+    """A model directory, checkpoint or config is unusable; the message says what and how to fix it."""
+
+
+@dataclass(frozen=True)
+class LMConfig:
+    d_model: int
+    n_heads: int
+    n_layers: int
+    n_q: int
+    codebook_size: int
+    n_channels: int
+    cond_sizes: tuple[int, ...]
+    ffn_hidden: int
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        object.__setattr__(self, "cond_sizes", tuple(int(n) for n in self.cond_sizes))
+        checks = [
+            (self.d_model % self.n_heads == 0, "d_model must be divisible by n_heads"),
+            ((self.d_model // self.n_heads) % 2 == 0, "head dim d_model/n_heads must be even (RoPE)"),
+            (self.d_model % self.n_channels == 0, "d_model must be divisible by n_channels"),
+            (self.n_channels >= 1 and self.n_q >= 1 and self.n_layers >= 0, "sizes must be positive"),
+            (len(self.cond_sizes) >= 1 and min(self.cond_sizes) >= 1, "cond_sizes needs >= 1 source of >= 1 class"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ModelFormatError(f"lm config: {msg} (got {self})")
+
+    @property
+    def mask_id(self) -> int:
+        return self.codebook_size
+
+    @property
+    def null_id(self) -> int:
+        return self.codebook_size + 1
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def channel_dim(self) -> int:
+        return self.d_model // self.n_channels
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["cond_sizes"] = list(self.cond_sizes)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LMConfig":
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(fields))
+        missing = sorted(n for n, f in fields.items() if n not in d and f.default is dataclasses.MISSING)
+        if unknown or missing:
+            raise ModelFormatError(
+                f"lm config: unknown field(s) {unknown} / missing field(s) {missing}")
+        return cls(**d)
+
+
+@dataclass
+class SamplingConfig:
+    """Sampler defaults (SPEC section 4; the paper's setting)."""
+    steps: tuple[int, ...] = (128, 64, 32, 32)
+    guidance: str = "multi"          # "multi" (3 rows) | "single" (2 rows) | "none" (1 row)
+    cfg_context: float = 3.0         # lambda_a (multi-source)
+    cfg_instrument: float = 3.0      # lambda_i (multi-source)
+    cfg_scale: float = 3.0           # lambda (single-source)
+    temperature: float = 1.0
+    top_k: int = 0                   # 0: off
+    top_p: float = 1.0               # 1.0: off
+    w_confidence: float = 0.1        # causal-bias ranking (paper Eq. 1)
+    w_causal: float = 0.1
+    w_random: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        self.steps = tuple(int(s) for s in self.steps)
+        if self.guidance not in ("multi", "single", "none"):
+            raise ValueError(f"guidance must be 'multi', 'single' or 'none', got {self.guidance!r}")
+        if not self.steps or min(self.steps) < 1:
+            raise ValueError(f"steps must be >= 1 per level, got {self.steps}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+    def guidance_weights(self) -> list[float]:
+        if self.guidance == "multi":
+            return [self.cfg_context, self.cfg_instrument, 1.0 - self.cfg_context - self.cfg_instrument]
+        if self.guidance == "single":
+            return [self.cfg_scale, 1.0 - self.cfg_scale]
+        return [1.0]
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["steps"] = list(self.steps)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SamplingConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class ModelConfig:
+    lm: LMConfig
+    instruments: list[str]
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    codec: dict | None = None
+    dtype: str = "float32"
+    weights: dict = field(default_factory=lambda: {"lm": LM_WEIGHTS, "codec": None})
+
+    def __post_init__(self):
+        if len(self.instruments) != self.lm.cond_sizes[0]:
+            raise ModelFormatError(
+                f"config: {len(self.instruments)} instrument names but the instrument table has "
+                f"{self.lm.cond_sizes[0]} classes (lm.cond_sizes[0])")
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "lm": self.lm.to_dict(),
+                "codec": self.codec, "instruments": list(self.instruments),
+                "sampling": self.sampling.to_dict(), "dtype": self.dtype, "weights": dict(self.weights)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        if d.get("format") != FORMAT_NAME:
+            raise ModelFormatError(f"config.json: format is {d.get('format')!r}, expected {FORMAT_NAME!r}")
+        if d.get("format_version") != FORMAT_VERSION:
+            raise ModelFormatError(f"config.json: format_version {d.get('format_version')!r} is not "
+                                   f"supported (this engine reads {FORMAT_VERSION}); re-convert the model")
+        for key in ("lm", "instruments"):
+            if key not in d:
+                raise ModelFormatError(f"config.json: missing field {key!r}")
+        try:
+            sampling = SamplingConfig.from_dict(d.get("sampling") or {})
+        except (TypeError, ValueError) as e:
+            raise ModelFormatError(f"config.json: sampling: {e}") from None
+        return cls(lm=LMConfig.from_dict(d["lm"]), instruments=list(d["instruments"]), sampling=sampling,
+                   codec=d.get("codec"), dtype=d.get("dtype", "float32"),
+                   weights=d.get("weights") or {"lm": LM_WEIGHTS, "codec": None})
+
+    @classmethod
+    def load(cls, model_dir: str | Path) -> "ModelConfig":
+        path = Path(model_dir) / CONFIG_FILE
+        if not Path(model_dir).is_dir():
+            raise ModelFormatError(f"{model_dir}: not a directory; pass a model directory made by `stemgen convert`")
+        if not path.is_file():
+            raise ModelFormatError(f"{path}: missing; a model directory made by `stemgen convert` has one")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ModelFormatError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(data)

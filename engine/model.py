@@ -1,0 +1,170 @@
+"""Lean inference-only StemGen LM: fused QKV and gate/up projections, flat embedding tables,
+one forward that can return the logits of a single level's head."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..kernels.embedding import embed_sum_ref
+from .config import LMConfig, ModelFormatError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of float32, bfloat16, float16")
+    return DTYPES[dtype]
+
+
+def expected_shapes(cfg: LMConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the engine's LM weight file, by name."""
+    d, h, Q, V = cfg.d_model, cfg.ffn_hidden, cfg.n_q, cfg.codebook_size
+    shapes = {
+        "tok_emb": (Q * (V + 2), cfg.channel_dim),
+        "cond_emb": (sum(n + 1 for n in cfg.cond_sizes), cfg.channel_dim),
+        "norm": (d,),
+        "heads": (Q, V, d),
+    }
+    for i in range(cfg.n_layers):
+        shapes.update({f"layers.{i}.attn_norm": (d,), f"layers.{i}.wqkv": (3 * d, d),
+                       f"layers.{i}.wo": (d, d), f"layers.{i}.ffn_norm": (d,),
+                       f"layers.{i}.w13": (2 * h, d), f"layers.{i}.w2": (d, h)})
+    return shapes
+
+
+def rms_norm(x, weight, eps):
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+def rope(x, cos, sin):
+    """Rotate-half RoPE on [B, T, H, Dh] with cos/sin [T, 1, Dh/2] (fp32 maths)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        d, h = cfg.d_model, cfg.ffn_hidden
+        self.attn_norm = nn.Parameter(torch.empty(d))
+        self.wqkv = nn.Parameter(torch.empty(3 * d, d))
+        self.wo = nn.Parameter(torch.empty(d, d))
+        self.ffn_norm = nn.Parameter(torch.empty(d))
+        self.w13 = nn.Parameter(torch.empty(2 * h, d))
+        self.w2 = nn.Parameter(torch.empty(d, h))
+
+
+class StemGenEngineLM(nn.Module):
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Parameter(torch.empty(expected_shapes(cfg)["tok_emb"]))
+        self.cond_emb = nn.Parameter(torch.empty(expected_shapes(cfg)["cond_emb"]))
+        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_layers))
+        self.norm = nn.Parameter(torch.empty(cfg.d_model))
+        self.heads = nn.Parameter(torch.empty(cfg.n_q, cfg.codebook_size, cfg.d_model))
+        self.register_buffer("cond_offsets", _cond_offsets(cfg), persistent=False)
+        self._rope_cache: dict = {}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.norm.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.device
+
+    def _rope(self, T: int, device):
+        key = (T, str(device))
+        if key not in self._rope_cache:
+            cfg = self.cfg
+            dh = cfg.head_dim
+            inv = 1.0 / cfg.rope_theta ** (torch.arange(0, dh, 2, dtype=torch.float64) / dh)
+            ang = torch.outer(torch.arange(T, dtype=torch.float64), inv)
+            self._rope_cache = {key: (ang.cos().float().to(device)[:, None, :],
+                                      ang.sin().float().to(device)[:, None, :])}
+        return self._rope_cache[key]
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, conditions: torch.Tensor, level: int | None = None,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, C, Q, T], conditions [B, S] -> fp32 logits [B, T, V] for ``level``
+        (only that head is computed) or [B, Q, T, V] for all levels. ``key_mask`` [B, T] bool
+        marks real (True) vs padding frames for batches of different lengths."""
+        cfg = self.cfg
+        B, C, Q, T = tokens.shape
+        H, dh = cfg.n_heads, cfg.head_dim
+        x = embed_sum_ref(tokens, conditions, self.tok_emb, self.cond_emb, self.cond_offsets)
+        cos, sin = self._rope(T, x.device)
+        attn_mask = None if key_mask is None else key_mask[:, None, None, :]
+        for layer in self.layers:
+            q, k, v = F.linear(rms_norm(x, layer.attn_norm, cfg.norm_eps), layer.wqkv).view(B, T, 3, H, dh).unbind(2)
+            q, k = rope(q, cos, sin), rope(k, cos, sin)
+            a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               attn_mask=attn_mask)
+            x = x + F.linear(a.transpose(1, 2).reshape(B, T, cfg.d_model), layer.wo)
+            gate, up = F.linear(rms_norm(x, layer.ffn_norm, cfg.norm_eps), layer.w13).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, layer.w2)
+        x = rms_norm(x, self.norm, cfg.norm_eps)
+        if level is not None:
+            return F.linear(x, self.heads[level]).float()
+        return torch.einsum("btd,qvd->bqtv", x, self.heads).float()
+
+
+def load_lm(path: str | Path, cfg: LMConfig, device="cpu", dtype: str | torch.dtype = "float32") -> StemGenEngineLM:
+    """Build the LM on the meta device, check every tensor of the safetensors file against the
+    config (names, shapes, floating dtype) before use, then load (memory-mapped) and cast."""
+    from safetensors import safe_open
+    from safetensors import SafetensorError
+
+    dtype = resolve_dtype(dtype)
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFormatError(f"{path}: LM weight file missing; re-run `stemgen convert`")
+    expected = expected_shapes(cfg)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            names = set(f.keys())
+            missing = sorted(set(expected) - names)
+            extra = sorted(names - set(expected))
+            if missing:
+                raise ModelFormatError(f"{path}: missing tensor {missing[0]!r}"
+                                       + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                                       + " for the config in config.json")
+            if extra:
+                raise ModelFormatError(f"{path}: unexpected tensor {extra[0]!r} not in the config's model")
+            state = {}
+            for name, shape in expected.items():
+                sl = f.get_slice(name)
+                got = tuple(sl.get_shape())
+                if got != shape:
+                    raise ModelFormatError(f"{path}: tensor {name!r} has shape {list(got)}, the config "
+                                           f"expects {list(shape)}")
+                if sl.get_dtype() not in ("F32", "F16", "BF16"):
+                    raise ModelFormatError(f"{path}: tensor {name!r} has dtype {sl.get_dtype()}, "
+                                           "expected a float type")
+                state[name] = f.get_tensor(name)
+    except SafetensorError as e:
+        raise ModelFormatError(f"{path}: not a readable safetensors file ({e})") from None
+    with torch.device("meta"):
+        model = StemGenEngineLM(cfg)
+    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    model.load_state_dict(state, assign=True, strict=False)
+    model.cond_offsets = _cond_offsets(cfg, device)  # built on meta above; a buffer, not a weight
+    return model.eval().requires_grad_(False)
+
+
+def _cond_offsets(cfg: LMConfig, device=None) -> torch.Tensor:
+    """First row of each conditioning source in the flat ``cond_emb`` table."""
+    offsets = [0]
+    for n in cfg.cond_sizes[:-1]:
+        offsets.append(offsets[-1] + n + 1)
+    return torch.tensor(offsets, dtype=torch.int64, device=device)

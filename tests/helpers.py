@@ -1,0 +1,50 @@
+"""Shared test helpers: small random models in training form and their engine conversions."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from stemgen.engine.config import ModelConfig
+from stemgen.engine.model import load_lm
+from stemgen.train import StemGenConfig, StemGenLM, save_checkpoint
+from stemgen.weights_convert import convert_train_checkpoint, write_model_dir
+
+
+def random_train_model(cfg: StemGenConfig, seed: int = 0) -> StemGenLM:
+    """Weights of a realistic scale (not the tiny init std), so parity errors are visible."""
+    torch.manual_seed(seed)
+    model = StemGenLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:      # norm gains
+                p.uniform_(0.5, 1.5)
+            elif "emb" in name:
+                p.normal_(0, 1.0)
+            else:
+                p.normal_(0, 1.0 / math.sqrt(p.shape[1]))
+    return model.eval()
+
+
+def make_model_dir(tmp: Path, cfg: StemGenConfig, seed: int = 0, name: str = "model"):
+    """Train-form model -> checkpoint -> `convert` -> engine dir. Returns (train model, dir)."""
+    model = random_train_model(cfg, seed)
+    ckpt = tmp / f"{name}.pt"
+    save_checkpoint(model, ckpt)
+    lm_cfg, instruments, state = convert_train_checkpoint(ckpt)
+    out = write_model_dir(tmp / name, ModelConfig(lm=lm_cfg, instruments=instruments), {"lm": state})
+    return model, out
+
+
+def load_engine_lm(model_dir: Path, dtype="float32"):
+    cfg = ModelConfig.load(model_dir)
+    return load_lm(model_dir / cfg.weights["lm"], cfg.lm, dtype=dtype)
+
+
+def random_tokens(cfg: StemGenConfig, B: int, T: int, gen: torch.Generator, special: bool = True):
+    """Tokens [B, C, Q, T]; with special=True MASK and NULL ids appear too."""
+    hi = cfg.codebook_size + (2 if special else 0)
+    tokens = torch.randint(0, hi, (B, cfg.n_channels, cfg.n_q, T), generator=gen)
+    conds = torch.stack([torch.randint(0, n + 1, (B,), generator=gen) for n in cfg.cond_sizes], dim=1)
+    return tokens, conds

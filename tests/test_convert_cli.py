@@ -1,0 +1,154 @@
+"""`stemgen convert` / `stemgen info` and bad input: one clear line, nonzero exit, nothing left behind."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from stemgen.cli import app
+from stemgen.engine import Engine, ModelFormatError
+from stemgen.train import StemGenConfig, save_checkpoint
+
+from helpers import random_train_model
+
+CFG = StemGenConfig(d_model=32, n_heads=2, n_layers=2, codebook_size=24, ffn_multiple_of=16)
+runner = CliRunner()
+
+
+@pytest.fixture()
+def ckpt(tmp_path):
+    path = tmp_path / "lm.pt"
+    save_checkpoint(random_train_model(CFG), path)
+    return path
+
+
+def convert(tmp_path, src, *extra):
+    out = tmp_path / "out_model"
+    res = runner.invoke(app, ["convert", "--lm", str(src), "--out", str(out), *extra])
+    return res, out
+
+
+def assert_clean_failure(res, out, *needles):
+    assert res.exit_code != 0, res.output
+    err = res.stderr.strip()
+    assert err.startswith("error:") and len(err.splitlines()) == 1, err
+    for n in needles:
+        assert n in err, (n, err)
+    assert "Traceback" not in res.output
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")], "temp dir left"
+
+
+def test_convert_then_info_and_load(tmp_path, ckpt):
+    res, out = convert(tmp_path, ckpt)
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["format"] == "stemgen-engine" and cfg["lm"]["n_layers"] == 2
+    res = runner.invoke(app, ["info", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)
+    n_train = sum(p.numel() for p in random_train_model(CFG).parameters())
+    assert info["lm_parameters"] == n_train
+    assert info["stored_dtype"] == "F32"
+    assert "attention" in info["backends"]
+    eng = Engine.from_pretrained(out, device="cpu")
+    assert eng.instruments == CFG.instruments
+    # refuses to overwrite without --force, replaces with it
+    res2, _ = convert(tmp_path, ckpt)
+    assert res2.exit_code != 0 and "already exists" in res2.stderr
+    res3, _ = convert(tmp_path, ckpt, "--force", "--dtype", "bfloat16")
+    assert res3.exit_code == 0
+    assert json.loads(runner.invoke(app, ["info", str(out), "--json"]).stdout)["stored_dtype"] == "BF16"
+
+
+def _edit_ckpt(ckpt, fn):
+    ck = torch.load(ckpt, weights_only=True)
+    fn(ck)
+    torch.save(ck, ckpt)
+
+
+def test_missing_tensor(tmp_path, ckpt):
+    _edit_ckpt(ckpt, lambda ck: ck["model"].pop("layers.1.ffn.w2.weight"))
+    assert_clean_failure(*convert(tmp_path, ckpt), "layers.1.ffn.w2.weight", "missing")
+
+
+def test_wrong_shape(tmp_path, ckpt):
+    _edit_ckpt(ckpt, lambda ck: ck["model"].__setitem__("heads.0.weight", torch.zeros(24, 31)))
+    assert_clean_failure(*convert(tmp_path, ckpt), "heads.0.weight", "[24, 31]")
+
+
+def test_mismatched_config(tmp_path, ckpt):
+    _edit_ckpt(ckpt, lambda ck: ck["config"].__setitem__("n_layers", 3))
+    assert_clean_failure(*convert(tmp_path, ckpt), "layers.2.")
+    _edit_ckpt(ckpt, lambda ck: ck["config"].update(n_layers=2, d_model=64, n_heads=4))
+    assert_clean_failure(*convert(tmp_path, ckpt), "do not match")
+    _edit_ckpt(ckpt, lambda ck: ck["config"].update(d_model=32, n_heads=2, colour="blue"))
+    assert_clean_failure(*convert(tmp_path, ckpt), "colour")
+
+
+def test_unknown_format(tmp_path):
+    txt = tmp_path / "notes.pt"
+    txt.write_text("hello, not a checkpoint\n")
+    assert_clean_failure(*convert(tmp_path, txt), "unknown LM checkpoint format")
+    lst = tmp_path / "list.pt"
+    torch.save([1, 2, 3], lst)
+    assert_clean_failure(*convert(tmp_path, lst), "unknown LM checkpoint format")
+    assert_clean_failure(*convert(tmp_path, tmp_path / "nope.pt"), "no such file")
+    res, out = convert(tmp_path, lst, "--lm-format", "audiocraft")
+    assert_clean_failure(res, out, "--lm-format")
+
+
+def test_corrupt_file(tmp_path, ckpt):
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 2])
+    assert_clean_failure(*convert(tmp_path, ckpt), "cannot be read")
+
+
+def test_output_parent_missing(tmp_path, ckpt):
+    out = tmp_path / "no" / "such" / "dir"
+    res = runner.invoke(app, ["convert", "--lm", str(ckpt), "--out", str(out)])
+    assert res.exit_code != 0 and "does not exist" in res.stderr
+
+
+def test_engine_rejects_bad_model_dir(tmp_path, ckpt):
+    res, out = convert(tmp_path, ckpt)
+    assert res.exit_code == 0
+    w = load_file(out / "lm.safetensors")
+    w.pop("layers.0.wqkv")
+    save_file(w, out / "lm.safetensors")
+    with pytest.raises(ModelFormatError, match="layers.0.wqkv"):
+        Engine.from_pretrained(out, device="cpu")
+    w["layers.0.wqkv"] = torch.zeros(5, 5)
+    save_file(w, out / "lm.safetensors")
+    with pytest.raises(ModelFormatError, match=r"layers.0.wqkv.*shape \[5, 5\]"):
+        Engine.from_pretrained(out, device="cpu")
+    (out / "lm.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ModelFormatError, match="safetensors"):
+        Engine.from_pretrained(out, device="cpu")
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["lm"]["n_heads"] = 3
+    (out / "config.json").write_text(json.dumps(cfg))
+    res = runner.invoke(app, ["info", str(out)])
+    assert res.exit_code != 0 and "divisible by n_heads" in res.stderr
+    res = runner.invoke(app, ["info", str(tmp_path / "missing")])
+    assert res.exit_code != 0 and "not a directory" in res.stderr
+
+
+def test_console_script_help_and_info(tmp_path, ckpt):
+    """The installed `stemgen` entry point itself (as a user runs it)."""
+    exe = Path(sys.executable).with_name("stemgen")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "stemgen"]
+    out = subprocess.run(cmd + ["--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "convert" in out.stdout and "info" in out.stdout
+    model = tmp_path / "m"
+    out = subprocess.run(cmd + ["convert", "--lm", str(ckpt), "--out", str(model)], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    out = subprocess.run(cmd + ["info", str(model)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "COLUMNS": "200"})
+    assert out.returncode == 0 and "parameters" in out.stdout, out.stderr

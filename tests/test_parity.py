@@ -1,0 +1,65 @@
+"""Engine LM (converted weights) vs the training-form model: same logits."""
+import pytest
+import torch
+
+from stemgen.train import StemGenConfig
+
+from helpers import load_engine_lm, make_model_dir, random_tokens
+
+CONFIGS = {
+    "C1-Q4": dict(d_model=64, n_heads=4, n_layers=2, n_q=4, codebook_size=48, n_channels=1),
+    "C2-Q8-odd-heads": dict(d_model=96, n_heads=6, n_layers=2, n_q=8, codebook_size=37, n_channels=2),
+    "C3-Q4-odd": dict(d_model=72, n_heads=3, n_layers=3, n_q=4, codebook_size=50, n_channels=3),
+    "C2-Q4-extra-conds": dict(d_model=40, n_heads=2, n_layers=1, n_q=4, codebook_size=33, n_channels=2,
+                              extra_cond_sizes=[5, 3], instruments=["drums", "bass", "guitar"]),
+}
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def pair(request, tmp_path_factory):
+    cfg = StemGenConfig(ffn_multiple_of=16, **CONFIGS[request.param])
+    train, model_dir = make_model_dir(tmp_path_factory.mktemp(request.param), cfg)
+    return cfg, train, model_dir
+
+
+@pytest.mark.parametrize("T", [1, 7, 257])
+def test_engine_logits_match_training_model(pair, T):
+    cfg, train, model_dir = pair
+    engine = load_engine_lm(model_dir)
+    gen = torch.Generator().manual_seed(T)
+    tokens, conds = random_tokens(cfg, 2, T, gen, special=True)
+    assert (tokens == cfg.mask_id).any() or T < 7
+    with torch.no_grad():
+        ref = train(tokens, conds)                     # [B, Q, T, V]
+    got = engine(tokens, conds)                        # all heads
+    scale = ref.abs().max()
+    assert (got - ref).abs().max() <= 1e-4 * scale, float((got - ref).abs().max() / scale)
+    for q in (0, cfg.n_q - 1):                         # one head only
+        one = engine(tokens, conds, level=q)
+        assert one.shape == (2, T, cfg.codebook_size)
+        assert (one - ref[:, q]).abs().max() <= 1e-4 * scale
+
+
+@pytest.mark.parametrize("dtype,tol", [("bfloat16", 5e-2), ("float16", 1e-2)])
+def test_engine_low_precision_close(pair, dtype, tol):
+    """bf16/fp16 weights and activations: loose tolerance relative to the logits' scale."""
+    cfg, train, model_dir = pair
+    engine = load_engine_lm(model_dir, dtype=dtype)
+    tokens, conds = random_tokens(cfg, 2, 33, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = train(tokens, conds)
+    got = engine(tokens, conds)
+    rel = float((got - ref).abs().max() / ref.abs().max())
+    assert rel <= tol, rel
+
+
+def test_key_mask_padding_equals_unpadded(pair):
+    """A padded batch with a key mask gives the unpadded sequence's logits (for batching requests)."""
+    cfg, train, model_dir = pair
+    engine = load_engine_lm(model_dir)
+    tokens, conds = random_tokens(cfg, 1, 9, torch.Generator().manual_seed(2))
+    padded = torch.cat([tokens, torch.full_like(tokens[..., :4], cfg.mask_id)], dim=-1)
+    key_mask = torch.tensor([[True] * 9 + [False] * 4])
+    a = engine(tokens, conds, level=0)
+    b = engine(padded, conds, level=0, key_mask=key_mask)[:, :9]
+    assert (a - b).abs().max() <= 1e-4 * a.abs().max()

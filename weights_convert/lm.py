@@ -1,0 +1,112 @@
+"""LM checkpoint -> engine weights. Source format today: the training checkpoint of
+``stemgen.train`` (``torch.save`` of {"format": "stemgen-train", "config": ..., "model": ...})."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..engine.config import LMConfig, ModelFormatError
+from ..train.config import StemGenConfig
+from ..train.model import StemGenLM
+
+LM_FORMATS = ("train",)
+
+
+def _read_pickle(path: Path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for corrupt / foreign files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelFormatError(f"{path}: cannot be read as a PyTorch checkpoint (corrupt, truncated or "
+                               f"another format): {first[:200]}") from None
+
+
+def detect_lm_format(path: str | Path) -> str:
+    path = Path(path)
+    if not path.exists():
+        raise ModelFormatError(f"{path}: no such file")
+    if path.is_dir():
+        raise ModelFormatError(f"{path}: is a directory; --lm takes a checkpoint file")
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":  # torch zip container / legacy pickle
+        raise ModelFormatError(f"{path}: unknown LM checkpoint format (not a PyTorch checkpoint); "
+                               f"supported: {', '.join(LM_FORMATS)} (a stemgen training checkpoint)")
+    obj = _read_pickle(path)
+    if isinstance(obj, dict) and "config" in obj and "model" in obj:
+        return "train"
+    keys = list(obj)[:5] if isinstance(obj, dict) else type(obj).__name__
+    raise ModelFormatError(f"{path}: unknown LM checkpoint format (top-level {keys}); supported: "
+                           f"{', '.join(LM_FORMATS)} (a dict with 'config' and 'model' from stemgen.train)")
+
+
+def load_lm_source(path: str | Path, fmt: str | None = None) -> tuple[StemGenConfig, dict[str, torch.Tensor]]:
+    """Read and validate a source checkpoint: returns its config and state dict."""
+    path = Path(path)
+    fmt = fmt or detect_lm_format(path)
+    if fmt not in LM_FORMATS:
+        raise ModelFormatError(f"unknown --lm-format {fmt!r}; choose one of {', '.join(LM_FORMATS)}")
+    ck = _read_pickle(path)
+    if not (isinstance(ck, dict) and isinstance(ck.get("config"), dict) and isinstance(ck.get("model"), dict)):
+        raise ModelFormatError(f"{path}: not a training checkpoint (needs dict keys 'config' and 'model')")
+    try:
+        cfg = StemGenConfig.from_dict(ck["config"])
+    except (TypeError, ValueError) as e:
+        raise ModelFormatError(f"{path}: config: {e}") from None
+    state = ck["model"]
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in StemGenLM(cfg).state_dict().items()}
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise ModelFormatError(f"{path}: missing tensor {missing[0]!r}"
+                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                               + " for the checkpoint's config")
+    extra = [k for k in state if k not in expected]
+    if extra:
+        raise ModelFormatError(f"{path}: tensor {extra[0]!r} is not part of the model its config describes "
+                               "(config and weights do not match)")
+    for k, shape in expected.items():
+        t = state[k]
+        if not isinstance(t, torch.Tensor):
+            raise ModelFormatError(f"{path}: entry {k!r} is not a tensor")
+        if tuple(t.shape) != shape:
+            raise ModelFormatError(f"{path}: tensor {k!r} has shape {list(t.shape)}, the checkpoint's config "
+                                   f"expects {list(shape)} (config and weights do not match)")
+        if not t.is_floating_point():
+            raise ModelFormatError(f"{path}: tensor {k!r} has dtype {t.dtype}, expected a float type")
+    return cfg, state
+
+
+def engine_lm_config(cfg: StemGenConfig) -> LMConfig:
+    return LMConfig(d_model=cfg.d_model, n_heads=cfg.n_heads, n_layers=cfg.n_layers, n_q=cfg.n_q,
+                    codebook_size=cfg.codebook_size, n_channels=cfg.n_channels,
+                    cond_sizes=tuple(cfg.cond_sizes), ffn_hidden=cfg.ffn_hidden,
+                    rope_theta=cfg.rope_theta, norm_eps=cfg.norm_eps)
+
+
+def convert_train_state(cfg: StemGenConfig, state: dict[str, torch.Tensor],
+                        dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Training state dict -> engine tensors (flat tables, fused QKV and gate/up)."""
+    s = {k: v.to(dtype) for k, v in state.items()}
+    out = {
+        "tok_emb": torch.cat([s[f"level_emb.{q}.weight"] for q in range(cfg.n_q)]),
+        "cond_emb": torch.cat([s[f"cond_emb.{i}.weight"] for i in range(len(cfg.cond_sizes))]),
+        "norm": s["norm.weight"],
+        "heads": torch.stack([s[f"heads.{q}.weight"] for q in range(cfg.n_q)]),
+    }
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}."
+        out[p + "attn_norm"] = s[p + "attn_norm.weight"]
+        out[p + "wqkv"] = torch.cat([s[p + f"attn.{w}.weight"] for w in ("wq", "wk", "wv")])
+        out[p + "wo"] = s[p + "attn.wo.weight"]
+        out[p + "ffn_norm"] = s[p + "ffn_norm.weight"]
+        out[p + "w13"] = torch.cat([s[p + "ffn.w1.weight"], s[p + "ffn.w3.weight"]])
+        out[p + "w2"] = s[p + "ffn.w2.weight"]
+    return out
+
+
+def convert_train_checkpoint(path: str | Path, fmt: str | None = None, dtype: torch.dtype = torch.float32):
+    """-> (LMConfig, instrument names, engine LM tensors)."""
+    cfg, state = load_lm_source(path, fmt)
+    return engine_lm_config(cfg), list(cfg.instruments), convert_train_state(cfg, state, dtype)
