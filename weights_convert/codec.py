@@ -1,0 +1,232 @@
+"""Codec checkpoints -> engine codec weights (weight norm folded, training buffers dropped).
+
+Sources, detected from content:
+  audiocraft  ``compression_state_dict.bin``: {"best_state", "xp.cfg" (YAML string), "version", "exported"}
+  hf          a transformers ``EncodecModel`` folder: config.json + model.safetensors / pytorch_model.bin
+  encodec     an ``encodec`` package ``.th`` state dict (the 24 kHz mono model)
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from ..engine.codec import CodecConfig, check_codec_weights, expected_codec_shapes
+from ..engine.config import ModelFormatError
+from .lm import _read_pickle
+
+CODEC_FORMATS = ("audiocraft", "hf", "encodec")
+
+# {encoder,decoder}.{model|layers}.{i}.[block.j.|shortcut.]{conv.conv|convtr.convtr|conv}.{param}
+_CONV = re.compile(r"^(encoder|decoder)\.(?:model|layers)\.(\d+)\.(?:(block\.\d+|shortcut)\.)?"
+                   r"(?:conv\.conv|convtr\.convtr|conv)\.(weight_g|weight_v|weight|bias|"
+                   r"parametrizations\.weight\.original0|parametrizations\.weight\.original1)$")
+_LSTM = re.compile(r"^(encoder|decoder)\.(?:model|layers)\.(\d+)\.lstm\.((?:weight|bias)_(?:ih|hh)_l\d+)$")
+_CODEBOOK = re.compile(r"^quantizer\.(?:vq\.)?layers\.(\d+)\.(?:_codebook|codebook)\.(\w+)$")
+_DROPPED = {"inited", "cluster_size", "embed_avg"}
+
+
+def fold_weight_norm(g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """w = g * v / ||v||, the norm over every dim but 0 (torch weight_norm's default dim=0)."""
+    norm = v.flatten(1).norm(dim=1).view(-1, *([1] * (v.dim() - 1)))
+    return g * v / norm
+
+
+def normalise_state(state: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """Any supported source's names -> engine names, weight norm folded."""
+    out, pending = {}, {}
+    for key, t in state.items():
+        if not isinstance(t, torch.Tensor):
+            continue
+        if m := _CONV.match(key):
+            part, i, sub, param = m.groups()
+            name = f"{part}.{i}." + (f"{sub}." if sub else "")
+            if param in ("weight_g", "parametrizations.weight.original0"):
+                pending.setdefault(name, {})["g"] = t
+            elif param in ("weight_v", "parametrizations.weight.original1"):
+                pending.setdefault(name, {})["v"] = t
+            else:
+                out[name + param] = t
+        elif m := _LSTM.match(key):
+            out[f"{m.group(1)}.{m.group(2)}.lstm.{m.group(3)}"] = t
+        elif m := _CODEBOOK.match(key):
+            if m.group(2) == "embed":
+                out[f"quantizer.{m.group(1)}.embed"] = t
+            elif m.group(2) not in _DROPPED:
+                raise ModelFormatError(f"{where}: unsupported codebook tensor {key!r}")
+        elif key.startswith("quantizer.") and key.rsplit(".", 1)[-1] in _DROPPED:
+            continue
+        else:
+            raise ModelFormatError(f"{where}: unexpected codec tensor {key!r} (not an Encodec SEANet/RVQ weight)")
+    for name, gv in pending.items():
+        if set(gv) != {"g", "v"}:
+            half = "weight_g" if "g" not in gv else "weight_v"
+            raise ModelFormatError(f"{where}: weight-normed layer {name.rstrip('.')} lacks its {half}")
+        out[name + "weight"] = fold_weight_norm(gv["g"].float(), gv["v"].float())
+    return {k: v.float().contiguous() for k, v in out.items()}
+
+
+def _resolve(cfg: dict, value, root: dict, depth: int = 0):
+    """Resolve OmegaConf-style ``${a.b}`` interpolations left in an exported xp.cfg."""
+    if isinstance(value, str) and (m := re.fullmatch(r"\$\{([\w.]+)\}", value)) and depth < 10:
+        node = root
+        for part in m.group(1).split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise ModelFormatError(f"xp.cfg: cannot resolve interpolation {value}")
+            node = node[part]
+        return _resolve(cfg, node, root, depth + 1)
+    return value
+
+
+def audiocraft_config(xp_cfg: str, where: str) -> CodecConfig:
+    import yaml
+
+    try:
+        root = yaml.safe_load(xp_cfg)
+    except yaml.YAMLError as e:
+        raise ModelFormatError(f"{where}: xp.cfg is not valid YAML ({str(e).splitlines()[0]})") from None
+    get = lambda node, key, default=None: _resolve(node, (node or {}).get(key, default), root)  # noqa: E731
+    if get(root, "compression_model", "encodec") != "encodec":
+        raise ModelFormatError(f"{where}: compression_model is {get(root, 'compression_model')!r}; only encodec "
+                               "is supported")
+    sea, rvq, enc = root.get("seanet") or {}, root.get("rvq") or {}, root.get("encodec") or {}
+    if not sea or not rvq:
+        raise ModelFormatError(f"{where}: xp.cfg lacks the 'seanet' or 'rvq' section")
+    if get(enc, "renormalize", False):
+        raise ModelFormatError(f"{where}: renormalizing Encodec models are not supported yet")
+    dec = sea.get("decoder") or {}
+    return CodecConfig(
+        sample_rate=int(get(root, "sample_rate")), channels=int(get(root, "channels", 1)),
+        dimension=int(get(sea, "dimension", 128)), n_filters=int(get(sea, "n_filters", 32)),
+        ratios=tuple(get(sea, "ratios", [8, 5, 4, 2])), n_residual_layers=int(get(sea, "n_residual_layers", 1)),
+        kernel_size=int(get(sea, "kernel_size", 7)), last_kernel_size=int(get(sea, "last_kernel_size", 7)),
+        residual_kernel_size=int(get(sea, "residual_kernel_size", 3)),
+        dilation_base=int(get(sea, "dilation_base", 2)), compress=int(get(sea, "compress", 2)),
+        lstm_layers=int(get(sea, "lstm", 2)), causal=bool(get(sea, "causal", get(enc, "causal", False))),
+        pad_mode=str(get(sea, "pad_mode", "constant")), true_skip=bool(get(sea, "true_skip", True)),
+        trim_right_ratio=float(get(dec, "trim_right_ratio", 1.0)), n_q=int(get(rvq, "n_q", 8)),
+        bins=int(get(rvq, "bins", 1024)))
+
+
+def hf_config(cfg: dict, n_q: int, where: str) -> CodecConfig:
+    if cfg.get("model_type") not in (None, "encodec"):
+        raise ModelFormatError(f"{where}: config.json model_type is {cfg.get('model_type')!r}, expected 'encodec'")
+    if cfg.get("normalize"):
+        raise ModelFormatError(f"{where}: normalizing (48 kHz-style) Encodec models are not supported yet")
+    if cfg.get("norm_type", "weight_norm") != "weight_norm":
+        raise ModelFormatError(f"{where}: norm_type {cfg.get('norm_type')!r} not supported (weight_norm only)")
+    dim = int(cfg.get("hidden_size", 128))
+    if int(cfg.get("codebook_dim") or dim) != dim:
+        raise ModelFormatError(f"{where}: codebook_dim != hidden_size (projected codebooks) not supported")
+    return CodecConfig(
+        sample_rate=int(cfg.get("sampling_rate", 24000)), channels=int(cfg.get("audio_channels", 1)),
+        dimension=dim, n_filters=int(cfg.get("num_filters", 32)),
+        ratios=tuple(cfg.get("upsampling_ratios", [8, 5, 4, 2])),
+        n_residual_layers=int(cfg.get("num_residual_layers", 1)), kernel_size=int(cfg.get("kernel_size", 7)),
+        last_kernel_size=int(cfg.get("last_kernel_size", 7)),
+        residual_kernel_size=int(cfg.get("residual_kernel_size", 3)),
+        dilation_base=int(cfg.get("dilation_growth_rate", 2)), compress=int(cfg.get("compress", 2)),
+        lstm_layers=int(cfg.get("num_lstm_layers", 2)), causal=bool(cfg.get("use_causal_conv", True)),
+        pad_mode=str(cfg.get("pad_mode", "reflect")), true_skip=not cfg.get("use_conv_shortcut", True),
+        trim_right_ratio=float(cfg.get("trim_right_ratio", 1.0)), n_q=n_q,
+        bins=int(cfg.get("codebook_size", 1024)))
+
+
+def encodec_th_config(state: dict[str, torch.Tensor], n_q: int, where: str) -> CodecConfig:
+    """The `encodec` package ships no config with its .th files: the 24 kHz mono model's is known."""
+    first = state.get("encoder.model.0.conv.conv.weight_v")
+    if first is None:
+        raise ModelFormatError(f"{where}: not an encodec package state dict (no encoder.model.0 weight)")
+    if first.shape[1] != 1:
+        raise ModelFormatError(f"{where}: the encodec 48 kHz stereo model (normalised, chunked) is not "
+                               "supported yet; the 24 kHz mono model is")
+    return CodecConfig(sample_rate=24000, channels=1, dimension=128, n_filters=32, ratios=(8, 5, 4, 2),
+                       causal=True, pad_mode="reflect", true_skip=False, n_q=n_q, bins=1024)
+
+
+def _n_q(state: dict) -> int:
+    levels = {int(m.group(1)) for k in state if (m := _CODEBOOK.match(k))}
+    if not levels:
+        raise ModelFormatError("no quantizer codebooks (quantizer...layers.{k}...embed) in the codec weights")
+    return max(levels) + 1
+
+
+def _hf_weights(folder: Path) -> dict:
+    st, pt = folder / "model.safetensors", folder / "pytorch_model.bin"
+    if st.is_file():
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(st))
+        except SafetensorError as e:
+            raise ModelFormatError(f"{st}: not a readable safetensors file ({e})") from None
+    if pt.is_file():
+        return _read_pickle(pt)
+    raise ModelFormatError(f"{folder}: HF Encodec folder has config.json but no model.safetensors or "
+                           "pytorch_model.bin")
+
+
+def detect_codec_format(src: str | Path) -> str:
+    src = Path(src)
+    if not src.exists():
+        raise ModelFormatError(f"{src}: no such file or folder")
+    if src.is_dir():
+        if (src / "config.json").is_file():
+            return "hf"
+        raise ModelFormatError(f"{src}: folder without config.json; a HF Encodec model folder "
+                               "(e.g. facebook/encodec_32khz) holds config.json + model.safetensors")
+    with open(src, "rb") as fh:
+        head = fh.read(4)
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":
+        raise ModelFormatError(f"{src}: unknown codec format; supported: audiocraft compression_state_dict.bin, "
+                               "a HF Encodec folder, an encodec package .th file")
+    obj = _read_pickle(src)
+    if isinstance(obj, dict):
+        if "pretrained" in obj and "best_state" not in obj:
+            raise ModelFormatError(
+                f"{src}: this compression_state_dict.bin holds no weights, only a pointer to the pretrained model "
+                f"{obj['pretrained']!r}; pass that model's HF folder instead (config.json + model.safetensors, "
+                f"e.g. a local copy of {obj['pretrained']})")
+        if "best_state" in obj and "xp.cfg" in obj:
+            return "audiocraft"
+        if any(str(k).startswith("encoder.model.") for k in obj):
+            return "encodec"
+        if any(str(k).startswith("encoder.layers.") for k in obj):
+            raise ModelFormatError(f"{src}: a bare HF Encodec state dict; pass its folder with config.json")
+    raise ModelFormatError(f"{src}: unknown codec format; supported: {', '.join(CODEC_FORMATS)}")
+
+
+def convert_codec(src: str | Path, fmt: str | None = None) -> tuple[CodecConfig, dict[str, torch.Tensor]]:
+    """-> (engine codec config, engine codec tensors), validated against the config."""
+    src = Path(src)
+    fmt = fmt or detect_codec_format(src)
+    if fmt not in CODEC_FORMATS:
+        raise ModelFormatError(f"unknown --codec-format {fmt!r}; choose one of {', '.join(CODEC_FORMATS)}")
+    where = str(src)
+    if fmt == "hf":
+        if not src.is_dir():
+            raise ModelFormatError(f"{src}: --codec-format hf takes the model folder")
+        try:
+            hf_cfg = json.loads((src / "config.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ModelFormatError(f"{src / 'config.json'}: unreadable ({e})") from None
+        state = _hf_weights(src)
+        cfg = hf_config(hf_cfg, _n_q(state), where)
+    else:
+        obj = _read_pickle(src)
+        if fmt == "audiocraft":
+            if not (isinstance(obj, dict) and "best_state" in obj and "xp.cfg" in obj):
+                raise ModelFormatError(f"{src}: not an audiocraft export (needs 'best_state' and 'xp.cfg')")
+            state = obj["best_state"]
+            state = state.get("model", state) if isinstance(state.get("model"), dict) else state
+            cfg = audiocraft_config(obj["xp.cfg"], where)
+        else:
+            if not isinstance(obj, dict):
+                raise ModelFormatError(f"{src}: not a state dict")
+            state = obj
+            cfg = encodec_th_config(state, _n_q(state), where)
+    weights = normalise_state(state, where)
+    check_codec_weights(weights, expected_codec_shapes(cfg), where)
+    return cfg, weights
