@@ -1,20 +1,31 @@
-"""Python API: ``Engine.from_pretrained(dir)`` then ``engine.generate_tokens(...)``."""
+"""Python API: ``Engine.from_pretrained(dir)``, then ``engine.generate(audio, sr, instrument)`` or
+``engine.generate_tokens(context_tokens, instrument)``."""
 from __future__ import annotations
 
 import dataclasses
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from .config import ModelConfig
+from .audio import AudioError, peak_safe, to_format
+from .codec import Codec, CodecConfig, load_codec
+from .config import ModelConfig, ModelFormatError, SamplingConfig
 from .model import StemGenEngineLM, load_lm, resolve_dtype
 from .sampler import generate_tokens
+
+log = logging.getLogger("stemgen")
 
 
 def pick_device(device: str | torch.device | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; use auto, cpu or cuda") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but no CUDA GPU is available; use --device cpu")
     return device
@@ -27,26 +38,46 @@ def backends(device: torch.device) -> dict[str, str]:
         "embedding-sum": "PyTorch reference (kernels.embedding.embed_sum_ref)",
         "attention": "torch scaled_dot_product_attention",
         "guidance+sampling": "PyTorch reference (kernels.sampling.guide_sample_rank_ref)",
+        "codec": "PyTorch (engine.codec, fp32)",
         "torch": torch.__version__,
     }
 
 
+@dataclass
+class Generation:
+    stem: np.ndarray          # [channels, N] float32 at sample_rate, peak-safe
+    sample_rate: int
+    tokens: torch.Tensor      # [Q, T] generated codes
+    context: np.ndarray       # the context as the codec heard it [channels, N]
+    gain: float               # scaling applied to keep the stem from clipping (1.0: none)
+
+    def mix(self) -> tuple[np.ndarray, float]:
+        """Context + stem, scaled down if it would clip."""
+        return peak_safe(self.context + self.stem)
+
+
 class Engine:
-    def __init__(self, config: ModelConfig, lm: StemGenEngineLM, model_dir: Path | None = None):
+    def __init__(self, config: ModelConfig, lm: StemGenEngineLM, codec: Codec | None = None,
+                 model_dir: Path | None = None):
         self.config = config
         self.lm = lm
+        self.codec = codec
         self.model_dir = model_dir
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, device: str | torch.device | None = "auto",
-                        dtype: str | torch.dtype | None = None) -> "Engine":
+                        dtype: str | torch.dtype | None = None, load_codec_weights: bool = True) -> "Engine":
         """Load an engine model directory. dtype defaults to bfloat16 on CUDA, float32 on the CPU."""
         model_dir = Path(model_dir)
         config = ModelConfig.load(model_dir)
         device = pick_device(device)
         dtype = resolve_dtype(dtype or ("bfloat16" if device.type == "cuda" else "float32"))
         lm = load_lm(model_dir / config.weights["lm"], config.lm, device=device, dtype=dtype)
-        return cls(config, lm, model_dir)
+        codec = None
+        if load_codec_weights and config.codec:
+            ccfg = CodecConfig.from_dict(config.codec)
+            codec = load_codec(model_dir / config.weights["codec"], ccfg, device=device)
+        return cls(config, lm, codec, model_dir)
 
     @property
     def instruments(self) -> list[str]:
@@ -62,7 +93,7 @@ class Engine:
             raise ValueError(f"unknown instrument {instrument!r}; valid names: {', '.join(names)}")
         return names.index(instrument)
 
-    def sampling(self, **overrides):
+    def sampling(self, **overrides) -> SamplingConfig:
         """The model's default sampling settings with ``overrides`` (None values ignored)."""
         unknown = set(overrides) - {f.name for f in dataclasses.fields(self.config.sampling)}
         if unknown:
@@ -76,3 +107,52 @@ class Engine:
         out = generate_tokens(self.lm, torch.as_tensor(context), conditions, self.sampling(**sampling),
                               target=target, progress=progress)
         return out.cpu()
+
+    def prepare_context(self, audio: np.ndarray, sample_rate: int) -> tuple[np.ndarray, torch.Tensor]:
+        """Audio [channels, N] at any rate -> (audio at the codec's format, context codes [C-1, Q, T])."""
+        codec = self.require_codec()
+        lm = self.config.lm
+        if lm.n_channels - 1 != 1:
+            raise ValueError(f"this model takes {lm.n_channels - 1} context token streams; audio generation "
+                             "supports models with one context stream (use generate_tokens)")
+        if codec.cfg.bins != lm.codebook_size or codec.cfg.n_q < lm.n_q:
+            raise ModelFormatError(f"codec ({codec.cfg.n_q} levels x {codec.cfg.bins} codes) does not fit the LM "
+                                   f"({lm.n_q} levels x {lm.codebook_size} codes)")
+        audio = np.asarray(audio, dtype=np.float32)
+        if audio.ndim == 1:
+            audio = audio[None]
+        if audio.ndim != 2 or audio.shape[1] == 0:
+            raise AudioError("context audio must be [channels, samples] with at least one sample")
+        if not np.isfinite(audio).all():
+            raise AudioError("context audio contains NaN or infinite samples")
+        x = to_format(audio, sample_rate, codec.cfg.sample_rate, codec.cfg.channels)
+        hop = codec.cfg.hop_length
+        if x.shape[1] < hop:
+            raise AudioError(f"context is shorter than one codec frame ({x.shape[1]} samples at "
+                             f"{codec.cfg.sample_rate} Hz; at least {hop} = {1000 * hop / codec.cfg.sample_rate:g}"
+                             " ms needed)")
+        if float(np.abs(x).max()) < 1e-6:
+            log.warning("the context is silent: the stem will not follow any music")
+        codes = codec.encode(torch.from_numpy(x)[None])[0, : lm.n_q]  # [Q, T]
+        return x, codes[None].cpu()
+
+    def require_codec(self) -> Codec:
+        if self.codec is None:
+            raise ModelFormatError(f"model {self.model_dir or ''} has no codec; add one with "
+                                   "`stemgen convert --lm CKPT --codec SRC --out DIR`")
+        return self.codec
+
+    def generate(self, audio: np.ndarray, sample_rate: int, instrument: str | int, progress=None,
+                 **sampling) -> Generation:
+        """Context audio [channels, N] (any rate) -> a stem of exactly the same duration at the codec rate."""
+        x, ctx = self.prepare_context(audio, sample_rate)
+        return self.generate_from_context(x, ctx, instrument, progress=progress, **sampling)
+
+    def generate_from_context(self, x: np.ndarray, ctx: torch.Tensor, instrument: str | int, progress=None,
+                              **sampling) -> Generation:
+        codec = self.require_codec()
+        tokens = self.generate_tokens(ctx, instrument, progress=progress, **sampling)
+        stem = codec.decode(tokens[None])[0].float().cpu().numpy()[:, : x.shape[1]]
+        stem, gain = peak_safe(stem)
+        return Generation(stem=np.ascontiguousarray(stem), sample_rate=codec.cfg.sample_rate, tokens=tokens,
+                          context=x, gain=gain)

@@ -17,6 +17,7 @@ FORMAT_NAME = "stemgen-engine"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 LM_WEIGHTS = "lm.safetensors"
+CODEC_WEIGHTS = "codec.safetensors"
 
 
 class ModelFormatError(ValueError):
@@ -136,6 +137,7 @@ class ModelConfig:
     codec: dict | None = None
     dtype: str = "float32"
     weights: dict = field(default_factory=lambda: {"lm": LM_WEIGHTS, "codec": None})
+    untrained: bool = False  # random weights (the demo model): outputs are noise
 
     def __post_init__(self):
         if len(self.instruments) != self.lm.cond_sizes[0]:
@@ -146,7 +148,8 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "lm": self.lm.to_dict(),
                 "codec": self.codec, "instruments": list(self.instruments),
-                "sampling": self.sampling.to_dict(), "dtype": self.dtype, "weights": dict(self.weights)}
+                "sampling": self.sampling.to_dict(), "dtype": self.dtype, "weights": dict(self.weights),
+                "untrained": self.untrained}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -164,7 +167,8 @@ class ModelConfig:
             raise ModelFormatError(f"config.json: sampling: {e}") from None
         return cls(lm=LMConfig.from_dict(d["lm"]), instruments=list(d["instruments"]), sampling=sampling,
                    codec=d.get("codec"), dtype=d.get("dtype", "float32"),
-                   weights=d.get("weights") or {"lm": LM_WEIGHTS, "codec": None})
+                   weights=d.get("weights") or {"lm": LM_WEIGHTS, "codec": None},
+                   untrained=bool(d.get("untrained", False)))
 
     @classmethod
     def load(cls, model_dir: str | Path) -> "ModelConfig":

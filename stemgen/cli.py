@@ -1,7 +1,9 @@
 """The `stemgen` command line."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import math
 import sys
 from pathlib import Path
@@ -13,7 +15,7 @@ from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="StemGen engine: generate a stem that fits a musical context.")
-console = Console()
+console = Console(soft_wrap=True)
 err_console = Console(stderr=True)
 
 
@@ -22,12 +24,25 @@ def fail(msg: str, code: int = 1):
     raise typer.Exit(code)
 
 
+class _ConsoleWarnings(logging.Handler):
+    def emit(self, record):
+        err_console.print(f"[yellow]warning:[/] {record.getMessage()}", highlight=False, soft_wrap=True)
+
+
+def _route_warnings():
+    """Engine warnings (logger 'stemgen') go to stderr as one line each."""
+    logger = logging.getLogger("stemgen")
+    if not any(isinstance(h, _ConsoleWarnings) for h in logger.handlers):
+        logger.addHandler(_ConsoleWarnings(logging.WARNING))
+        logger.propagate = False
+
+
 def run_guarded(fn, *args, **kwargs):
     """Turn expected user errors into one clear line and a nonzero exit."""
     from .engine.config import ModelFormatError
     try:
         return fn(*args, **kwargs)
-    except (ModelFormatError, ValueError, FileNotFoundError, NotImplementedError) as e:
+    except (ModelFormatError, ValueError, FileNotFoundError) as e:
         fail(str(e))
 
 
@@ -84,25 +99,132 @@ def _stored_dtype(path: Path) -> str:
 @app.command()
 def convert(lm: Path = typer.Option(..., "--lm", help="LM checkpoint (a stemgen training checkpoint)"),
             out: Path = typer.Option(..., "--out", help="output model directory (must not exist unless --force)"),
-            codec: Optional[Path] = typer.Option(None, "--codec", help="codec weights (see the codec converter)"),
+            codec: Optional[Path] = typer.Option(None, "--codec", help="codec: audiocraft compression_state_dict.bin, "
+                                                 "a HF Encodec folder, or an encodec package .th"),
             lm_format: Optional[str] = typer.Option(None, "--lm-format", help="override format detection: train"),
+            codec_format: Optional[str] = typer.Option(None, "--codec-format",
+                                                       help="override detection: audiocraft, hf, encodec"),
             dtype: str = typer.Option("float32", help="stored weight dtype: float32, bfloat16, float16"),
             force: bool = typer.Option(False, "--force", help="replace an existing output directory")):
     """Convert checkpoints into one engine model directory (config.json + safetensors)."""
-    from .engine.config import ModelConfig
+    from .engine.config import CODEC_WEIGHTS, LM_WEIGHTS, ModelConfig, ModelFormatError
     from .engine.model import resolve_dtype
     from .weights_convert import convert_train_checkpoint, write_model_dir
+    from .weights_convert.codec import convert_codec
 
     def work():
-        if codec is not None:
-            raise NotImplementedError("--codec: codec conversion is not implemented in this version yet; "
-                                      "convert the LM alone for now")
         lm_cfg, instruments, lm_state = convert_train_checkpoint(lm, lm_format, resolve_dtype(dtype))
-        config = ModelConfig(lm=lm_cfg, instruments=instruments, dtype=str(resolve_dtype(dtype)).split(".")[-1])
-        return write_model_dir(out, config, {"lm": lm_state}, overwrite=force)
+        weights, codec_cfg = {"lm": lm_state}, None
+        if codec is not None:
+            codec_cfg, weights["codec"] = convert_codec(codec, codec_format)
+            if codec_cfg.bins != lm_cfg.codebook_size or codec_cfg.n_q < lm_cfg.n_q:
+                raise ModelFormatError(f"codec ({codec_cfg.n_q} levels x {codec_cfg.bins} codes) does not fit the "
+                                       f"LM ({lm_cfg.n_q} levels x {lm_cfg.codebook_size} codes)")
+        config = ModelConfig(lm=lm_cfg, instruments=instruments, dtype=str(resolve_dtype(dtype)).split(".")[-1],
+                             codec=codec_cfg.to_dict() if codec_cfg else None,
+                             weights={"lm": LM_WEIGHTS, "codec": CODEC_WEIGHTS if codec_cfg else None})
+        return write_model_dir(out, config, weights, overwrite=force)
 
     path = run_guarded(work)
     console.print(f"wrote {path}")
+
+
+def _parse_steps(text: Optional[str]):
+    if text is None:
+        return None
+    try:
+        steps = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise ValueError(f"--steps must be comma-separated integers such as 128,64,32,32, got {text!r}") from None
+    return steps
+
+
+def _numbered(path: Path, i: int, n: int) -> Path:
+    return path if n == 1 else path.with_name(f"{path.stem}_{i + 1}{path.suffix}")
+
+
+@app.command()
+def generate(
+    context: Path = typer.Argument(..., help="context audio (wav, flac, ogg, mp3): the music the stem must fit"),
+    instrument: str = typer.Option(..., "--instrument", "-i", help="instrument of the new stem (see `stemgen info`)"),
+    out: Path = typer.Option(..., "--out", "-o", help="output stem WAV"),
+    model: str = typer.Option("demo", "--model", "-m", help="model directory, or 'demo' (random weights: noise)"),
+    mix: Optional[Path] = typer.Option(None, "--mix", help="also write context + stem here"),
+    seed: int = typer.Option(0, "--seed", help="random seed (same seed, same output)"),
+    steps: Optional[str] = typer.Option(None, "--steps", help="decoding steps per level, e.g. 128,64,32,32"),
+    guidance: Optional[str] = typer.Option(None, "--guidance", help="multi (3 rows), single (2) or none (1)"),
+    cfg_context: Optional[float] = typer.Option(None, "--cfg-context", help="multi-source CFG weight of the context"),
+    cfg_instrument: Optional[float] = typer.Option(None, "--cfg-instrument", help="multi-source CFG weight of the instrument"),
+    cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", help="single-source CFG weight"),
+    causal_bias: Optional[float] = typer.Option(None, "--causal-bias", help="w_s of the causal-bias ranking"),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="sampling temperature (0: greedy)"),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="keep the k most likely codes (0: off)"),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="nucleus sampling mass (1.0: off)"),
+    variations: int = typer.Option(1, "--variations", "-n", min=1, help="stems to generate (seeds seed, seed+1, ...)"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16, float16 (default: bf16 on GPU)"),
+    bits: str = typer.Option("16", "--bits", help="output WAV sample format: 16, 24 or float"),
+):
+    """Generate a stem that fits CONTEXT and write it (and optionally the new mix) as WAV."""
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .engine import Engine
+    from .engine.audio import SUBTYPES, AudioError, check_output_path, read_audio, write_wav
+
+    _route_warnings()
+
+    def prepare():
+        if bits not in SUBTYPES:
+            raise AudioError(f"--bits must be 16, 24 or float, got {bits!r}")
+        outs = [check_output_path(_numbered(out, i, variations)) for i in range(variations)]
+        mixes = [check_output_path(_numbered(mix, i, variations)) for i in range(variations)] if mix else []
+        audio, sr = read_audio(context)
+        if model == "demo":
+            from .engine.demo import ensure_demo_model
+            model_dir = ensure_demo_model(log=lambda m: err_console.print(m, highlight=False))
+        else:
+            model_dir = Path(model)
+        engine = Engine.from_pretrained(model_dir, device=device, dtype=dtype)
+        engine.instrument_id(instrument)
+        sampling = engine.sampling(seed=seed, steps=_parse_steps(steps), guidance=guidance, cfg_context=cfg_context,
+                                   cfg_instrument=cfg_instrument, cfg_scale=cfg_scale, w_causal=causal_bias,
+                                   temperature=temperature, top_k=top_k, top_p=top_p)
+        x, ctx = engine.prepare_context(audio, sr)
+        if len(sampling.steps) != engine.config.lm.n_q:
+            raise ValueError(f"--steps gives {len(sampling.steps)} levels, the model has {engine.config.lm.n_q}")
+        return engine, sampling, x, ctx, outs, mixes
+
+    engine, sampling, x, ctx, outs, mixes = run_guarded(prepare)
+    if engine.config.untrained:
+        err_console.print("[bold yellow]note:[/] this model's weights are untrained (random): the audio is noise. "
+                          "Pass --model DIR with a converted trained model for music.", highlight=False)
+    duration = x.shape[1] / engine.codec.cfg.sample_rate
+    total = sum(sampling.steps) * variations
+    t0 = time.perf_counter()
+    results = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err_console, transient=True) as bar:
+        task = bar.add_task("decoding", total=total)
+        for i in range(variations):
+            s = dataclasses.replace(sampling, seed=sampling.seed + i)
+            res = run_guarded(engine.generate_from_context, x, ctx, instrument,
+                              progress=lambda q, t, n: bar.advance(task),
+                              **{f.name: getattr(s, f.name) for f in dataclasses.fields(s)})
+            results.append(res)
+    wall = time.perf_counter() - t0
+    for i, res in enumerate(results):
+        run_guarded(write_wav, outs[i], res.stem, res.sample_rate, bits)
+        if res.gain < 1.0:
+            err_console.print(f"note: stem scaled by {res.gain:.3f} to avoid clipping", highlight=False)
+        if mixes:
+            m, _ = res.mix()
+            run_guarded(write_wav, mixes[i], m, res.sample_rate, bits)
+    written = ", ".join(str(p) for p in outs + mixes)
+    console.print(f"wrote {written}: {duration:.2f} s of audio x {variations} in {wall:.2f} s "
+                  f"(real-time factor {wall / (duration * variations):.2f}, "
+                  f"{duration * variations / wall:.2f}x real time)", highlight=False)
 
 
 def main():  # pragma: no cover
