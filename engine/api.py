@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,8 +16,11 @@ from .codec import Codec, CodecConfig, load_codec
 from .config import ModelConfig, ModelFormatError, SamplingConfig
 from .model import StemGenEngineLM, load_lm, resolve_dtype
 from .sampler import generate_tokens
+from .scheduler import Request
+from .service import GenerationHandle, GenerationService
 
 log = logging.getLogger("stemgen")
+_service_lock = threading.Lock()
 
 
 def pick_device(device: str | torch.device | None) -> torch.device:
@@ -63,6 +67,8 @@ class Engine:
         self.lm = lm
         self.codec = codec
         self.model_dir = model_dir
+        self.max_frames = 1 << 15      # frames (rows x length) per scheduler step
+        self._service: GenerationService | None = None
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, device: str | torch.device | None = "auto",
@@ -102,11 +108,36 @@ class Engine:
 
     def generate_tokens(self, context: torch.Tensor, instrument: str | int, target: torch.Tensor | None = None,
                         extra_conditions: list[int] | tuple[int, ...] = (), progress=None, **sampling):
-        """context [C-1, Q, T] codes -> generated target codes [Q, T] (on the CPU)."""
+        """context [C-1, Q, T] codes -> generated target codes [Q, T] (on the CPU), in this thread."""
         conditions = torch.tensor([self.instrument_id(instrument), *extra_conditions], dtype=torch.int64)
         out = generate_tokens(self.lm, torch.as_tensor(context), conditions, self.sampling(**sampling),
                               target=target, progress=progress)
         return out.cpu()
+
+    def submit(self, context: torch.Tensor, instrument: str | int, target: torch.Tensor | None = None,
+               extra_conditions: list[int] | tuple[int, ...] = (), progress=None, **sampling) -> GenerationHandle:
+        """Queue a token-level request for the batched scheduler (safe from any thread). Returns a
+        handle: ``.result()`` gives codes [Q, T], ``.cancel()`` cancels. An invalid request gets a
+        handle whose result raises its own error; other requests are unaffected."""
+        try:
+            conditions = torch.tensor([self.instrument_id(instrument), *extra_conditions], dtype=torch.int64)
+            req = Request(self.config.lm, context, conditions, self.sampling(**sampling), target=target,
+                          progress=progress)
+        except (ValueError, TypeError) as e:
+            return GenerationService.failed(e)
+        return self.service.submit(req)
+
+    @property
+    def service(self) -> GenerationService:
+        with _service_lock:
+            if self._service is None:
+                self._service = GenerationService(self.lm, max_frames=self.max_frames)
+        return self._service
+
+    def close(self) -> None:
+        """Stop the background scheduler (if one was started)."""
+        if self._service is not None:
+            self._service.close()
 
     def prepare_context(self, audio: np.ndarray, sample_rate: int) -> tuple[np.ndarray, torch.Tensor]:
         """Audio [channels, N] at any rate -> (audio at the codec's format, context codes [C-1, Q, T])."""

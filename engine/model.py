@@ -45,7 +45,7 @@ def rms_norm(x, weight, eps):
 
 
 def rope(x, cos, sin):
-    """Rotate-half RoPE on [B, T, H, Dh] with cos/sin [T, 1, Dh/2] (fp32 maths)."""
+    """Rotate-half RoPE on [N, H, Dh] with cos/sin [N, 1, Dh/2] (fp32 maths)."""
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
@@ -94,29 +94,76 @@ class StemGenEngineLM(nn.Module):
         return self._rope_cache[key]
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, conditions: torch.Tensor, level: int | None = None,
-                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, conditions: torch.Tensor, level: int | None = None) -> torch.Tensor:
         """tokens [B, C, Q, T], conditions [B, S] -> fp32 logits [B, T, V] for ``level``
-        (only that head is computed) or [B, Q, T, V] for all levels. ``key_mask`` [B, T] bool
-        marks real (True) vs padding frames for batches of different lengths."""
-        cfg = self.cfg
-        B, C, Q, T = tokens.shape
-        H, dh = cfg.n_heads, cfg.head_dim
-        x = embed_sum_ref(tokens, conditions, self.tok_emb, self.cond_emb, self.cond_offsets)
-        cos, sin = self._rope(T, x.device)
-        attn_mask = None if key_mask is None else key_mask[:, None, None, :]
-        for layer in self.layers:
-            q, k, v = F.linear(rms_norm(x, layer.attn_norm, cfg.norm_eps), layer.wqkv).view(B, T, 3, H, dh).unbind(2)
-            q, k = rope(q, cos, sin), rope(k, cos, sin)
-            a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               attn_mask=attn_mask)
-            x = x + F.linear(a.transpose(1, 2).reshape(B, T, cfg.d_model), layer.wo)
-            gate, up = F.linear(rms_norm(x, layer.ffn_norm, cfg.norm_eps), layer.w13).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.w2)
-        x = rms_norm(x, self.norm, cfg.norm_eps)
+        (only that head is computed) or [B, Q, T, V] for all levels."""
         if level is not None:
-            return F.linear(x, self.heads[level]).float()
-        return torch.einsum("btd,qvd->bqtv", x, self.heads).float()
+            return self.forward_requests([(tokens, conditions, level, None)])[0]
+        B, _, Q, T = tokens.shape
+        x = self._hidden([(tokens, conditions)])
+        return torch.einsum("btd,qvd->bqtv", x.view(B, T, -1), self.heads).float()
+
+    @torch.inference_mode()
+    def forward_requests(self, requests: list[tuple]) -> list[torch.Tensor]:
+        """One forward over the guidance rows of several requests of different lengths, packed
+        (no padding). Each request is (tokens [R, C, Q, T], conditions [R, S], level, positions):
+        only head ``level`` is computed, and only at frames ``positions`` (int64 [M]; None: all).
+        Returns per request fp32 logits [R, M, V]. Attention never mixes requests."""
+        x = self._hidden([(t, c) for t, c, _, _ in requests])
+        rows, start = [], 0
+        for tokens, _, level, positions in requests:
+            R, T = tokens.shape[0], tokens.shape[-1]
+            seg = x[start: start + R * T].view(R, T, -1)
+            start += R * T
+            rows.append(seg if positions is None else seg[:, positions])
+        out: list[torch.Tensor | None] = [None] * len(requests)
+        for level in sorted({r[2] for r in requests}):  # one GEMM per level present
+            idx = [i for i, r in enumerate(requests) if r[2] == level]
+            flat = torch.cat([rows[i].reshape(-1, rows[i].shape[-1]) for i in idx])
+            logits = linear(flat, self.heads[level]).float()
+            for i, part in zip(idx, logits.split([rows[i].shape[0] * rows[i].shape[1] for i in idx])):
+                out[i] = part.view(rows[i].shape[0], rows[i].shape[1], -1)
+        return out
+
+    def _hidden(self, requests: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Final-norm hidden states [sum R*T, d] of the packed rows of all requests."""
+        cfg = self.cfg
+        H, dh, d = cfg.n_heads, cfg.head_dim, cfg.d_model
+        segs = [(t.shape[0], t.shape[-1]) for t, _ in requests]
+        x = torch.cat([embed_sum_ref(t, c, self.tok_emb, self.cond_emb, self.cond_offsets).reshape(-1, d)
+                       for t, c in requests])
+        cos, sin = self._rope(max(T for _, T in segs), x.device)
+        if len(segs) == 1:  # common case: one request, positions 0..T-1 repeated per row
+            R, T = segs[0]
+            cos, sin = cos[:T].repeat(R, 1, 1), sin[:T].repeat(R, 1, 1)
+        else:
+            pos = torch.cat([torch.arange(T, device=x.device).repeat(R) for R, T in segs])
+            cos, sin = cos[pos], sin[pos]
+        for layer in self.layers:
+            q, k, v = linear(rms_norm(x, layer.attn_norm, cfg.norm_eps), layer.wqkv).view(-1, 3, H, dh).unbind(1)
+            q, k = rope(q, cos, sin), rope(k, cos, sin)
+            outs, start = [], 0
+            for R, T in segs:
+                qs, ks, vs = (z[start: start + R * T].view(R, T, H, dh).transpose(1, 2) for z in (q, k, v))
+                outs.append(F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2).reshape(R * T, d))
+                start += R * T
+            x = x + linear(torch.cat(outs) if len(outs) > 1 else outs[0], layer.wo)
+            gate, up = linear(rms_norm(x, layer.ffn_norm, cfg.norm_eps), layer.w13).chunk(2, dim=-1)
+            x = x + linear(F.silu(gate) * up, layer.w2)
+        return rms_norm(x, self.norm, cfg.norm_eps)
+
+
+# GEMM libraries pick another kernel for small row counts, whose results differ in the last
+# bits; keeping every CPU GEMM at >= MIN_GEMM_ROWS rows keeps a request's logits (and so its
+# tokens) independent of how many other requests share its batch.
+MIN_GEMM_ROWS = 256
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    n = x.shape[0]
+    if n >= MIN_GEMM_ROWS or x.device.type != "cpu":
+        return F.linear(x, w)
+    return F.linear(torch.cat([x, x.new_zeros(MIN_GEMM_ROWS - n, x.shape[1])]), w)[:n]
 
 
 def load_lm(path: str | Path, cfg: LMConfig, device="cpu", dtype: str | torch.dtype = "float32") -> StemGenEngineLM:

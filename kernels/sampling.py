@@ -35,33 +35,34 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def guide_sample_rank_ref(logits: torch.Tensor, weights: torch.Tensor, *, seed: int, level: int,
-                          step: int, masked: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
-                          top_p: float = 1.0, w_conf: float = 0.1, w_causal: float = 0.1,
-                          w_rand: float = 1.0):
-    """One request's step: logits [R, T, V] of the level being decoded, guidance weights [R],
-    masked [T] bool (positions still to generate).
+def guide_sample_rank_ref(logits: torch.Tensor, weights: torch.Tensor, positions: torch.Tensor,
+                          masked: torch.Tensor, length: int, *, seed: int, level: int, step: int,
+                          temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, w_conf: float = 0.1,
+                          w_causal: float = 0.1, w_rand: float = 1.0):
+    """One request's step over M candidate frames.
 
-    Returns (tokens [T] int64, prob [T] fp32, score [T] fp32): the sampled token, its probability
-    under the guided distribution (temperature 1, before filtering), and the rank score
-    w_conf * prob + w_causal * (1 - n / T) + w_rand * U; positions not masked get token -1,
-    prob 0 and score -inf.
+    logits [R, M, V]: the guidance rows' logits of the level being decoded at frames
+    ``positions`` [M] (int64 frame indices in 0..length-1); weights [R]: guidance weights;
+    masked [M] bool: frames still to generate (others are skipped).
+
+    Returns (tokens [M] int64, prob [M] fp32, score [M] fp32): the sampled token, its probability
+    under the guided distribution (temperature 1, before top-k/top-p), and the causal-bias rank
+    score w_conf * prob + w_causal * (1 - n / length) + w_rand * U(n); skipped frames get token -1,
+    prob 0 and score -inf. Noise depends only on (seed, level, step, frame, code).
     """
-    R, T, V = logits.shape
+    R, M, V = logits.shape
     dev = logits.device
-    guided = guided_logprobs(logits, weights)                        # [T, V]
-    prob_all = guided.softmax(-1)
+    guided = guided_logprobs(logits, weights)                        # [M, V]
     if temperature <= 0:
         tokens = guided.argmax(-1)
     else:
         filt = filter_logits(guided / temperature, top_k, top_p)
-        idx = torch.arange(T * V, device=dev, dtype=torch.int64).view(T, V)
+        idx = positions[:, None] * V + torch.arange(V, device=dev)
         u = uniform(step_key(seed, level, step, STREAM_SAMPLE), idx)
         tokens = (filt - torch.log(-torch.log(u))).argmax(-1)
-    prob = prob_all.gather(-1, tokens[:, None])[:, 0]
-    pos = torch.arange(T, device=dev)
-    u_rank = uniform(step_key(seed, level, step, STREAM_RANK), pos)
-    score = w_conf * prob + w_causal * (1.0 - pos.float() / T) + w_rand * u_rank
+    prob = (guided.gather(-1, tokens[:, None])[:, 0] - guided.logsumexp(-1)).exp()
+    u_rank = uniform(step_key(seed, level, step, STREAM_RANK), positions)
+    score = w_conf * prob + w_causal * (1.0 - positions.float() / length) + w_rand * u_rank
     tokens = torch.where(masked, tokens, torch.full_like(tokens, -1))
     prob = torch.where(masked, prob, torch.zeros_like(prob))
     score = torch.where(masked, score, torch.full_like(score, -math.inf))

@@ -53,13 +53,20 @@ def test_engine_low_precision_close(pair, dtype, tol):
     assert rel <= tol, rel
 
 
-def test_key_mask_padding_equals_unpadded(pair):
-    """A padded batch with a key mask gives the unpadded sequence's logits (for batching requests)."""
+def test_packed_requests_equal_separate_forwards(pair):
+    """Several requests of different lengths in one packed forward, each with its own level and
+    frame subset, give the same logits as separate forwards (the scheduler's batching)."""
     cfg, train, model_dir = pair
     engine = load_engine_lm(model_dir)
-    tokens, conds = random_tokens(cfg, 1, 9, torch.Generator().manual_seed(2))
-    padded = torch.cat([tokens, torch.full_like(tokens[..., :4], cfg.mask_id)], dim=-1)
-    key_mask = torch.tensor([[True] * 9 + [False] * 4])
-    a = engine(tokens, conds, level=0)
-    b = engine(padded, conds, level=0, key_mask=key_mask)[:, :9]
-    assert (a - b).abs().max() <= 1e-4 * a.abs().max()
+    gen = torch.Generator().manual_seed(2)
+    reqs = []
+    for R, T, level in [(3, 9, 0), (2, 1, cfg.n_q - 1), (1, 30, 0)]:
+        tokens, conds = random_tokens(cfg, R, T, gen)
+        positions = torch.arange(T)[torch.rand(T, generator=gen) < 0.6] if T > 1 else None
+        reqs.append((tokens, conds, level, positions))
+    packed = engine.forward_requests(reqs)
+    for (tokens, conds, level, positions), got in zip(reqs, packed):
+        alone = engine(tokens, conds, level=level)
+        want = alone if positions is None else alone[:, positions]
+        assert got.shape == want.shape
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()

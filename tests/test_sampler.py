@@ -29,6 +29,13 @@ class FakeLM:
         R, _, _, T = tokens.shape
         return self.row_logits[:R, None, :].expand(R, T, -1).clone()
 
+    def forward_requests(self, requests):  # the engine LM's batched interface
+        out = []
+        for tokens, conds, level, positions in requests:
+            logits = self(tokens, conds, level)
+            out.append(logits if positions is None else logits[:, positions])
+        return out
+
 
 def lm_cfg(V=16, Q=4, C=2, cond=(5,)):
     return LMConfig(d_model=8 * C, n_heads=2, n_layers=0, n_q=Q, codebook_size=V, n_channels=C,

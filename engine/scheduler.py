@@ -1,0 +1,221 @@
+"""Batched CFG scheduler: every guidance row of every active request in ONE forward per step.
+
+Requests differ in duration, instrument, guidance, steps per level, seed and progress; they
+join and leave between steps (continuous batching) under a max-frames-per-step budget. A
+request's tokens depend only on its own inputs and seed: the noise is counter-based, attention
+never mixes requests, and CPU GEMMs are kept in one kernel regime (engine.model.linear).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from collections import deque
+from typing import Callable
+
+import torch
+
+from ..kernels.sampling import guide_sample_rank_ref
+from .config import LMConfig, SamplingConfig
+
+
+def masked_after_step(t: int, n_steps: int, n_masked: int) -> int:
+    """Positions of a level still masked after step t (0-based) of n_steps: cosine rule."""
+    if t >= n_steps - 1:
+        return 0
+    return math.floor(math.cos(math.pi / 2 * (t + 1) / n_steps) * n_masked)
+
+
+def guidance_rows(context: torch.Tensor, target: torch.Tensor, conditions: torch.Tensor,
+                  guidance: str, cfg: LMConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """context [C-1, Q, T], target [Q, T], conditions [S] -> tokens [R, C, Q, T], conditions [R, S].
+
+    multi: (context, no condition), (no context, condition), (neither); single: (both), (neither);
+    none: (both). A dropped context is NULL tokens; dropped conditions are each table's NULL row."""
+    full = torch.cat([context, target[None]], dim=0)
+    null_ctx = torch.cat([torch.full_like(context, cfg.null_id), target[None]], dim=0)
+    null_cond = torch.tensor(cfg.cond_sizes, dtype=conditions.dtype, device=conditions.device)
+    rows = {"multi": [(full, null_cond), (null_ctx, conditions), (null_ctx, null_cond)],
+            "single": [(full, conditions), (null_ctx, null_cond)],
+            "none": [(full, conditions)]}[guidance]
+    return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+
+
+def check_request(context: torch.Tensor, conditions: torch.Tensor, target: torch.Tensor | None,
+                  cfg: LMConfig, sampling: SamplingConfig) -> None:
+    C, Q, V = cfg.n_channels, cfg.n_q, cfg.codebook_size
+    if context.dim() != 3 or context.shape[0] != C - 1 or context.shape[1] != Q:
+        raise ValueError(f"context tokens must have shape [{C - 1}, {Q}, T] (context channels, levels, "
+                         f"frames), got {list(context.shape)}")
+    T = context.shape[-1]
+    if T < 1:
+        raise ValueError("context has no frames (T = 0)")
+    if context.numel() and ((context < 0) | ((context >= V) & (context != cfg.null_id))).any():
+        raise ValueError(f"context tokens must be codes in [0, {V}) or NULL ({cfg.null_id})")
+    if conditions.shape != (len(cfg.cond_sizes),):
+        raise ValueError(f"conditions must have shape [{len(cfg.cond_sizes)}], got {list(conditions.shape)}")
+    for s, n in enumerate(cfg.cond_sizes):
+        if not 0 <= int(conditions[s]) <= n:
+            raise ValueError(f"condition {s} is {int(conditions[s])}, expected 0..{n - 1} (or NULL = {n})")
+    if target is not None:
+        if tuple(target.shape) != (Q, T):
+            raise ValueError(f"target tokens must have shape [{Q}, {T}], got {list(target.shape)}")
+        if ((target < 0) | (target > cfg.mask_id)).any():
+            raise ValueError(f"target tokens must be codes in [0, {V}) or MASK ({cfg.mask_id})")
+    if len(sampling.steps) != Q:
+        raise ValueError(f"steps gives {len(sampling.steps)} levels ({list(sampling.steps)}), "
+                         f"the model has {Q}: give one step count per level")
+
+
+_ids = itertools.count()
+
+
+class Request:
+    """One generation: context codes [C-1, Q, T], conditions [S], sampling settings, optional
+    partial target [Q, T] (MASK where to generate). Validated on construction."""
+
+    def __init__(self, cfg: LMConfig, context: torch.Tensor, conditions: torch.Tensor, sampling: SamplingConfig,
+                 target: torch.Tensor | None = None,
+                 progress: Callable[[int, int, int], None] | None = None):
+        context = torch.as_tensor(context).to(torch.int64)
+        conditions = torch.as_tensor(conditions).to(torch.int64)
+        target = None if target is None else torch.as_tensor(target).to(torch.int64)
+        check_request(context, conditions, target, cfg, sampling)
+        self.id = next(_ids)
+        self.cfg, self.sampling, self.progress = cfg, sampling, progress
+        self.context, self.conditions, self.given = context, conditions, target
+        self.T = context.shape[-1]
+        self.n_rows = len(sampling.guidance_weights())
+        self.cancelled = False
+        self.error: BaseException | None = None   # set if this request failed (e.g. its callback raised)
+        self.tokens: torch.Tensor | None = None   # [Q, T] state, on the model's device once admitted
+
+    @property
+    def frames(self) -> int:
+        """Sequence elements this request adds to each forward (rows x frames)."""
+        return self.n_rows * self.T
+
+    def admit(self, device: torch.device) -> None:
+        cfg, Q, T = self.cfg, self.cfg.n_q, self.T
+        self.context = self.context.to(device)
+        self.conditions = self.conditions.to(device)
+        self.weights = torch.tensor(self.sampling.guidance_weights(), dtype=torch.float32, device=device)
+        if self.given is None:
+            self.tokens = torch.full((Q, T), cfg.mask_id, dtype=torch.int64, device=device)
+            self.level_totals = [T] * Q
+        else:
+            self.tokens = self.given.to(device).clone()
+            self.level_totals = (self.tokens == cfg.mask_id).sum(dim=1).tolist()  # one host read
+        self.level, self.step = 0, 0
+        self._start_level()
+
+    def _start_level(self):
+        self.n_masked = self.level_totals[self.level] if self.level < self.cfg.n_q else 0
+        if self.level < self.cfg.n_q:
+            self.masked = self.tokens[self.level] == self.cfg.mask_id
+
+    @property
+    def done(self) -> bool:
+        return self.level >= self.cfg.n_q
+
+    def n_keep(self) -> int:
+        """Positions this step must fix, per the schedule."""
+        S = self.sampling.steps[self.level]
+        return self.n_masked - masked_after_step(self.step, S, self.level_totals[self.level])
+
+    @property
+    def finished(self) -> bool:
+        """Leaves the batch: done, cancelled or failed."""
+        return self.done or self.cancelled or self.error is not None
+
+    def advance(self) -> None:
+        if self.progress is not None:
+            try:
+                self.progress(self.level, self.step, self.sampling.steps[self.level])
+            except Exception as e:  # a broken callback fails its own request only
+                self.error = e
+        self.step += 1
+        if self.step >= self.sampling.steps[self.level]:
+            self.level, self.step = self.level + 1, 0
+            if not self.done:
+                self._start_level()
+
+    def skip_idle_steps(self) -> None:
+        """Steps whose schedule fixes nothing need no forward."""
+        while not self.finished and self.n_keep() <= 0:
+            self.advance()
+
+    def rows(self, subset: bool):
+        """This step's model input: (tokens [R, C, Q, T], conditions [R, S], level, positions)."""
+        visible = self.tokens.clone()
+        visible[self.level + 1:] = self.cfg.mask_id
+        tokens, conds = guidance_rows(self.context, visible, self.conditions, self.sampling.guidance, self.cfg)
+        self._positions = (self.masked.nonzero()[:, 0] if subset
+                           else torch.arange(self.T, device=self.tokens.device))
+        return tokens, conds, self.level, self._positions if subset else None
+
+    def update(self, logits: torch.Tensor) -> None:
+        s, q = self.sampling, self.level
+        pos = self._positions
+        tok, _, score = guide_sample_rank_ref(
+            logits, self.weights, pos, self.masked[pos], self.T, seed=s.seed, level=q, step=self.step,
+            temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, w_conf=s.w_confidence,
+            w_causal=s.w_causal, w_rand=s.w_random)
+        n_keep = self.n_keep()
+        keep = score.topk(n_keep).indices
+        frames = pos[keep]
+        self.tokens[q, frames] = tok[keep]
+        self.masked[frames] = False
+        self.n_masked -= n_keep
+        self.advance()
+
+
+class Scheduler:
+    """Runs requests to completion, one forward per step over all running requests' rows."""
+
+    def __init__(self, model, max_frames: int = 1 << 15):
+        self.model = model
+        self.max_frames = max_frames
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    def submit(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _admit(self) -> list[Request]:
+        """Move waiting requests into the batch while the frame budget allows (a request larger
+        than the budget runs alone). Returns requests cancelled while waiting."""
+        dropped = []
+        used = sum(r.frames for r in self.running)
+        while self.waiting and (not self.running or used + self.waiting[0].frames <= self.max_frames):
+            req = self.waiting.popleft()
+            if req.cancelled:
+                dropped.append(req)
+                continue
+            req.admit(self.model.device)
+            self.running.append(req)
+            used += req.frames
+        return dropped
+
+    def step(self) -> list[Request]:
+        """Admit, run one forward over every running request that needs one, retire finished,
+        cancelled and failed requests. Returns the requests that left (``finished`` is true)."""
+        left = self._admit()
+        for r in self.running:
+            r.skip_idle_steps()
+        active = [r for r in self.running if not r.finished]
+        if active:
+            subset = self.model.device.type == "cpu"  # on GPU, avoid the host sync of nonzero()
+            logits = self.model.forward_requests([r.rows(subset) for r in active])
+            for r, lg in zip(active, logits):
+                r.update(lg)
+        left += [r for r in self.running if r.finished]
+        self.running = [r for r in self.running if not r.finished]
+        return left
+
+    def run(self) -> None:
+        while self.has_work:
+            self.step()
