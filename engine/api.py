@@ -14,7 +14,7 @@ import torch
 from .audio import AudioError, peak_safe, to_format
 from .codec import Codec, CodecConfig, load_codec
 from .config import ModelConfig, ModelFormatError, SamplingConfig
-from .model import StemGenEngineLM, load_lm, resolve_dtype
+from .model import StemGenEngineLM, default_dtype, load_lm, resolve_dtype
 from .sampler import generate_tokens
 from .scheduler import Request
 from .service import GenerationHandle, GenerationService
@@ -39,6 +39,8 @@ def backends(device: torch.device) -> dict[str, str]:
     """What runs where (reported by `stemgen info`)."""
     return {
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+        "LM dtype (default)": str(default_dtype(device)).replace("torch.", "")
+        + (" (CPU has native bf16)" if device.type == "cpu" and default_dtype(device) == torch.bfloat16 else ""),
         "embedding-sum": "PyTorch reference (kernels.embedding.embed_sum_ref)",
         "attention": "torch scaled_dot_product_attention",
         "guidance+sampling": "PyTorch reference (kernels.sampling.guide_sample_rank_ref)",
@@ -73,11 +75,12 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, device: str | torch.device | None = "auto",
                         dtype: str | torch.dtype | None = None, load_codec_weights: bool = True) -> "Engine":
-        """Load an engine model directory. dtype defaults to bfloat16 on CUDA, float32 on the CPU."""
+        """Load an engine model directory. dtype defaults to bfloat16 on CUDA and on CPUs with native
+        bf16 arithmetic (AVX512-BF16 / AMX), float32 elsewhere (engine.model.default_dtype)."""
         model_dir = Path(model_dir)
         config = ModelConfig.load(model_dir)
         device = pick_device(device)
-        dtype = resolve_dtype(dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+        dtype = resolve_dtype(dtype) if dtype else default_dtype(device)
         lm = load_lm(model_dir / config.weights["lm"], config.lm, device=device, dtype=dtype)
         codec = None
         if load_codec_weights and config.codec:

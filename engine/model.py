@@ -201,12 +201,38 @@ def load_lm(path: str | Path, cfg: LMConfig, device="cpu", dtype: str | torch.dt
                 state[name] = f.get_tensor(name)
     except SafetensorError as e:
         raise ModelFormatError(f"{path}: not a readable safetensors file ({e})") from None
+    return lm_from_state(cfg, state, device, dtype)
+
+
+def lm_from_state(cfg: LMConfig, state: dict[str, torch.Tensor], device="cpu",
+                  dtype: str | torch.dtype = "float32") -> StemGenEngineLM:
+    """Build the LM on the meta device and assign already-validated engine tensors to it."""
     with torch.device("meta"):
         model = StemGenEngineLM(cfg)
-    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
-    model.load_state_dict(state, assign=True, strict=False)
+    state = {k: v.to(device=device, dtype=resolve_dtype(dtype)) for k, v in state.items()}
+    model.load_state_dict(state, assign=True, strict=True)
     model.cond_offsets = _cond_offsets(cfg, device)  # built on meta above; a buffer, not a weight
     return model.eval().requires_grad_(False)
+
+
+def native_bf16_cpu() -> bool:
+    """True when the CPU has bf16 dot-product instructions (AVX512-BF16 or AMX-BF16)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line.split()
+                    return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        pass
+    return False
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA and on CPUs with native bf16 arithmetic (about 1.5x faster there); else fp32."""
+    if device.type == "cuda" or (device.type == "cpu" and native_bf16_cpu()):
+        return torch.bfloat16
+    return torch.float32
 
 
 def _cond_offsets(cfg: LMConfig, device=None) -> torch.Tensor:

@@ -227,5 +227,63 @@ def generate(
                   f"{duration * variations / wall:.2f}x real time)", highlight=False)
 
 
+@app.command()
+def bench(
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="engine model directory (default: a preset "
+                                         "with random weights)"),
+    config: str = typer.Option("auto", "--config", help="preset when no --model: paper, small, tiny "
+                               "(auto: paper on CUDA, small on the CPU)"),
+    duration: Optional[float] = typer.Option(None, "--duration", help="seconds of audio (auto: 20 on CUDA, 10 CPU)"),
+    steps: Optional[str] = typer.Option(None, "--steps", help="steps per level (auto: 128,64,32,32 on CUDA, "
+                                        "16,8,4,4 on the CPU)"),
+    batch: str = typer.Option("1,8", "--batch", help="comma-separated batch sizes (requests at once)"),
+    guidance: str = typer.Option("multi", "--guidance", help="multi, single or none"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="engine dtype (default: the engine's default)"),
+    baseline: bool = typer.Option(True, "--baseline/--no-baseline", help="also run the fp32 training-form baseline"),
+    seed: int = typer.Option(0, "--seed"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="write all figures (and the machine) as JSON"),
+):
+    """Time whole generations: the engine vs the baseline a careful peer user runs, same process."""
+    from .bench import run_bench
+    from .engine.api import pick_device
+
+    def work():
+        dev = pick_device(device)
+        gpu = dev.type == "cuda"
+        if batch.strip() == "" or not all(b.strip().isdigit() and int(b) > 0 for b in batch.split(",")):
+            raise ValueError(f"--batch must be comma-separated positive integers, got {batch!r}")
+        if json_path is not None and not json_path.parent.is_dir():
+            raise ValueError(f"--json: folder {json_path.parent} does not exist")
+        return run_bench(model_dir=model, config_name=("paper" if gpu else "small") if config == "auto" else config,
+                         duration=duration or (20.0 if gpu else 10.0),
+                         steps=_parse_steps(steps) or ((128, 64, 32, 32) if gpu else (16, 8, 4, 4)),
+                         batches=tuple(int(b) for b in batch.split(",")), device=dev, dtype=dtype,
+                         baseline=baseline, guidance=guidance, seed=seed,
+                         log=lambda m: err_console.print(m, highlight=False, soft_wrap=True))
+
+    report = run_guarded(work)
+    t = Table(title="stemgen bench")
+    for col in ("batch", "run", "wall s", "step ms", "passes/s", "frames/s", "audio s / s", "peak MB", "ratio"):
+        t.add_column(col, justify="right")
+    for r in report["results"]:
+        for name in ("engine", "baseline"):
+            if name not in r:
+                continue
+            s = r[name]
+            ratio = f"{r['speedup_frames_per_s']:.2f}x" if name == "engine" and "baseline" in r else ""
+            t.add_row(str(r["batch"]), name, f"{s['wall_s']:.2f}", f"{s['step_latency_ms']:.1f}",
+                      f"{s['transformer_passes_per_s']:.1f}", f"{s['frames_per_s']:.0f}",
+                      f"{s['audio_s_per_wall_s']:.2f}", f"{s['peak_mb']:.0f}", ratio)
+    console.print(t, width=max(console.width, 130))
+    m = report["machine"]
+    console.print(f"machine: {m.get('gpu') or m['processor']}, {m['cpu_threads']} threads, torch {m['torch']}; "
+                  f"engine {report['settings']['engine_dtype']}, baseline float32", highlight=False)
+    if json_path is not None:
+        tmp = json_path.with_name(f".{json_path.name}.tmp")
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        tmp.replace(json_path)
+
+
 def main():  # pragma: no cover
     sys.exit(app())

@@ -110,3 +110,23 @@ def convert_train_checkpoint(path: str | Path, fmt: str | None = None, dtype: to
     """-> (LMConfig, instrument names, engine LM tensors)."""
     cfg, state = load_lm_source(path, fmt)
     return engine_lm_config(cfg), list(cfg.instruments), convert_train_state(cfg, state, dtype)
+
+
+def train_state_from_engine(cfg: StemGenConfig, engine: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of ``convert_train_state``: engine tensors -> training-form state dict (used by
+    `stemgen bench` to run the baseline on a converted model's own weights)."""
+    Q, d, h = cfg.n_q, cfg.d_model, cfg.ffn_hidden
+    out = {f"level_emb.{q}.weight": t for q, t in enumerate(engine["tok_emb"].float().chunk(Q))}
+    out.update({f"cond_emb.{i}.weight": t for i, t in
+                enumerate(engine["cond_emb"].float().split([n + 1 for n in cfg.cond_sizes]))})
+    out["norm.weight"] = engine["norm"].float()
+    out.update({f"heads.{q}.weight": engine["heads"][q].float() for q in range(Q)})
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}."
+        wq, wk, wv = engine[p + "wqkv"].float().split(d)
+        w1, w3 = engine[p + "w13"].float().split(h)
+        out.update({p + "attn_norm.weight": engine[p + "attn_norm"].float(), p + "attn.wq.weight": wq,
+                    p + "attn.wk.weight": wk, p + "attn.wv.weight": wv, p + "attn.wo.weight": engine[p + "wo"].float(),
+                    p + "ffn_norm.weight": engine[p + "ffn_norm"].float(), p + "ffn.w1.weight": w1,
+                    p + "ffn.w3.weight": w3, p + "ffn.w2.weight": engine[p + "w2"].float()})
+    return out

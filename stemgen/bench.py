@@ -1,0 +1,247 @@
+"""`stemgen bench`: whole generations with the engine and, in the same process, the baseline a
+careful user of the peers would run — the training-form model, eager, no_grad, fp32, the guidance
+rows of all requests batched together (as audiocraft does), every level's head computed, the same
+sampler (same schedule, ranking, guidance and noise)."""
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .engine.config import LMConfig, SamplingConfig
+from .engine.scheduler import Request, Scheduler, guidance_rows, masked_after_step
+from .kernels.sampling import guide_sample_rank_ref
+
+
+@torch.no_grad()
+def baseline_generate(model, cfg: LMConfig, contexts: torch.Tensor, conditions: torch.Tensor,
+                      samplings: list[SamplingConfig]) -> tuple[torch.Tensor, int]:
+    """Lockstep generation of B requests of the same length and steps with the training-form
+    model. contexts [B, C-1, Q, T], conditions [B, S]. Returns (tokens [B, Q, T], forwards run)."""
+    B, _, Q, T = contexts.shape
+    steps = samplings[0].steps
+    tokens = torch.full((B, Q, T), cfg.mask_id, dtype=torch.int64)
+    weights = [torch.tensor(s.guidance_weights()) for s in samplings]
+    positions = torch.arange(T)
+    forwards = 0
+    for q in range(Q):
+        masked = torch.ones(B, T, dtype=torch.bool)
+        n_masked = T
+        for t in range(steps[q]):
+            n_keep = n_masked - masked_after_step(t, steps[q], T)
+            if n_keep <= 0:
+                continue
+            rows = []
+            for b in range(B):
+                visible = tokens[b].clone()
+                visible[q + 1:] = cfg.mask_id
+                rows.append(guidance_rows(contexts[b], visible, conditions[b], samplings[b].guidance, cfg))
+            logits = model(torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows]))  # all heads
+            forwards += 1
+            start = 0
+            for b, s in enumerate(samplings):
+                R = rows[b][0].shape[0]
+                tok, _, score = guide_sample_rank_ref(
+                    logits[start: start + R, q], weights[b], positions, masked[b], T, seed=s.seed, level=q, step=t,
+                    temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, w_conf=s.w_confidence,
+                    w_causal=s.w_causal, w_rand=s.w_random)
+                start += R
+                keep = score.topk(n_keep).indices
+                tokens[b, q, keep] = tok[keep]
+                masked[b, keep] = False
+            n_masked -= n_keep
+    return tokens, forwards
+
+
+def engine_generate(lm, contexts: torch.Tensor, conditions: torch.Tensor, samplings: list[SamplingConfig],
+                    max_frames: int = 1 << 20) -> tuple[torch.Tensor, int]:
+    sched = Scheduler(lm, max_frames=max_frames)
+    reqs = [Request(lm.cfg, contexts[b], conditions[b], s) for b, s in enumerate(samplings)]
+    for r in reqs:
+        sched.submit(r)
+    forwards = 0
+    while sched.has_work:
+        sched.step()
+        forwards += 1
+    if lm.device.type == "cuda":
+        torch.cuda.synchronize()
+    return torch.stack([r.tokens.cpu() for r in reqs]), forwards
+
+
+class PeakMemory:
+    """Peak memory of one run: CUDA allocator peak, or the process's peak RSS (Linux: reset first)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+            self.kind = "cuda max allocated"
+        else:
+            self.mb, self.kind = _rss_peak_mb(), "process peak RSS"
+
+
+def _rss_peak_mb() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@dataclass
+class RunStats:
+    name: str
+    batch: int
+    wall_s: float
+    forwards: int
+    rows_per_request: int
+    frames: int
+    frame_rate: float
+    peak_mb: float
+    memory_kind: str
+
+    def as_dict(self) -> dict:
+        audio_s = self.batch * self.frames / self.frame_rate
+        return {"name": self.name, "batch": self.batch, "wall_s": self.wall_s, "forwards": self.forwards,
+                "step_latency_ms": 1000 * self.wall_s / max(self.forwards, 1),
+                "transformer_passes_per_s": self.forwards * self.batch * self.rows_per_request / self.wall_s,
+                "frames_per_s": self.batch * self.frames / self.wall_s,
+                "audio_s_per_wall_s": audio_s / self.wall_s, "peak_mb": self.peak_mb,
+                "memory_kind": self.memory_kind}
+
+
+def machine_info(device: torch.device) -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+            "processor": _cpu_name(), "cpu_threads": torch.get_num_threads(), "cores": os.cpu_count(),
+            "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _models(model_dir, config_name: str, device: torch.device, dtype, baseline: bool, seed: int):
+    """-> (engine LM, training-form baseline model or None, frame rate, description)."""
+    from .engine.config import ModelConfig
+    from .engine.model import load_lm, lm_from_state
+    from .train import StemGenConfig, StemGenLM, preset
+    from .weights_convert.lm import convert_train_state, engine_lm_config, train_state_from_engine
+
+    if model_dir is not None:
+        mc = ModelConfig.load(model_dir)
+        lm = load_lm(model_dir / mc.weights["lm"], mc.lm, device=device, dtype=dtype)
+        frame_rate = 50.0
+        if mc.codec:
+            from .engine.codec import CodecConfig
+            frame_rate = CodecConfig.from_dict(mc.codec).frame_rate
+        base = None
+        if baseline:
+            c = mc.lm
+            tcfg = StemGenConfig(d_model=c.d_model, n_heads=c.n_heads, n_layers=c.n_layers, n_q=c.n_q,
+                                 codebook_size=c.codebook_size, n_channels=c.n_channels,
+                                 instruments=list(mc.instruments), extra_cond_sizes=list(c.cond_sizes[1:]),
+                                 ffn_hidden=c.ffn_hidden, rope_theta=c.rope_theta, norm_eps=c.norm_eps)
+            base = StemGenLM(tcfg)
+            base.load_state_dict(train_state_from_engine(tcfg, {k: v.cpu() for k, v in lm.state_dict().items()}))
+            base = base.to(device).eval()
+        return lm, base, frame_rate, f"model {model_dir}"
+    torch.manual_seed(seed)
+    tcfg = preset(config_name)
+    base = StemGenLM(tcfg).eval()
+    lm = lm_from_state(engine_lm_config(tcfg), convert_train_state(tcfg, base.state_dict()), device, dtype)
+    base = base.to(device) if baseline else None
+    return lm, base, 50.0, f"preset {config_name!r} (random weights)"
+
+
+def _timed(fn, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    with PeakMemory(device) as mem:
+        t0 = time.perf_counter()
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    return out, wall, mem
+
+
+def run_bench(*, model_dir=None, config_name: str = "small", duration: float = 10.0,
+              steps: tuple[int, ...] = (16, 8, 4, 4), batches: tuple[int, ...] = (1, 8), device="cpu",
+              dtype=None, baseline: bool = True, guidance: str = "multi", seed: int = 0, log=print) -> dict:
+    from .engine.api import pick_device
+    from .engine.model import default_dtype, resolve_dtype
+
+    device = pick_device(device)
+    dtype = resolve_dtype(dtype) if dtype else default_dtype(device)
+    lm, base, frame_rate, desc = _models(model_dir, config_name, device, dtype, baseline, seed)
+    cfg = lm.cfg
+    if len(steps) != cfg.n_q:
+        raise ValueError(f"--steps gives {len(steps)} levels, the model has {cfg.n_q}")
+    T = max(1, round(duration * frame_rate))
+    n_params = sum(p.numel() for p in lm.parameters())
+    log(f"bench: {desc}, {n_params / 1e6:.1f}M parameters, {T} frames ({T / frame_rate:.1f} s), steps "
+        f"{list(steps)}, guidance {guidance}, engine {str(dtype).replace('torch.', '')} on {device}, "
+        f"baseline {'fp32 training-form model' if base is not None else 'off'}")
+    # warm-up (allocators, kernels, thread pools) on a short run of each path
+    g = torch.Generator().manual_seed(seed)
+    warm_ctx = torch.randint(0, cfg.codebook_size, (1, cfg.n_channels - 1, cfg.n_q, min(T, 16)), generator=g)
+    warm = [SamplingConfig(steps=(1,) * cfg.n_q, guidance=guidance)]
+    engine_generate(lm, warm_ctx, torch.zeros(1, len(cfg.cond_sizes), dtype=torch.long), warm)
+    if base is not None:
+        baseline_generate(base, cfg, warm_ctx.to(device), torch.zeros(1, len(cfg.cond_sizes), dtype=torch.long,
+                                                                      device=device), warm)
+    results = []
+    for B in batches:
+        ctx = torch.randint(0, cfg.codebook_size, (B, cfg.n_channels - 1, cfg.n_q, T), generator=g)
+        cond = torch.stack([torch.randint(0, n, (B,), generator=g) for n in cfg.cond_sizes], dim=1)
+        samplings = [SamplingConfig(steps=steps, guidance=guidance, seed=seed + b) for b in range(B)]
+        rows = len(samplings[0].guidance_weights())
+        (tok_e, fw_e), wall_e, mem_e = _timed(lambda: engine_generate(lm, ctx, cond, samplings), device)
+        entry = {"batch": B, "engine": RunStats("engine", B, wall_e, fw_e, rows, T, frame_rate, mem_e.mb,
+                                                mem_e.kind).as_dict()}
+        if base is not None:
+            (tok_b, fw_b), wall_b, mem_b = _timed(
+                lambda: baseline_generate(base, cfg, ctx.to(device), cond.to(device), samplings), device)
+            entry["baseline"] = RunStats("baseline", B, wall_b, fw_b, rows, T, frame_rate, mem_b.mb,
+                                         mem_b.kind).as_dict()
+            entry["speedup_frames_per_s"] = wall_b / wall_e
+            entry["token_agreement"] = float((tok_b.cpu() == tok_e).float().mean())
+        results.append(entry)
+        log(f"batch {B}: engine {wall_e:.2f} s" + (f", baseline {entry['baseline']['wall_s']:.2f} s, "
+                                                   f"ratio {entry['speedup_frames_per_s']:.2f}x" if base is not None else ""))
+    return {"machine": machine_info(device),
+            "settings": {"model": desc, "parameters": n_params, "frames": T, "frame_rate": frame_rate,
+                         "duration_s": T / frame_rate, "steps": list(steps), "guidance": guidance,
+                         "engine_dtype": str(dtype).replace("torch.", ""), "baseline_dtype": "float32",
+                         "batches": list(batches)},
+            "results": results}
