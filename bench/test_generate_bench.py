@@ -6,6 +6,7 @@ import torch
 
 from stemgen.bench import _models, baseline_generate, engine_generate
 from stemgen.engine.config import SamplingConfig
+from stemgen.engine.model import default_dtype
 
 STEPS = (4, 2, 2, 2)
 T = 100
@@ -13,7 +14,8 @@ T = 100
 
 @pytest.fixture(scope="module")
 def models():
-    lm, base, _, _ = _models(None, "tiny", torch.device("cpu"), None, True, seed=0)
+    cpu = torch.device("cpu")
+    lm, base, _, _ = _models(None, "tiny", cpu, default_dtype(cpu), True, seed=0)
     return lm, base
 
 
