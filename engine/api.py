@@ -35,16 +35,22 @@ def pick_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-def backends(device: torch.device) -> dict[str, str]:
+def backends(device: torch.device, dtype: torch.dtype | None = None) -> dict[str, str]:
     """What runs where (reported by `stemgen info`)."""
+    from .. import cpp_ext
+    from .backend import select_ops
+
+    ops = select_ops(device, dtype or default_dtype(device))
     return {
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "LM dtype (default)": str(default_dtype(device)).replace("torch.", "")
         + (" (CPU has native bf16)" if device.type == "cpu" and default_dtype(device) == torch.bfloat16 else ""),
-        "embedding-sum": "PyTorch reference (kernels.embedding.embed_sum_ref)",
-        "attention": "torch scaled_dot_product_attention",
-        "guidance+sampling": "PyTorch reference (kernels.sampling.guide_sample_rank_ref)",
-        "codec": "PyTorch (engine.codec, fp32)",
+        "embedding-sum": ops.names["embedding-sum"],
+        "attention": "torch scaled_dot_product_attention (per request, packed batch)",
+        "guidance+sampling": ops.names["guidance+sampling"],
+        "codec": "PyTorch (engine.codec, fp32; RVQ encode as a GEMM: faster here than the C++ op)",
+        "C++ extension": cpp_ext.status(),
+        "triton": "not used yet (no Triton kernels in this version)",
         "torch": torch.__version__,
     }
 

@@ -131,6 +131,19 @@ def expected_codec_shapes(cfg: CodecConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def rvq_encode_ref(x: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    """Residual VQ: x [N, D], codebooks [K, bins, D] -> codes [K, N]. Level k picks the entry nearest
+    to the residual (d = ||r||^2 - 2 r.e + ||e||^2, as the reference implementations compute it)
+    and subtracts it. The distances are one GEMM per level (faster here than the C++ op)."""
+    residual, codes = x, []
+    for embed in codebooks:
+        dist = -(residual.pow(2).sum(1, keepdim=True) - 2 * residual @ embed.t() + embed.pow(2).sum(1)[None, :])
+        idx = dist.max(dim=-1).indices
+        residual = residual - embed[idx]
+        codes.append(idx)
+    return torch.stack(codes)
+
+
 def _pad1d(x, left: int, right: int, mode: str):
     if mode == "reflect" and x.shape[-1] <= max(left, right):  # reflect needs length > pad
         extra = max(left, right) - x.shape[-1] + 1
@@ -145,6 +158,7 @@ class Codec:
         self.cfg = cfg
         self.w = weights
         self.plans = {part: layer_plan(cfg, part) for part in ("encoder", "decoder")}
+        self.codebooks = torch.stack([weights[f"quantizer.{k}.embed"] for k in range(cfg.n_q)])  # [n_q, bins, D]
         self.lstms = {}
         for part, plan in self.plans.items():
             for i, layer in enumerate(plan):
@@ -158,6 +172,7 @@ class Codec:
     @property
     def device(self) -> torch.device:
         return self.w["quantizer.0.embed"].device
+
 
     def _conv(self, x, name: str, stride: int = 1, dilation: int = 1):
         w = self.w[name + ".weight"]
@@ -203,16 +218,8 @@ class Codec:
         """audio [B, channels, N] float -> codes [B, n_q, ceil(N / hop)] int64."""
         z = self._run("encoder", audio.to(self.device, torch.float32))    # [B, D, T]
         B, D, T = z.shape
-        residual = z.transpose(1, 2).reshape(B * T, D)
-        codes = []
-        for k in range(self.cfg.n_q):
-            embed = self.w[f"quantizer.{k}.embed"]
-            dist = -(residual.pow(2).sum(1, keepdim=True) - 2 * residual @ embed.t()
-                     + embed.pow(2).sum(1)[None, :])
-            idx = dist.max(dim=-1).indices
-            residual = residual - embed[idx]
-            codes.append(idx)
-        return torch.stack(codes, dim=0).view(self.cfg.n_q, B, T).transpose(0, 1).contiguous()
+        codes = rvq_encode_ref(z.transpose(1, 2).reshape(B * T, D), self.codebooks)
+        return codes.view(self.cfg.n_q, B, T).transpose(0, 1).contiguous()
 
     @torch.inference_mode()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:

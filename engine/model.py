@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels.embedding import embed_sum_ref
+from .backend import Ops, select_ops
 from .config import LMConfig, ModelFormatError
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -72,6 +72,7 @@ class StemGenEngineLM(nn.Module):
         self.norm = nn.Parameter(torch.empty(cfg.d_model))
         self.heads = nn.Parameter(torch.empty(cfg.n_q, cfg.codebook_size, cfg.d_model))
         self.register_buffer("cond_offsets", _cond_offsets(cfg), persistent=False)
+        self.ops = Ops()  # hot-path implementations; set for the device/dtype at load (engine.backend)
         self._rope_cache: dict = {}
 
     @property
@@ -130,7 +131,7 @@ class StemGenEngineLM(nn.Module):
         cfg = self.cfg
         H, dh, d = cfg.n_heads, cfg.head_dim, cfg.d_model
         segs = [(t.shape[0], t.shape[-1]) for t, _ in requests]
-        x = torch.cat([embed_sum_ref(t, c, self.tok_emb, self.cond_emb, self.cond_offsets).reshape(-1, d)
+        x = torch.cat([self.ops.embed_sum(t, c, self.tok_emb, self.cond_emb, self.cond_offsets).reshape(-1, d)
                        for t, c in requests])
         cos, sin = self._rope(max(T for _, T in segs), x.device)
         if len(segs) == 1:  # common case: one request, positions 0..T-1 repeated per row
@@ -212,6 +213,7 @@ def lm_from_state(cfg: LMConfig, state: dict[str, torch.Tensor], device="cpu",
     state = {k: v.to(device=device, dtype=resolve_dtype(dtype)) for k, v in state.items()}
     model.load_state_dict(state, assign=True, strict=True)
     model.cond_offsets = _cond_offsets(cfg, device)  # built on meta above; a buffer, not a weight
+    model.ops = select_ops(torch.device(device), resolve_dtype(dtype))
     return model.eval().requires_grad_(False)
 
 

@@ -153,10 +153,10 @@ class Request:
                            else torch.arange(self.T, device=self.tokens.device))
         return tokens, conds, self.level, self._positions if subset else None
 
-    def update(self, logits: torch.Tensor) -> None:
+    def update(self, logits: torch.Tensor, sample_op=guide_sample_rank_ref) -> None:
         s, q = self.sampling, self.level
         pos = self._positions
-        tok, _, score = guide_sample_rank_ref(
+        tok, _, score = sample_op(
             logits, self.weights, pos, self.masked[pos], self.T, seed=s.seed, level=q, step=self.step,
             temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, w_conf=s.w_confidence,
             w_causal=s.w_causal, w_rand=s.w_random)
@@ -211,7 +211,7 @@ class Scheduler:
             subset = self.model.device.type == "cpu"  # on GPU, avoid the host sync of nonzero()
             logits = self.model.forward_requests([r.rows(subset) for r in active])
             for r, lg in zip(active, logits):
-                r.update(lg)
+                r.update(lg, self.model.ops.guide_sample_rank)
         left += [r for r in self.running if r.finished]
         self.running = [r for r in self.running if not r.finished]
         return left

@@ -9,7 +9,7 @@ import torch
 
 M32 = 0xFFFFFFFF
 GOLDEN = 0x9E3779B1
-STREAM_SAMPLE = 0   # Gumbel noise, index = position * vocab + code
+STREAM_SAMPLE = 0   # inverse-CDF sampling uniform, index = position
 STREAM_RANK = 1     # ranking noise U(0,1) of the causal-bias score, index = position
 
 

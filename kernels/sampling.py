@@ -3,8 +3,10 @@
 Guidance is a weighted sum of per-row log-softmaxes: multi-source CFG uses rows
 (context only, instrument only, neither) with weights (l_a, l_i, 1 - l_a - l_i); single-source
 uses (both, neither) with (l, 1 - l); no guidance one row with weight 1.
-Sampling is Gumbel-max with counter-based noise (kernels.rng), so any backend that
-computes the same hash picks the same token.
+Sampling is inverse-CDF with ONE counter-based uniform per frame (kernels.rng): the first code
+whose running sum of unnormalised probabilities exp(z - max z) (accumulated in fp64, in code
+order) exceeds u * total. Any backend that computes the same hash picks the same token, up to
+last-bit differences of exp that matter only when u lands on a code boundary.
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ def guide_sample_rank_ref(logits: torch.Tensor, weights: torch.Tensor, positions
     Returns (tokens [M] int64, prob [M] fp32, score [M] fp32): the sampled token, its probability
     under the guided distribution (temperature 1, before top-k/top-p), and the causal-bias rank
     score w_conf * prob + w_causal * (1 - n / length) + w_rand * U(n); skipped frames get token -1,
-    prob 0 and score -inf. Noise depends only on (seed, level, step, frame, code).
+    prob 0 and score -inf. Noise depends only on (seed, level, step, frame).
     """
     R, M, V = logits.shape
     dev = logits.device
@@ -56,10 +58,10 @@ def guide_sample_rank_ref(logits: torch.Tensor, weights: torch.Tensor, positions
     if temperature <= 0:
         tokens = guided.argmax(-1)
     else:
-        filt = filter_logits(guided / temperature, top_k, top_p)
-        idx = positions[:, None] * V + torch.arange(V, device=dev)
-        u = uniform(step_key(seed, level, step, STREAM_SAMPLE), idx)
-        tokens = (filt - torch.log(-torch.log(u))).argmax(-1)
+        z = filter_logits(guided / temperature, top_k, top_p)
+        cdf = (z - z.max(-1, keepdim=True).values).exp().double().cumsum(-1)
+        u = uniform(step_key(seed, level, step, STREAM_SAMPLE), positions).double()
+        tokens = (cdf <= (u * cdf[:, -1])[:, None]).sum(-1).clamp(max=V - 1)  # first code with cdf > u*total
     prob = (guided.gather(-1, tokens[:, None])[:, 0] - guided.logsumexp(-1)).exp()
     u_rank = uniform(step_key(seed, level, step, STREAM_RANK), positions)
     score = w_conf * prob + w_causal * (1.0 - positions.float() / length) + w_rand * u_rank

@@ -6,6 +6,8 @@ import pytest
 import torch
 from scipy import stats
 
+from stemgen import cpp_ext
+from stemgen.engine.backend import Ops
 from stemgen.engine.config import LMConfig, SamplingConfig
 from stemgen.engine.sampler import generate_tokens, guidance_rows
 from stemgen.kernels.sampling import guided_logprobs
@@ -17,8 +19,9 @@ from helpers import load_engine_lm, make_model_dir
 class FakeLM:
     """Returns fixed logits per guidance row (same at every position) and records its inputs."""
 
-    def __init__(self, cfg: LMConfig, row_logits: torch.Tensor | None = None, seed: int = 0):
+    def __init__(self, cfg: LMConfig, row_logits: torch.Tensor | None = None, seed: int = 0, ops=None):
         self.cfg = cfg
+        self.ops = ops or Ops()
         self.device = torch.device("cpu")
         g = torch.Generator().manual_seed(seed)
         self.row_logits = row_logits if row_logits is not None else torch.randn(3, cfg.codebook_size, generator=g)
@@ -146,8 +149,12 @@ def test_guidance_rows_single_and_none():
     assert toks.shape[0] == 1 and conds.tolist() == [[1, 0]]
 
 
+BACKENDS = {"reference": Ops(), "cpp": Ops(guide_sample_rank=cpp_ext.guide_sample_rank)}
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
 @pytest.mark.parametrize("guidance,temperature", [("multi", 1.0), ("single", 0.7), ("none", 1.3)])
-def test_samples_follow_guided_distribution(guidance, temperature):
+def test_samples_follow_guided_distribution(guidance, temperature, backend):
     """Chi-square goodness of fit: one step decodes all T positions of level 0 from the guided
     distribution (fixed logits per row), so token counts must follow softmax(guided / temperature)."""
     V, T = 8, 20000
@@ -155,7 +162,7 @@ def test_samples_follow_guided_distribution(guidance, temperature):
     rows = torch.tensor([[1.0, 0.2, -0.5, 0.0, 0.8, -1.0, 0.3, 0.1],
                          [0.1, 0.9, 0.0, -0.3, 0.2, 0.4, -0.8, 0.0],
                          [0.0, 0.0, 0.5, 0.5, -0.5, 0.0, 0.2, -0.2]])
-    model = FakeLM(cfg, rows)
+    model = FakeLM(cfg, rows, ops=BACKENDS[backend])
     s = SamplingConfig(steps=(1,), guidance=guidance, cfg_context=1.5, cfg_instrument=1.2, cfg_scale=2.0,
                        temperature=temperature, seed=11)
     ctx = torch.zeros(1, 1, T, dtype=torch.long)
@@ -171,8 +178,9 @@ def test_samples_follow_guided_distribution(guidance, temperature):
     assert stats.chisquare(counts, p_wrong * T).pvalue < 1e-6
 
 
+@pytest.mark.parametrize("backend", list(BACKENDS))
 @pytest.mark.parametrize("temperature", [0.0, 1e-4])
-def test_temperature_to_zero_is_argmax(temperature):
+def test_temperature_to_zero_is_argmax(temperature, backend):
     cfg = lm_cfg(V=16)
     g = torch.Generator().manual_seed(5)
 
@@ -181,7 +189,7 @@ def test_temperature_to_zero_is_argmax(temperature):
             R, T = tokens.shape[0], tokens.shape[-1]
             return self.table[:R, :T]
 
-    model = PerPosition(cfg)
+    model = PerPosition(cfg, ops=BACKENDS[backend])
     model.table = torch.randn(3, 30, 16, generator=g) * 2
     s = SamplingConfig(steps=(3, 3, 3, 3), temperature=temperature)
     ctx = torch.zeros(1, 4, 30, dtype=torch.long)

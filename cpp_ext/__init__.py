@@ -1,0 +1,79 @@
+"""CPU hot paths in C++ (pybind11 + OpenMP), built by `pip install` when a compiler is present.
+
+Each op has the same contract as its PyTorch reference in stemgen.kernels, including the
+counter-based noise of the sampling op, so CPU and other backends pick the same tokens for the
+same logits. Shapes and dtypes are checked here; the C++ side checks ids (clear errors, never a
+wild read). If the extension is not built, ``available()`` is False and ``load_error`` says why.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..kernels.rng import STREAM_RANK, STREAM_SAMPLE, step_key
+
+try:
+    from . import _native
+    load_error: str | None = None
+except ImportError as e:  # not built (no compiler) or failed to load
+    _native = None
+    load_error = str(e)
+
+
+def available() -> bool:
+    return _native is not None
+
+
+def status() -> str:
+    if _native is None:
+        return f"not loaded ({load_error}); PyTorch ops used instead"
+    return f"loaded ({_native.num_threads()} OpenMP threads)" if _native.openmp else "loaded (no OpenMP)"
+
+
+def _np(t: torch.Tensor, dtype: torch.dtype):
+    if t.device.type != "cpu":
+        raise ValueError(f"cpp_ext ops take CPU tensors, got {t.device}")
+    if t.dtype != dtype:
+        raise ValueError(f"expected dtype {dtype}, got {t.dtype}")
+    t = t.contiguous()
+    return t.view(torch.uint16).numpy() if dtype == torch.bfloat16 else t.numpy()
+
+
+def embed_sum(tokens, conditions, tok_table, cond_table, cond_offsets) -> torch.Tensor:
+    """Same contract as kernels.embedding.embed_sum_ref (fp32 or bf16 tables)."""
+    dt = tok_table.dtype
+    if dt not in (torch.float32, torch.bfloat16) or cond_table.dtype != dt:
+        raise ValueError(f"embed_sum: tables must both be float32 or bfloat16, got {dt} / {cond_table.dtype}")
+    if tokens.dim() != 4 or conditions.dim() != 2 or conditions.shape[0] != tokens.shape[0]:
+        raise ValueError(f"embed_sum: tokens [B, C, Q, T] and conditions [B, S] expected, got "
+                         f"{list(tokens.shape)} / {list(conditions.shape)}")
+    if tok_table.shape[0] % tokens.shape[2] or cond_offsets.numel() != conditions.shape[1]:
+        raise ValueError("embed_sum: table rows / condition offsets do not fit the token and condition shapes")
+    fn = _native.embed_sum_bf16 if dt == torch.bfloat16 else _native.embed_sum_f32
+    out = fn(_np(tokens, torch.int64), _np(conditions, torch.int64), _np(tok_table, dt), _np(cond_table, dt),
+             _np(cond_offsets, torch.int64), dt == torch.bfloat16)
+    out = torch.from_numpy(out)
+    return out.view(torch.bfloat16) if dt == torch.bfloat16 else out
+
+
+def guide_sample_rank(logits, weights, positions, masked, length: int, *, seed: int, level: int, step: int,
+                      temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, w_conf: float = 0.1,
+                      w_causal: float = 0.1, w_rand: float = 1.0):
+    """Same contract as kernels.sampling.guide_sample_rank_ref."""
+    R, M, V = logits.shape
+    if weights.shape != (R,) or positions.shape != (M,) or masked.shape != (M,):
+        raise ValueError(f"guide_sample_rank: weights [{R}], positions [{M}], masked [{M}] expected")
+    tok, prob, score = _native.guide_sample_rank(
+        _np(logits.float(), torch.float32), _np(weights.float(), torch.float32), _np(positions, torch.int64),
+        _np(masked, torch.bool), int(length), step_key(seed, level, step, STREAM_SAMPLE),
+        step_key(seed, level, step, STREAM_RANK), float(temperature), int(top_k), float(top_p), float(w_conf),
+        float(w_causal), float(w_rand))
+    return torch.from_numpy(tok), torch.from_numpy(prob), torch.from_numpy(score)
+
+
+def rvq_encode(x: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    """x [N, D] fp32, codebooks [K, bins, D] fp32 -> codes [K, N] int64 (nearest entry per level,
+    residual update), the contract of the codec's reference RVQ encode."""
+    if x.dim() != 2 or codebooks.dim() != 3 or codebooks.shape[2] != x.shape[1]:
+        raise ValueError(f"rvq_encode: x [N, D] and codebooks [K, bins, D] expected, got {list(x.shape)} / "
+                         f"{list(codebooks.shape)}")
+    return torch.from_numpy(_native.rvq_encode(_np(x.float(), torch.float32), _np(codebooks.float(), torch.float32)))
