@@ -275,7 +275,7 @@ def bench(
             t.add_row(str(r["batch"]), name, f"{s['wall_s']:.2f}", f"{s['step_latency_ms']:.1f}",
                       f"{s['transformer_passes_per_s']:.1f}", f"{s['frames_per_s']:.0f}",
                       f"{s['audio_s_per_wall_s']:.2f}", f"{s['peak_mb']:.0f}", ratio)
-    console.print(t, width=max(console.width, 130))
+    Console(soft_wrap=True, width=max(console.width, 130)).print(t)
     m = report["machine"]
     console.print(f"machine: {m.get('gpu') or m['processor']}, {m['cpu_threads']} threads, torch {m['torch']}; "
                   f"engine {report['settings']['engine_dtype']}, baseline float32", highlight=False)
