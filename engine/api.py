@@ -46,7 +46,7 @@ def backends(device: torch.device, dtype: torch.dtype | None = None) -> dict[str
         "LM dtype (default)": str(default_dtype(device)).replace("torch.", "")
         + (" (CPU has native bf16)" if device.type == "cpu" and default_dtype(device) == torch.bfloat16 else ""),
         "embedding-sum": ops.names["embedding-sum"],
-        "attention": "torch scaled_dot_product_attention (per request, packed batch)",
+        "attention": ops.names["attention"],
         "guidance+sampling": ops.names["guidance+sampling"],
         "codec": "PyTorch (engine.codec, fp32; RVQ encode as a GEMM: faster here than the C++ op)",
         "C++ extension": cpp_ext.status(),

@@ -44,12 +44,6 @@ def rms_norm(x, weight, eps):
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
 
 
-def rope(x, cos, sin):
-    """Rotate-half RoPE on [N, H, Dh] with cos/sin [N, 1, Dh/2] (fp32 maths)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
-
-
 class Layer(nn.Module):
     def __init__(self, cfg: LMConfig):
         super().__init__()
@@ -90,8 +84,7 @@ class StemGenEngineLM(nn.Module):
             dh = cfg.head_dim
             inv = 1.0 / cfg.rope_theta ** (torch.arange(0, dh, 2, dtype=torch.float64) / dh)
             ang = torch.outer(torch.arange(T, dtype=torch.float64), inv)
-            self._rope_cache = {key: (ang.cos().float().to(device)[:, None, :],
-                                      ang.sin().float().to(device)[:, None, :])}
+            self._rope_cache = {key: (ang.cos().float().to(device), ang.sin().float().to(device))}
         return self._rope_cache[key]
 
     @torch.inference_mode()
@@ -134,21 +127,9 @@ class StemGenEngineLM(nn.Module):
         x = torch.cat([self.ops.embed_sum(t, c, self.tok_emb, self.cond_emb, self.cond_offsets).reshape(-1, d)
                        for t, c in requests])
         cos, sin = self._rope(max(T for _, T in segs), x.device)
-        if len(segs) == 1:  # common case: one request, positions 0..T-1 repeated per row
-            R, T = segs[0]
-            cos, sin = cos[:T].repeat(R, 1, 1), sin[:T].repeat(R, 1, 1)
-        else:
-            pos = torch.cat([torch.arange(T, device=x.device).repeat(R) for R, T in segs])
-            cos, sin = cos[pos], sin[pos]
         for layer in self.layers:
             q, k, v = linear(rms_norm(x, layer.attn_norm, cfg.norm_eps), layer.wqkv).view(-1, 3, H, dh).unbind(1)
-            q, k = rope(q, cos, sin), rope(k, cos, sin)
-            outs, start = [], 0
-            for R, T in segs:
-                qs, ks, vs = (z[start: start + R * T].view(R, T, H, dh).transpose(1, 2) for z in (q, k, v))
-                outs.append(F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2).reshape(R * T, d))
-                start += R * T
-            x = x + linear(torch.cat(outs) if len(outs) > 1 else outs[0], layer.wo)
+            x = x + linear(self.ops.attention(q, k, v, segs, cos, sin), layer.wo)
             gate, up = linear(rms_norm(x, layer.ffn_norm, cfg.norm_eps), layer.w13).chunk(2, dim=-1)
             x = x + linear(F.silu(gate) * up, layer.w2)
         return rms_norm(x, self.norm, cfg.norm_eps)

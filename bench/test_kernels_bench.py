@@ -1,0 +1,65 @@
+"""pytest-benchmark groups for the Triton kernels against their references at StemGen shapes
+(d_model 1024, 16 heads, 2 channels, Q 4, 2048 codes; T = 500/1000/1500; 3 and 24 rows).
+CUDA only (the CPU interpreter is for correctness, not speed):
+    pytest bench/test_kernels_bench.py --benchmark-json out.json
+Record the figures with the card's name in bench/RESULTS.md."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stemgen.kernels.attention import attention_ref
+from stemgen.kernels.embedding import embed_sum_ref
+from stemgen.kernels.sampling import guide_sample_rank_ref
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton kernel timings need a CUDA GPU")
+T_S, ROWS = [500, 1000, 1500], [3, 24]
+
+
+def sync_call(fn, *args, **kw):
+    out = fn(*args, **kw)
+    torch.cuda.synchronize()
+    return out
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("T", T_S)
+def test_embed_sum(benchmark, impl, rows, T):
+    from stemgen.kernels import triton_ops as K
+    benchmark.group = f"embed-sum T={T} rows={rows}"
+    tokens = torch.randint(0, 2050, (rows, 2, 4, T), device="cuda")
+    conds = torch.randint(0, 18, (rows, 1), device="cuda")
+    tab = torch.randn(4 * 2050, 512, device="cuda", dtype=torch.bfloat16)
+    ctab = torch.randn(18, 512, device="cuda", dtype=torch.bfloat16)
+    off = torch.zeros(1, dtype=torch.long, device="cuda")
+    fn = K.embed_sum if impl == "triton" else embed_sum_ref
+    benchmark(sync_call, fn, tokens, conds, tab, ctab, off)
+
+
+@pytest.mark.parametrize("impl", ["triton", "sdpa", "reference"])
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("T", T_S)
+def test_attention(benchmark, impl, rows, T):
+    from stemgen.kernels import triton_ops as K
+    benchmark.group = f"attention T={T} rows={rows}"
+    q, k, v = torch.randn(3, rows * T, 16, 64, device="cuda", dtype=torch.bfloat16).unbind(0)
+    ang = torch.outer(torch.arange(T, device="cuda").float(), torch.rand(32, device="cuda"))
+    cos, sin = ang.cos(), ang.sin()
+    if impl == "sdpa":  # torch SDPA alone (no RoPE), the bar to meet
+        qs, ks, vs = (z.view(rows, T, 16, 64).transpose(1, 2) for z in (q, k, v))
+        benchmark(sync_call, F.scaled_dot_product_attention, qs, ks, vs)
+    else:
+        fn = K.attention if impl == "triton" else attention_ref
+        benchmark(sync_call, fn, q, k, v, [(rows, T)], cos, sin)
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+@pytest.mark.parametrize("T", T_S)
+def test_guide_sample_rank(benchmark, impl, T):
+    from stemgen.kernels import triton_ops as K
+    benchmark.group = f"guide+sample T={T} rows=3"
+    logits = torch.randn(3, T, 2048, device="cuda")
+    w = torch.tensor([3.0, 3.0, -5.0], device="cuda")
+    fn = K.guide_sample_rank if impl == "triton" else guide_sample_rank_ref
+    benchmark(sync_call, fn, logits, w, torch.arange(T, device="cuda"), torch.ones(T, dtype=torch.bool, device="cuda"),
+              T, seed=0, level=0, step=0)

@@ -1,0 +1,39 @@
+"""Attention of the packed batch: RoPE on q and k, then non-causal softmax attention within each
+sequence (a request's guidance row); sequences never attend to each other.
+
+q, k, v [N, H, Dh] hold the rows of all requests back to back; ``segments`` lists (rows R, frames T)
+per request in order, so the sequences are R rows of T frames each. cos, sin [T_max, Dh/2] fp32.
+Returns [N, H * Dh] in the input dtype.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on [N, H, Dh] with cos/sin [N, Dh/2] (fp32 maths)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def positions_of(segments: list[tuple[int, int]], device) -> torch.Tensor:
+    return torch.cat([torch.arange(T, device=device).repeat(R) for R, T in segments])
+
+
+def attention_ref(q, k, v, segments: list[tuple[int, int]], cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    N, H, dh = q.shape
+    if len(segments) == 1:
+        R, T = segments[0]
+        pc, ps = cos[:T].repeat(R, 1), sin[:T].repeat(R, 1)
+    else:
+        pos = positions_of(segments, q.device)
+        pc, ps = cos[pos], sin[pos]
+    q, k = rope_ref(q, pc, ps), rope_ref(k, pc, ps)
+    outs, start = [], 0
+    for R, T in segments:
+        qs, ks, vs = (z[start: start + R * T].view(R, T, H, dh).transpose(1, 2) for z in (q, k, v))
+        outs.append(F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2).reshape(R * T, H * dh))
+        start += R * T
+    return torch.cat(outs) if len(outs) > 1 else outs[0]

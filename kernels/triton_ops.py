@@ -1,0 +1,280 @@
+"""Triton kernels for a StemGen step, each with the contract of its PyTorch reference:
+
+  embed_sum          kernels.embedding.embed_sum_ref      fused gather-and-sum of all levels of all
+                                                           channels plus every condition, fp32 accumulation
+  attention          kernels.attention.attention_ref      flash-style non-causal attention over the packed
+                                                           batch (sequences by cumulative lengths), RoPE
+                                                           applied inside the kernel, online softmax
+  guide_sample_rank  kernels.sampling.guide_sample_rank_ref  guidance + inverse-CDF sampling + rank score,
+                                                           the same counter-based noise
+
+Run on CUDA; on the CPU they run under TRITON_INTERPRET=1 (the tests). Inputs are trusted to be
+in range (the scheduler validates requests); ``check=True`` validates on the host first.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .rng import STREAM_RANK, STREAM_SAMPLE, step_key
+from .sampling import guide_sample_rank_ref
+
+# ------------------------------------------------------------------------------- embedding-sum
+
+
+@triton.jit
+def _embed_sum_kernel(tok_ptr, cond_ptr, tab_ptr, ctab_ptr, coff_ptr, out_ptr, T, DC, ROWS_PER_LEVEL,
+                      C: tl.constexpr, Q: tl.constexpr, S: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)  # b * T + t
+    c = tl.program_id(1)
+    b = pid // T
+    t = pid % T
+    for d0 in range(0, DC, BLOCK_D):
+        offs = d0 + tl.arange(0, BLOCK_D)
+        dm = offs < DC
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for s in tl.static_range(S):
+            row = tl.load(cond_ptr + b * S + s) + tl.load(coff_ptr + s)
+            acc += tl.load(ctab_ptr + row * DC + offs, mask=dm, other=0.0).to(tl.float32)
+        for q in tl.static_range(Q):
+            tid = tl.load(tok_ptr + ((b * C + c) * Q + q) * T + t)
+            acc += tl.load(tab_ptr + (q * ROWS_PER_LEVEL + tid) * DC + offs, mask=dm, other=0.0).to(tl.float32)
+        tl.store(out_ptr + (pid * C + c) * DC + offs, acc.to(out_ptr.dtype.element_ty), mask=dm)
+
+
+def embed_sum(tokens, conditions, tok_table, cond_table, cond_offsets, check: bool = False):
+    B, C, Q, T = tokens.shape
+    S = conditions.shape[1]
+    dc = tok_table.shape[1]
+    rows = tok_table.shape[0] // Q
+    if check:
+        if tokens.min() < 0 or tokens.max() >= rows:
+            raise ValueError(f"token ids must be in [0, {rows})")
+        if conditions.min() < 0 or (conditions + cond_offsets).max() >= cond_table.shape[0]:
+            raise ValueError("condition ids out of range for their tables")
+    out = torch.empty(B, T, C * dc, dtype=tok_table.dtype, device=tok_table.device)
+    _embed_sum_kernel[(B * T, C)](tokens.contiguous(), conditions.contiguous(), tok_table.contiguous(),
+                                  cond_table.contiguous(), cond_offsets.contiguous(), out, T, dc, rows,
+                                  C=C, Q=Q, S=S, BLOCK_D=min(triton.next_power_of_2(dc), 256))
+    return out
+
+
+# ------------------------------------------------------------------------------- attention
+
+
+@triton.jit
+def _rotated(ptr, base, stride_n, stride_d, offs_n, n_mask, cos_ptr, sin_ptr, offs_h, h_mask, HALF):
+    """Load rows offs_n of one head (both halves) and apply rotate-half RoPE (fp32)."""
+    m2 = n_mask[:, None] & h_mask[None, :]
+    p = ptr + base + offs_n[:, None] * stride_n + offs_h[None, :] * stride_d
+    x1 = tl.load(p, mask=m2, other=0.0).to(tl.float32)
+    x2 = tl.load(p + HALF * stride_d, mask=m2, other=0.0).to(tl.float32)
+    cs = tl.load(cos_ptr + offs_n[:, None] * HALF + offs_h[None, :], mask=m2, other=0.0)
+    sn = tl.load(sin_ptr + offs_n[:, None] * HALF + offs_h[None, :], mask=m2, other=0.0)
+    return x1 * cs - x2 * sn, x2 * cs + x1 * sn
+
+
+@triton.jit
+def _attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_ptr, cos_ptr, sin_ptr, sm_scale,
+                      sqn, sqh, sqd, skn, skh, skd, svn, svh, svd, son, soh, sod, HALF, DH,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HALF_P: tl.constexpr, DH_P: tl.constexpr,
+                      IEEE: tl.constexpr):
+    pid_m = tl.program_id(0)
+    seq = tl.program_id(1)
+    h = tl.program_id(2)
+    start = tl.load(cu_ptr + seq)
+    L = tl.load(cu_ptr + seq + 1) - start
+    if pid_m * BLOCK_M < L:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < L
+        offs_h = tl.arange(0, HALF_P)
+        h_mask = offs_h < HALF
+        offs_d = tl.arange(0, DH_P)
+        d_mask = offs_d < DH
+        q1, q2 = _rotated(q_ptr, start * sqn + h * sqh, sqn, sqd, offs_m, m_mask, cos_ptr, sin_ptr, offs_h, h_mask, HALF)
+        qk_scale = sm_scale * 1.4426950408889634  # exp2 domain
+        q1 = (q1 * qk_scale).to(q_ptr.dtype.element_ty)
+        q2 = (q2 * qk_scale).to(q_ptr.dtype.element_ty)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, DH_P], dtype=tl.float32)
+        for n0 in range(0, L, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < L
+            k1, k2 = _rotated(k_ptr, start * skn + h * skh, skn, skd, offs_n, n_mask, cos_ptr, sin_ptr, offs_h,
+                              h_mask, HALF)
+            k1 = k1.to(k_ptr.dtype.element_ty)
+            k2 = k2.to(k_ptr.dtype.element_ty)
+            if IEEE:
+                s = tl.dot(q1, tl.trans(k1), input_precision="ieee") + tl.dot(q2, tl.trans(k2), input_precision="ieee")
+            else:
+                s = tl.dot(q1, tl.trans(k1)) + tl.dot(q2, tl.trans(k2))
+            s = tl.where(n_mask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_ptr + (start + offs_n)[:, None] * svn + h * svh + offs_d[None, :] * svd,
+                        mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + (start + offs_m)[:, None] * son + h * soh + offs_d[None, :] * sod,
+                 out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+
+
+def attention(q, k, v, segments, cos, sin, block_m: int = 64, block_n: int = 64):
+    """Same contract as kernels.attention.attention_ref; q, k, v [N, H, Dh] may be strided views."""
+    N, H, dh = q.shape
+    lengths = [T for R, T in segments for _ in range(R)]
+    cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(q.device)
+    out = torch.empty(N, H, dh, dtype=q.dtype, device=q.device)
+    half = dh // 2
+    grid = (triton.cdiv(max(lengths), block_m), len(lengths), H)
+    _attention_kernel[grid](q, k, v, out, cu, cos.contiguous(), sin.contiguous(), 1.0 / math.sqrt(dh),
+                            *q.stride(), *k.stride(), *v.stride(), *out.stride(), half, dh,
+                            BLOCK_M=block_m, BLOCK_N=block_n, HALF_P=max(16, triton.next_power_of_2(half)),
+                            DH_P=max(16, triton.next_power_of_2(dh)), IEEE=q.dtype == torch.float32)
+    return out.view(N, H * dh)
+
+
+# ------------------------------------------------------------------------------- guidance + sampling
+
+
+@triton.jit
+def _fmix32(x):
+    x = x ^ (x >> 16)
+    x = x * tl.full([], 0x85EBCA6B, tl.uint32)
+    x = x ^ (x >> 13)
+    x = x * tl.full([], 0xC2B2AE35, tl.uint32)
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _uniform(key, index):
+    """kernels.rng.uniform: key uint32, index uint32 (frame) -> float32 in (0, 1)."""
+    h = _fmix32(index * tl.full([], 0x9E3779B1, tl.uint32) + key)
+    h = _fmix32(h ^ key)
+    return ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+
+
+@triton.jit
+def _guide_sample_kernel(logits_ptr, w_ptr, pos_ptr, masked_ptr, tok_ptr, prob_ptr, score_ptr, M, V, length,
+                         key_sample, key_rank, inv_temp, w_conf, w_causal, w_rand,
+                         R: tl.constexpr, GREEDY: tl.constexpr, BLOCK_V: tl.constexpr):
+    m = tl.program_id(0)
+    pos = tl.load(pos_ptr + m)
+    is_masked = tl.load(masked_ptr + m) != 0
+    rr = tl.arange(0, 4)
+    # pass 1: log-sum-exp of every guidance row (online)
+    lse = tl.zeros([4], dtype=tl.float32)
+    for r in tl.static_range(R):
+        mx = float("-inf")
+        sm = 0.0
+        for v0 in range(0, V, BLOCK_V):
+            offs = v0 + tl.arange(0, BLOCK_V)
+            x = tl.load(logits_ptr + (r * M + m) * V + offs, mask=offs < V, other=float("-inf"))
+            new = tl.maximum(mx, tl.max(x, 0))
+            sm = sm * tl.exp(mx - new) + tl.sum(tl.exp(x - new), 0)
+            mx = new
+        lse = tl.where(rr == r, mx + tl.log(sm), lse)
+    # pass 2: guided log-probs g = sum_r w_r (l_r - lse_r); max and log-sum-exp of g; first argmax
+    gmx = float("-inf")
+    gsm = 0.0
+    best = V
+    for v0 in range(0, V, BLOCK_V):
+        offs = v0 + tl.arange(0, BLOCK_V)
+        vm = offs < V
+        g = tl.zeros([BLOCK_V], dtype=tl.float32)
+        for r in tl.static_range(R):
+            x = tl.load(logits_ptr + (r * M + m) * V + offs, mask=vm, other=0.0)
+            g += tl.load(w_ptr + r) * (x - tl.sum(tl.where(rr == r, lse, 0.0), 0))
+        g = tl.where(vm, g, float("-inf"))
+        bmax = tl.max(g, 0)
+        bidx = tl.min(tl.where(g == bmax, offs, V), 0)
+        best = tl.where(bmax > gmx, bidx, best)
+        new = tl.maximum(gmx, bmax)
+        gsm = gsm * tl.exp(gmx - new) + tl.sum(tl.exp(g - new), 0)
+        gmx = new
+    glse = gmx + tl.log(gsm)
+    g_best = gmx
+    if not GREEDY:
+        # pass 3: total of exp((g - gmax) / T) in fp64 (code order), then the inverse-CDF scan
+        total = tl.zeros([], dtype=tl.float64)
+        for v0 in range(0, V, BLOCK_V):
+            offs = v0 + tl.arange(0, BLOCK_V)
+            vm = offs < V
+            g = tl.zeros([BLOCK_V], dtype=tl.float32)
+            for r in tl.static_range(R):
+                x = tl.load(logits_ptr + (r * M + m) * V + offs, mask=vm, other=0.0)
+                g += tl.load(w_ptr + r) * (x - tl.sum(tl.where(rr == r, lse, 0.0), 0))
+            e = tl.where(vm, tl.exp((g - gmx) * inv_temp), 0.0)
+            total += tl.sum(e.to(tl.float64), 0)
+        u = _uniform(key_sample.to(tl.uint32), pos.to(tl.uint32))
+        x_target = u.to(tl.float64) * total
+        acc = tl.zeros([], dtype=tl.float64)
+        best = V
+        g_best = 0.0
+        for v0 in range(0, V, BLOCK_V):
+            offs = v0 + tl.arange(0, BLOCK_V)
+            vm = offs < V
+            g = tl.zeros([BLOCK_V], dtype=tl.float32)
+            for r in tl.static_range(R):
+                x = tl.load(logits_ptr + (r * M + m) * V + offs, mask=vm, other=0.0)
+                g += tl.load(w_ptr + r) * (x - tl.sum(tl.where(rr == r, lse, 0.0), 0))
+            e = tl.where(vm, tl.exp((g - gmx) * inv_temp), 0.0).to(tl.float64)
+            cs = acc + tl.cumsum(e, 0)
+            idx = tl.min(tl.where((cs > x_target) & vm, offs, V), 0)
+            take = (best == V) & (idx < V)
+            g_best = tl.where(take, tl.sum(tl.where(offs == idx, g, 0.0), 0), g_best)
+            best = tl.where(take, idx, best)
+            acc += tl.sum(e, 0)
+        # no code exceeded u * total (cannot happen mathematically): the last code, as the reference
+        if best == V:
+            best = V - 1
+            x = tl.zeros([1], dtype=tl.float32)
+            for r in tl.static_range(R):
+                lv = tl.load(logits_ptr + (r * M + m) * V + V - 1 + tl.arange(0, 1))
+                x += tl.load(w_ptr + r) * (lv - tl.sum(tl.where(rr == r, lse, 0.0), 0))
+            g_best = tl.sum(x, 0)
+    prob = tl.exp(g_best - glse)
+    u_rank = _uniform(key_rank.to(tl.uint32), pos.to(tl.uint32))
+    score = w_conf * prob + w_causal * (1.0 - pos.to(tl.float32) / length) + w_rand * u_rank
+    tl.store(tok_ptr + m, tl.where(is_masked, best.to(tl.int64), -1))
+    tl.store(prob_ptr + m, tl.where(is_masked, prob, 0.0))
+    tl.store(score_ptr + m, tl.where(is_masked, score, float("-inf")))
+
+
+def guide_sample_rank(logits, weights, positions, masked, length: int, *, seed: int, level: int, step: int,
+                      temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, w_conf: float = 0.1,
+                      w_causal: float = 0.1, w_rand: float = 1.0):
+    """Same contract as kernels.sampling.guide_sample_rank_ref. top-k / top-p filtering needs a sort:
+    those requests run the reference op (counted in ``fallbacks``)."""
+    R, M, V = logits.shape
+    if (top_k and top_k < V) or 0.0 < top_p < 1.0:
+        fallbacks["top-k/top-p"] += 1
+        return guide_sample_rank_ref(logits, weights, positions, masked, length, seed=seed, level=level, step=step,
+                                     temperature=temperature, top_k=top_k, top_p=top_p, w_conf=w_conf,
+                                     w_causal=w_causal, w_rand=w_rand)
+    if R > 4:
+        raise ValueError(f"at most 4 guidance rows, got {R}")
+    dev = logits.device
+    tok = torch.empty(M, dtype=torch.int64, device=dev)
+    prob = torch.empty(M, dtype=torch.float32, device=dev)
+    score = torch.empty(M, dtype=torch.float32, device=dev)
+    greedy = temperature <= 0
+    _guide_sample_kernel[(M,)](logits.float().contiguous(), weights.float().contiguous(), positions.contiguous(),
+                               masked.to(torch.int8).contiguous(), tok, prob, score, M, V, float(length),
+                               step_key(seed, level, step, STREAM_SAMPLE), step_key(seed, level, step, STREAM_RANK),
+                               0.0 if greedy else 1.0 / temperature, float(w_conf), float(w_causal), float(w_rand),
+                               R=R, GREEDY=greedy, BLOCK_V=min(1024, triton.next_power_of_2(V)))
+    return tok, prob, score
+
+
+fallbacks = {"top-k/top-p": 0}
