@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import ModelFormatError
+from .config import ModelFormatError, check_shapes, read_weights
 
 
 @dataclass(frozen=True)
@@ -233,31 +233,10 @@ class Codec:
 
 def load_codec(path: str | Path, cfg: CodecConfig, device="cpu") -> Codec:
     """Load ``codec.safetensors`` after checking every tensor against the config."""
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFormatError(f"{path}: codec weight file missing; convert one with `stemgen convert --codec SRC`")
-    expected = expected_codec_shapes(cfg)
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            weights = {k: f.get_tensor(k) for k in f.keys()}
-    except SafetensorError as e:
-        raise ModelFormatError(f"{path}: not a readable safetensors file ({e})") from None
-    check_codec_weights(weights, expected, str(path))
+    weights = read_weights(path, expected_codec_shapes(cfg), "the codec config", "codec tensor",
+                           "convert one with `stemgen convert --codec SRC`")
     return Codec(cfg, {k: v.to(device, torch.float32) for k, v in weights.items()})
 
 
 def check_codec_weights(weights: dict, expected: dict, where: str) -> None:
-    missing = [k for k in expected if k not in weights]
-    if missing:
-        raise ModelFormatError(f"{where}: missing codec tensor {missing[0]!r}"
-                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-                               + " for the codec config")
-    extra = [k for k in weights if k not in expected]
-    if extra:
-        raise ModelFormatError(f"{where}: codec tensor {extra[0]!r} is not part of the configured codec")
-    for k, shape in expected.items():
-        if tuple(weights[k].shape) != shape:
-            raise ModelFormatError(f"{where}: codec tensor {k!r} has shape {list(weights[k].shape)}, the codec "
-                                   f"config expects {list(shape)}")
+    check_shapes({k: v.shape for k, v in weights.items()}, expected, where, "the codec config", noun="codec tensor")

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .backend import Ops, select_ops
-from .config import LMConfig, ModelFormatError
+from .config import LMConfig, read_weights
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -149,40 +149,10 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def load_lm(path: str | Path, cfg: LMConfig, device="cpu", dtype: str | torch.dtype = "float32") -> StemGenEngineLM:
-    """Build the LM on the meta device, check every tensor of the safetensors file against the
-    config (names, shapes, floating dtype) before use, then load (memory-mapped) and cast."""
-    from safetensors import safe_open
-    from safetensors import SafetensorError
-
-    dtype = resolve_dtype(dtype)
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFormatError(f"{path}: LM weight file missing; re-run `stemgen convert`")
-    expected = expected_shapes(cfg)
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            names = set(f.keys())
-            missing = sorted(set(expected) - names)
-            extra = sorted(names - set(expected))
-            if missing:
-                raise ModelFormatError(f"{path}: missing tensor {missing[0]!r}"
-                                       + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-                                       + " for the config in config.json")
-            if extra:
-                raise ModelFormatError(f"{path}: unexpected tensor {extra[0]!r} not in the config's model")
-            state = {}
-            for name, shape in expected.items():
-                sl = f.get_slice(name)
-                got = tuple(sl.get_shape())
-                if got != shape:
-                    raise ModelFormatError(f"{path}: tensor {name!r} has shape {list(got)}, the config "
-                                           f"expects {list(shape)}")
-                if sl.get_dtype() not in ("F32", "F16", "BF16"):
-                    raise ModelFormatError(f"{path}: tensor {name!r} has dtype {sl.get_dtype()}, "
-                                           "expected a float type")
-                state[name] = f.get_tensor(name)
-    except SafetensorError as e:
-        raise ModelFormatError(f"{path}: not a readable safetensors file ({e})") from None
+    """Check every tensor of the safetensors file against the config (names, shapes, float dtype)
+    before use, then build the LM on the meta device and assign the (cast) weights."""
+    state = read_weights(path, expected_shapes(cfg), "the LM config in config.json", "tensor",
+                         "re-run `stemgen convert`")
     return lm_from_state(cfg, state, device, dtype)
 
 

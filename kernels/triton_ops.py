@@ -165,6 +165,16 @@ def _uniform(key, index):
 
 
 @triton.jit
+def _guided(logits_ptr, w_ptr, lse, rr, m, M, V, offs, vm, R: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Guided log-probabilities sum_r w_r (logits_r - lse_r) of codes ``offs`` at frame m."""
+    g = tl.zeros([BLOCK_V], dtype=tl.float32)
+    for r in tl.static_range(R):
+        x = tl.load(logits_ptr + (r * M + m) * V + offs, mask=vm, other=0.0)
+        g += tl.load(w_ptr + r) * (x - tl.sum(tl.where(rr == r, lse, 0.0), 0))
+    return g
+
+
+@triton.jit
 def _guide_sample_kernel(logits_ptr, w_ptr, pos_ptr, masked_ptr, tok_ptr, prob_ptr, score_ptr, M, V, length,
                          key_sample, key_rank, inv_temp, w_conf, w_causal, w_rand,
                          R: tl.constexpr, GREEDY: tl.constexpr, BLOCK_V: tl.constexpr):
@@ -191,10 +201,7 @@ def _guide_sample_kernel(logits_ptr, w_ptr, pos_ptr, masked_ptr, tok_ptr, prob_p
     for v0 in range(0, V, BLOCK_V):
         offs = v0 + tl.arange(0, BLOCK_V)
         vm = offs < V
-        g = tl.zeros([BLOCK_V], dtype=tl.float32)
-        for r in tl.static_range(R):
-            x = tl.load(logits_ptr + (r * M + m) * V + offs, mask=vm, other=0.0)
-            g += tl.load(w_ptr + r) * (x - tl.sum(tl.where(rr == r, lse, 0.0), 0))
+        g = _guided(logits_ptr, w_ptr, lse, rr, m, M, V, offs, vm, R, BLOCK_V)
         g = tl.where(vm, g, float("-inf"))
         bmax = tl.max(g, 0)
         bidx = tl.min(tl.where(g == bmax, offs, V), 0)
@@ -210,10 +217,7 @@ def _guide_sample_kernel(logits_ptr, w_ptr, pos_ptr, masked_ptr, tok_ptr, prob_p
         for v0 in range(0, V, BLOCK_V):
             offs = v0 + tl.arange(0, BLOCK_V)
             vm = offs < V
-            g = tl.zeros([BLOCK_V], dtype=tl.float32)
-            for r in tl.static_range(R):
-                x = tl.load(logits_ptr + (r * M + m) * V + offs, mask=vm, other=0.0)
-                g += tl.load(w_ptr + r) * (x - tl.sum(tl.where(rr == r, lse, 0.0), 0))
+            g = _guided(logits_ptr, w_ptr, lse, rr, m, M, V, offs, vm, R, BLOCK_V)
             e = tl.where(vm, tl.exp((g - gmx) * inv_temp), 0.0)
             total += tl.sum(e.to(tl.float64), 0)
         u = _uniform(key_sample.to(tl.uint32), pos.to(tl.uint32))
@@ -224,10 +228,7 @@ def _guide_sample_kernel(logits_ptr, w_ptr, pos_ptr, masked_ptr, tok_ptr, prob_p
         for v0 in range(0, V, BLOCK_V):
             offs = v0 + tl.arange(0, BLOCK_V)
             vm = offs < V
-            g = tl.zeros([BLOCK_V], dtype=tl.float32)
-            for r in tl.static_range(R):
-                x = tl.load(logits_ptr + (r * M + m) * V + offs, mask=vm, other=0.0)
-                g += tl.load(w_ptr + r) * (x - tl.sum(tl.where(rr == r, lse, 0.0), 0))
+            g = _guided(logits_ptr, w_ptr, lse, rr, m, M, V, offs, vm, R, BLOCK_V)
             e = tl.where(vm, tl.exp((g - gmx) * inv_temp), 0.0).to(tl.float64)
             cs = acc + tl.cumsum(e, 0)
             idx = tl.min(tl.where((cs > x_target) & vm, offs, V), 0)

@@ -15,7 +15,7 @@ import torch
 
 from ..engine.codec import CodecConfig, check_codec_weights, expected_codec_shapes
 from ..engine.config import ModelFormatError
-from .lm import _read_pickle
+from .lm import _read_pickle, looks_like_torch_file
 
 CODEC_FORMATS = ("audiocraft", "hf", "encodec")
 
@@ -177,9 +177,7 @@ def detect_codec_format(src: str | Path) -> str:
             return "hf"
         raise ModelFormatError(f"{src}: folder without config.json; a HF Encodec model folder "
                                "(e.g. facebook/encodec_32khz) holds config.json + model.safetensors")
-    with open(src, "rb") as fh:
-        head = fh.read(4)
-    if head != b"PK\x03\x04" and head[:1] != b"\x80":
+    if not looks_like_torch_file(src):
         raise ModelFormatError(f"{src}: unknown codec format; supported: audiocraft compression_state_dict.bin, "
                                "a HF Encodec folder, an encodec package .th file")
     obj = _read_pickle(src)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..engine.config import LMConfig, ModelFormatError
+from ..engine.config import LMConfig, ModelFormatError, check_shapes
 from ..train.config import StemGenConfig
 from ..train.model import StemGenLM
 
@@ -22,15 +22,20 @@ def _read_pickle(path: Path) -> object:
                                f"another format): {first[:200]}") from None
 
 
+def looks_like_torch_file(path: Path) -> bool:
+    """A torch.save zip container or a legacy pickle, judged from the first bytes."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    return head == b"PK\x03\x04" or head[:1] == b"\x80"
+
+
 def detect_lm_format(path: str | Path) -> str:
     path = Path(path)
     if not path.exists():
         raise ModelFormatError(f"{path}: no such file")
     if path.is_dir():
         raise ModelFormatError(f"{path}: is a directory; --lm takes a checkpoint file")
-    with open(path, "rb") as fh:
-        head = fh.read(4)
-    if head != b"PK\x03\x04" and head[:1] != b"\x80":  # torch zip container / legacy pickle
+    if not looks_like_torch_file(path):
         raise ModelFormatError(f"{path}: unknown LM checkpoint format (not a PyTorch checkpoint); "
                                f"supported: {', '.join(LM_FORMATS)} (a stemgen training checkpoint)")
     obj = _read_pickle(path)
@@ -57,22 +62,12 @@ def load_lm_source(path: str | Path, fmt: str | None = None) -> tuple[StemGenCon
     state = ck["model"]
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in StemGenLM(cfg).state_dict().items()}
-    missing = [k for k in expected if k not in state]
-    if missing:
-        raise ModelFormatError(f"{path}: missing tensor {missing[0]!r}"
-                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-                               + " for the checkpoint's config")
-    extra = [k for k in state if k not in expected]
-    if extra:
-        raise ModelFormatError(f"{path}: tensor {extra[0]!r} is not part of the model its config describes "
-                               "(config and weights do not match)")
-    for k, shape in expected.items():
+    bad = [k for k, t in state.items() if not isinstance(t, torch.Tensor)]
+    if bad:
+        raise ModelFormatError(f"{path}: entry {bad[0]!r} is not a tensor")
+    check_shapes({k: t.shape for k, t in state.items()}, expected, str(path), "the checkpoint's config")
+    for k in expected:
         t = state[k]
-        if not isinstance(t, torch.Tensor):
-            raise ModelFormatError(f"{path}: entry {k!r} is not a tensor")
-        if tuple(t.shape) != shape:
-            raise ModelFormatError(f"{path}: tensor {k!r} has shape {list(t.shape)}, the checkpoint's config "
-                                   f"expects {list(shape)} (config and weights do not match)")
         if not t.is_floating_point():
             raise ModelFormatError(f"{path}: tensor {k!r} has dtype {t.dtype}, expected a float type")
     return cfg, state
