@@ -15,8 +15,7 @@ from .audio import AudioError, peak_safe, to_format
 from .codec import Codec, CodecConfig, load_codec
 from .config import ModelConfig, ModelFormatError, SamplingConfig
 from .model import StemGenEngineLM, default_dtype, load_lm, resolve_dtype
-from .sampler import generate_tokens
-from .scheduler import Request
+from .scheduler import Request, Scheduler
 from .service import GenerationHandle, GenerationService
 
 log = logging.getLogger("stemgen")
@@ -119,9 +118,16 @@ class Engine:
                         extra_conditions: list[int] | tuple[int, ...] = (), progress=None, **sampling):
         """context [C-1, Q, T] codes -> generated target codes [Q, T] (on the CPU), in this thread."""
         conditions = torch.tensor([self.instrument_id(instrument), *extra_conditions], dtype=torch.int64)
-        out = generate_tokens(self.lm, torch.as_tensor(context), conditions, self.sampling(**sampling),
-                              target=target, progress=progress)
-        return out.cpu()
+        req = Request(self.config.lm, context, conditions, self.sampling(**sampling), target=target, progress=progress)
+        return self._run([req])[0]
+
+    def _run(self, requests: list[Request]) -> list[torch.Tensor]:
+        """Run requests to completion in one batch, in this thread -> codes [Q, T] each (CPU)."""
+        sched = Scheduler(self.lm, max_frames=self.max_frames)
+        for r in requests:
+            sched.submit(r)
+        sched.run()
+        return [r.tokens.cpu() for r in requests]
 
     def submit(self, context: torch.Tensor, instrument: str | int, target: torch.Tensor | None = None,
                extra_conditions: list[int] | tuple[int, ...] = (), progress=None, **sampling) -> GenerationHandle:
@@ -182,17 +188,33 @@ class Engine:
                                    "`stemgen convert --lm CKPT --codec SRC --out DIR`")
         return self.codec
 
-    def generate(self, audio: np.ndarray, sample_rate: int, instrument: str | int, progress=None,
-                 **sampling) -> Generation:
-        """Context audio [channels, N] (any rate) -> a stem of exactly the same duration at the codec rate."""
-        x, ctx = self.prepare_context(audio, sample_rate)
-        return self.generate_from_context(x, ctx, instrument, progress=progress, **sampling)
+    def generate(self, context, instrument: str | int, sample_rate: int | None = None, progress=None,
+                 **sampling):
+        """One generation, in this thread.
+
+        ``context`` audio [channels, N] or [N] (numpy, any rate; give ``sample_rate``) -> a
+        ``Generation`` whose stem has exactly the context's duration at the codec rate; or context
+        codes (an integer tensor [C-1, Q, T]) -> generated codes [Q, T]."""
+        if isinstance(context, torch.Tensor) and not context.is_floating_point():
+            return self.generate_tokens(context, instrument, progress=progress, **sampling)
+        if sample_rate is None:
+            raise ValueError("generate(audio, ...) needs sample_rate= (the audio's rate in Hz)")
+        x, ctx = self.prepare_context(np.asarray(context), sample_rate)
+        return self.generate_from_context(x, ctx, instrument, progress=progress, **sampling)[0]
 
     def generate_from_context(self, x: np.ndarray, ctx: torch.Tensor, instrument: str | int, progress=None,
-                              **sampling) -> Generation:
+                              variations: int = 1, **sampling) -> list[Generation]:
+        """Stems for a prepared context (see prepare_context): ``variations`` of them, seeds seed,
+        seed+1, ..., decoded together in one batch (each equals its own single run)."""
         codec = self.require_codec()
-        tokens = self.generate_tokens(ctx, instrument, progress=progress, **sampling)
-        stem = codec.decode(tokens[None])[0].float().cpu().numpy()[:, : x.shape[1]]
-        stem, gain = peak_safe(stem)
-        return Generation(stem=np.ascontiguousarray(stem), sample_rate=codec.cfg.sample_rate, tokens=tokens,
-                          context=x, gain=gain)
+        base = self.sampling(**sampling)
+        cond = torch.tensor([self.instrument_id(instrument)], dtype=torch.int64)
+        reqs = [Request(self.config.lm, ctx, cond, dataclasses.replace(base, seed=base.seed + i), progress=progress)
+                for i in range(variations)]
+        out = []
+        for tokens in self._run(reqs):
+            stem = codec.decode(tokens[None])[0].float().cpu().numpy()[:, : x.shape[1]]
+            stem, gain = peak_safe(stem)
+            out.append(Generation(stem=np.ascontiguousarray(stem), sample_rate=codec.cfg.sample_rate, tokens=tokens,
+                                  context=x, gain=gain))
+        return out

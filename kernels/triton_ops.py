@@ -129,11 +129,26 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_ptr, cos_ptr, sin_ptr, sm
                  out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
+_cu_cache: dict = {}
+
+
+def _cu_seqlens(segments: tuple, device) -> torch.Tensor:
+    """Cumulative sequence starts on the device, built once per batch layout (every layer of a
+    step reuses it: no host-to-device copy per layer)."""
+    key = (segments, str(device))
+    if key not in _cu_cache:
+        if len(_cu_cache) > 64:
+            _cu_cache.clear()
+        lengths = [T for R, T in segments for _ in range(R)]
+        _cu_cache[key] = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+    return _cu_cache[key]
+
+
 def attention(q, k, v, segments, cos, sin, block_m: int = 64, block_n: int = 64):
     """Same contract as kernels.attention.attention_ref; q, k, v [N, H, Dh] may be strided views."""
     N, H, dh = q.shape
     lengths = [T for R, T in segments for _ in range(R)]
-    cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(q.device)
+    cu = _cu_seqlens(tuple(segments), q.device)
     out = torch.empty(N, H, dh, dtype=q.dtype, device=q.device)
     half = dh // 2
     grid = (triton.cdiv(max(lengths), block_m), len(lengths), H)

@@ -203,16 +203,12 @@ def generate(
     duration = x.shape[1] / engine.codec.cfg.sample_rate
     total = sum(sampling.steps) * variations
     t0 = time.perf_counter()
-    results = []
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err_console, transient=True) as bar:
         task = bar.add_task("decoding", total=total)
-        for i in range(variations):
-            s = dataclasses.replace(sampling, seed=sampling.seed + i)
-            res = run_guarded(engine.generate_from_context, x, ctx, instrument,
+        results = run_guarded(engine.generate_from_context, x, ctx, instrument, variations=variations,
                               progress=lambda q, t, n: bar.advance(task),
-                              **{f.name: getattr(s, f.name) for f in dataclasses.fields(s)})
-            results.append(res)
+                              **{f.name: getattr(sampling, f.name) for f in dataclasses.fields(sampling)})
     wall = time.perf_counter() - t0
     for i, res in enumerate(results):
         run_guarded(write_wav, outs[i], res.stem, res.sample_rate, bits)

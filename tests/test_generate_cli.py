@@ -71,6 +71,10 @@ def test_variations_and_bits(tmp_path):
     a, b = tmp_path / "v_1.wav", tmp_path / "v_2.wav"
     assert sf.info(a).subtype == "PCM_24" and digest(a) != digest(b)
     assert not out.exists()
+    # variations run as one batch; each equals its own single run (seed 0 + 1 for the second)
+    single = tmp_path / "single.wav"
+    assert gen(ctx, "-i", "bass", "--out", single, "--seed", 1, "--bits", "24", *FAST).exit_code == 0
+    assert digest(single) == digest(b)
 
 
 def test_silent_context_warns(tmp_path):
@@ -171,3 +175,20 @@ def test_convert_with_codec_makes_a_complete_model(tmp_path, cache):
     res = runner.invoke(app, ["convert", "--lm", str(ckpt2), "--codec", str(tmp_path / "hf"),
                               "--out", str(tmp_path / "mismatch")])
     assert res.exit_code != 0 and "does not fit" in res.stderr and not (tmp_path / "mismatch").exists()
+
+
+def test_python_api_generate_audio_and_tokens(cache):
+    import torch
+
+    from stemgen.engine import Engine
+    from stemgen.engine.demo import ensure_demo_model
+
+    eng = Engine.from_pretrained(ensure_demo_model(log=lambda m: None), device="cpu")
+    sr = 44100
+    audio = np.random.default_rng(0).standard_normal((2, sr // 2)).astype(np.float32) * 0.1
+    res = eng.generate(audio, "bass", sample_rate=sr, seed=1, steps=(2, 1, 1, 1))
+    assert res.stem.shape == (1, 16000) and res.tokens.shape == (4, 25)
+    codes = eng.generate(res.tokens[None], "drums", seed=1, steps=(2, 1, 1, 1))
+    assert isinstance(codes, torch.Tensor) and codes.shape == (4, 25)
+    with pytest.raises(ValueError, match="sample_rate"):
+        eng.generate(audio, "bass")
