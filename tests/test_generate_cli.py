@@ -192,3 +192,16 @@ def test_python_api_generate_audio_and_tokens(cache):
     assert isinstance(codes, torch.Tensor) and codes.shape == (4, 25)
     with pytest.raises(ValueError, match="sample_rate"):
         eng.generate(audio, "bass")
+
+
+@pytest.mark.parametrize("ext,fmt,subtype", [("flac", "FLAC", "PCM_16"), ("ogg", "OGG", "VORBIS"),
+                                             ("mp3", "MP3", "MPEG_LAYER_III")])
+def test_other_input_formats(tmp_path, ext, fmt, subtype):
+    sr = 44100
+    x = (0.3 * np.sin(2 * np.pi * 220 * np.arange(sr) / sr)).astype(np.float32)
+    src = tmp_path / f"ctx.{ext}"
+    sf.write(src, x, sr, format=fmt, subtype=subtype)
+    decoded = sf.info(src).frames
+    res = gen(src, "-i", "bass", "--out", tmp_path / "o.wav", *FAST)
+    assert res.exit_code == 0, res.output
+    assert sf.info(tmp_path / "o.wav").frames == round(decoded * 32000 / sr)
