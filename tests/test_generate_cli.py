@@ -205,3 +205,32 @@ def test_other_input_formats(tmp_path, ext, fmt, subtype):
     res = gen(src, "-i", "bass", "--out", tmp_path / "o.wav", *FAST)
     assert res.exit_code == 0, res.output
     assert sf.info(tmp_path / "o.wav").frames == round(decoded * 32000 / sr)
+
+
+def test_submit_audio_from_threads_matches_generate(cache):
+    import threading
+
+    from stemgen.engine import Engine
+    from stemgen.engine.demo import ensure_demo_model
+
+    eng = Engine.from_pretrained(ensure_demo_model(log=lambda m: None), device="cpu")
+    sr = 22050
+    rng = np.random.default_rng(1)
+    clips = [rng.standard_normal((1, sr // 2 + 97 * i)).astype(np.float32) * 0.1 for i in range(4)]
+    want = [eng.generate(c, "drums", sample_rate=sr, seed=i, steps=(2, 1, 1, 1)).stem for i, c in enumerate(clips)]
+    handles = [None] * 4
+
+    def submit(i):
+        handles[i] = eng.submit_audio(clips[i], "drums", sample_rate=sr, seed=i, steps=(2, 1, 1, 1))
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for h, w in zip(handles, want):
+        assert np.array_equal(h.result(timeout=120).stem, w)
+    bad = eng.submit_audio(np.full((1, 10), np.nan, dtype=np.float32), "drums", sample_rate=sr)
+    with pytest.raises(ValueError, match="NaN"):
+        bad.result(timeout=5)
+    eng.close()
