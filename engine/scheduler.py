@@ -105,6 +105,10 @@ class Request:
         else:
             self.tokens = self.given.to(device).clone()
             self.level_totals = (self.tokens == cfg.mask_id).sum(dim=1).tolist()  # one host read
+        # the guidance rows' context channels and conditions never change: build them once
+        rows, self.cond_rows = guidance_rows(self.context, self.tokens, self.conditions, self.sampling.guidance, cfg)
+        self.context_rows = rows[:, :-1]
+        self.arange = torch.arange(T, device=device)
         self.level, self.step = 0, 0
         self._start_level()
 
@@ -148,10 +152,10 @@ class Request:
         """This step's model input: (tokens [R, C, Q, T], conditions [R, S], level, positions)."""
         visible = self.tokens.clone()
         visible[self.level + 1:] = self.cfg.mask_id
-        tokens, conds = guidance_rows(self.context, visible, self.conditions, self.sampling.guidance, self.cfg)
-        self._positions = (self.masked.nonzero()[:, 0] if subset
-                           else torch.arange(self.T, device=self.tokens.device))
-        return tokens, conds, self.level, self._positions if subset else None
+        R = self.context_rows.shape[0]
+        tokens = torch.cat([self.context_rows, visible.expand(R, 1, *visible.shape)], dim=1)
+        self._positions = self.masked.nonzero()[:, 0] if subset else self.arange
+        return tokens, self.cond_rows, self.level, self._positions if subset else None
 
     def update(self, logits: torch.Tensor, sample_op=guide_sample_rank_ref) -> None:
         s, q = self.sampling, self.level
