@@ -53,7 +53,6 @@ def guide_sample_rank_ref(logits: torch.Tensor, weights: torch.Tensor, positions
     prob 0 and score -inf. Noise depends only on (seed, level, step, frame).
     """
     R, M, V = logits.shape
-    dev = logits.device
     guided = guided_logprobs(logits, weights)                        # [M, V]
     if temperature <= 0:
         tokens = guided.argmax(-1)

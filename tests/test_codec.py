@@ -1,7 +1,6 @@
 """Engine Encodec vs two independent references (random weights), each saved in its real file
 format, converted by `stemgen convert`'s codec path and loaded by the engine."""
 import math
-import warnings
 
 import pytest
 import torch

@@ -1,5 +1,4 @@
 """Sampler (SPEC section 4): schedule, fixed tokens, ranking, seeds, guidance maths, distribution."""
-import math
 
 import numpy as np
 import pytest

@@ -1,5 +1,4 @@
 """Triton kernels vs their PyTorch references (under TRITON_INTERPRET=1 on the CPU: small shapes)."""
-import math
 
 import numpy as np
 import pytest
