@@ -49,9 +49,18 @@ def backends(device: torch.device, dtype: torch.dtype | None = None) -> dict[str
         "guidance+sampling": ops.names["guidance+sampling"],
         "codec": "PyTorch (engine.codec, fp32; RVQ encode as a GEMM: faster here than the C++ op)",
         "C++ extension": cpp_ext.status(),
-        "triton": "not used yet (no Triton kernels in this version)",
+        "triton": _triton_status(device),
         "torch": torch.__version__,
     }
+
+
+def _triton_status(device: torch.device) -> str:
+    try:
+        import triton
+    except ImportError:
+        return "not installed" + (": CUDA runs the PyTorch reference ops" if device.type == "cuda" else "")
+    use = "in use" if device.type == "cuda" else "used on CUDA only"
+    return f"triton {triton.__version__}: {use}"
 
 
 @dataclass

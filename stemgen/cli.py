@@ -47,13 +47,28 @@ def run_guarded(fn, *args, **kwargs):
 
 
 @app.command()
-def info(model_dir: Path = typer.Argument(..., help="engine model directory (made by `stemgen convert`)"),
+def info(model_dir: Optional[Path] = typer.Argument(None, help="engine model directory (made by `stemgen convert`); "
+                                                    "'demo' for the demo model; omit for backends only"),
          device: str = typer.Option("auto", help="device to report backends for: auto, cpu, cuda"),
          as_json: bool = typer.Option(False, "--json", help="print machine-readable JSON")):
     """Show a model directory's config, size, dtype and the backends that would run it."""
     from .engine.api import backends, pick_device
     from .engine.config import ModelConfig
     from .engine.model import expected_shapes
+
+    if model_dir is None:
+        be = run_guarded(lambda: backends(pick_device(device)))
+        if as_json:
+            print(json.dumps({"backends": be}, indent=2))
+            return
+        t = Table(title="stemgen backends", show_header=False)
+        for k, v in be.items():
+            t.add_row(k, v)
+        console.print(t)
+        return
+    if str(model_dir) == "demo":
+        from .engine.demo import ensure_demo_model
+        model_dir = run_guarded(ensure_demo_model, log=lambda m: err_console.print(m, highlight=False))
 
     def gather():
         cfg = ModelConfig.load(model_dir)

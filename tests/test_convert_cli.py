@@ -152,3 +152,10 @@ def test_console_script_help_and_info(tmp_path, ckpt):
     out = subprocess.run(cmd + ["info", str(model)], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "COLUMNS": "200"})
     assert out.returncode == 0 and "parameters" in out.stdout, out.stderr
+
+
+def test_info_without_model_reports_backends():
+    res = runner.invoke(app, ["info", "--json", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    be = json.loads(res.stdout)["backends"]
+    assert be["device"] == "cpu" and "C++ extension" in be and "guidance+sampling" in be
