@@ -200,8 +200,8 @@ def _guide_sample_kernel(logits_ptr, w_ptr, pos_ptr, masked_ptr, tok_ptr, prob_p
     # pass 1: log-sum-exp of every guidance row (online)
     lse = tl.zeros([4], dtype=tl.float32)
     for r in tl.static_range(R):
-        mx = float("-inf")
-        sm = 0.0
+        mx = tl.full([], float("-inf"), tl.float32)
+        sm = tl.zeros([], dtype=tl.float32)
         for v0 in range(0, V, BLOCK_V):
             offs = v0 + tl.arange(0, BLOCK_V)
             x = tl.load(logits_ptr + (r * M + m) * V + offs, mask=offs < V, other=float("-inf"))
@@ -210,9 +210,9 @@ def _guide_sample_kernel(logits_ptr, w_ptr, pos_ptr, masked_ptr, tok_ptr, prob_p
             mx = new
         lse = tl.where(rr == r, mx + tl.log(sm), lse)
     # pass 2: guided log-probs g = sum_r w_r (l_r - lse_r); max and log-sum-exp of g; first argmax
-    gmx = float("-inf")
-    gsm = 0.0
-    best = V
+    gmx = tl.full([], float("-inf"), tl.float32)
+    gsm = tl.zeros([], dtype=tl.float32)
+    best = tl.zeros([], dtype=tl.int32) + V
     for v0 in range(0, V, BLOCK_V):
         offs = v0 + tl.arange(0, BLOCK_V)
         vm = offs < V
@@ -238,8 +238,8 @@ def _guide_sample_kernel(logits_ptr, w_ptr, pos_ptr, masked_ptr, tok_ptr, prob_p
         u = _uniform(key_sample.to(tl.uint32), pos.to(tl.uint32))
         x_target = u.to(tl.float64) * total
         acc = tl.zeros([], dtype=tl.float64)
-        best = V
-        g_best = 0.0
+        best = tl.zeros([], dtype=tl.int32) + V
+        g_best = tl.zeros([], dtype=tl.float32)
         for v0 in range(0, V, BLOCK_V):
             offs = v0 + tl.arange(0, BLOCK_V)
             vm = offs < V
