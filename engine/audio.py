@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .fileutil import default_permissions
+
 SUBTYPES = {"16": "PCM_16", "24": "PCM_24", "float": "FLOAT"}
 
 
@@ -83,6 +85,7 @@ def write_wav(path: str | Path, audio: np.ndarray, sr: int, bits: str = "16") ->
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             sf.write(tmp, np.ascontiguousarray(audio.T), sr, subtype=SUBTYPES[bits], format="WAV")
+        default_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..engine.fileutil import default_permissions
+
 PITCH_NAMES = ["C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B"]
 MAJOR = [0, 2, 4, 5, 7, 9, 11]
 MINOR = [0, 2, 3, 5, 7, 8, 10]
@@ -188,6 +190,7 @@ def make_corpus(out: str | Path, songs: int, seed: int = 0, sr: int = 44100, pro
             (track / "metadata.yaml").write_text(yaml.safe_dump(metadata(song, sr), sort_keys=False))
             if progress:
                 progress(i + 1, songs)
+        default_permissions(tmp)
         if out.exists():
             out.rmdir()
         os.rename(tmp, out)

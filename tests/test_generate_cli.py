@@ -234,3 +234,15 @@ def test_submit_audio_from_threads_matches_generate(cache):
     with pytest.raises(ValueError, match="NaN"):
         bad.result(timeout=5)
     eng.close()
+
+
+def test_outputs_get_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    ctx = stereo_wav(tmp_path / "ctx.wav", seconds=0.5)
+    out = tmp_path / "p.wav"
+    assert gen(ctx, "-i", "bass", "--out", out, *FAST).exit_code == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..engine.config import CONFIG_FILE, ModelConfig, ModelFormatError
+from ..engine.fileutil import default_permissions
 
 
 def write_model_dir(out: str | Path, config: ModelConfig, weights: dict[str, dict[str, torch.Tensor]],
@@ -31,6 +32,7 @@ def write_model_dir(out: str | Path, config: ModelConfig, weights: dict[str, dic
             save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / fname),
                       metadata={"format": "stemgen-engine", "part": part})
         (tmp / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        default_permissions(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)
