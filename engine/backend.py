@@ -40,6 +40,47 @@ def triton_ops(dtype: torch.dtype) -> Ops:
     return ops
 
 
+_selfcheck: dict[tuple, str | None] = {}
+
+
+def triton_selfcheck(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Compile and run each Triton kernel once on small shapes on ``device`` and compare it with its
+    reference. Returns None if all agree, else what failed. Cached per (device, dtype)."""
+    key = (str(device), dtype)
+    if key in _selfcheck:
+        return _selfcheck[key]
+    from ..kernels import triton_ops as K
+
+    problem = None
+    try:
+        g = torch.Generator().manual_seed(0)
+        tok = torch.randint(0, 10, (2, 2, 4, 5), generator=g).to(device)
+        cond = torch.randint(0, 3, (2, 1), generator=g).to(device)
+        tab, ctab = torch.randn(40, 16, generator=g).to(device, dtype), torch.randn(4, 16, generator=g).to(device, dtype)
+        off = torch.zeros(1, dtype=torch.long, device=device)
+        tol = 1e-4 if dtype == torch.float32 else 3e-2
+        if not torch.allclose(K.embed_sum(tok, cond, tab, ctab, off).float(),
+                              embed_sum_ref(tok, cond, tab, ctab, off).float(), rtol=tol, atol=tol):
+            problem = "embedding-sum differs from its reference"
+        q, k, v = torch.randn(3, 2 * 7 + 3, 2, 32, generator=g).to(device, dtype).unbind(0)
+        ang = torch.outer(torch.arange(7.0), torch.rand(16, generator=g)).to(device)
+        segs = [(2, 7), (1, 3)]
+        a = K.attention(q, k, v, segs, ang.cos(), ang.sin()).float()
+        b = attention_ref(q.float(), k.float(), v.float(), segs, ang.cos(), ang.sin()).float()
+        if problem is None and (a - b).abs().max() > 5 * tol * max(1.0, float(b.abs().max())):
+            problem = "attention differs from its reference"
+        logits = torch.randn(3, 6, 50, generator=g).to(device)
+        args = (logits, torch.tensor([1.5, 1.0, -1.5], device=device), torch.arange(6, device=device),
+                torch.ones(6, dtype=torch.bool, device=device), 6)
+        if problem is None and not torch.equal(K.guide_sample_rank(*args, seed=1, level=0, step=0)[0],
+                                               guide_sample_rank_ref(*args, seed=1, level=0, step=0)[0]):
+            problem = "guidance+sampling picks other tokens than its reference"
+    except Exception as e:  # compilation or launch failure
+        problem = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+    _selfcheck[key] = problem
+    return problem
+
+
 def select_ops(device: torch.device, dtype: torch.dtype) -> Ops:
     global _warned
     choice = os.environ.get("STEMGEN_BACKEND", "auto")
@@ -49,12 +90,22 @@ def select_ops(device: torch.device, dtype: torch.dtype) -> Ops:
         return Ops()
     if device.type == "cuda" or choice == "triton":
         try:
-            return triton_ops(dtype)
+            ops = triton_ops(dtype)
         except ImportError as e:
             if choice == "triton":
                 raise RuntimeError(f"STEMGEN_BACKEND=triton but Triton is unavailable: {e}") from None
             log.warning("Triton unavailable (%s): PyTorch reference ops on %s", e, device)
             return Ops()
+        problem = triton_selfcheck(device, dtype)
+        if problem is None:
+            return ops
+        if choice == "triton":
+            raise RuntimeError(f"STEMGEN_BACKEND=triton but the Triton kernels failed their self-check: {problem}")
+        log.warning("Triton kernels failed their self-check on %s (%s): using the PyTorch reference ops", device,
+                    problem)
+        ops = Ops()
+        ops.names = {k: f"{v} (Triton failed its self-check: {problem})" for k, v in ops.names.items()}
+        return ops
     if device.type != "cpu":
         return Ops()
     from .. import cpp_ext

@@ -131,3 +131,36 @@ def test_engine_forward_with_kernels_equals_reference(tmp_path):
         reqs.append((tokens, conds, level, None))
     for want, got in zip(ref_lm.forward_requests(reqs), tri_lm.forward_requests(reqs)):
         assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+def test_selfcheck_passes_and_a_failing_kernel_falls_back_loudly(monkeypatch, caplog):
+    """The engine self-checks the Triton kernels once per device; a kernel that fails to compile or
+    disagrees is reported (log + `stemgen info` names) and the reference ops run instead, unless
+    STEMGEN_BACKEND=triton demanded Triton (then a clear error)."""
+    from stemgen.engine import backend
+    from stemgen.kernels import triton_ops as K
+    from stemgen.kernels.attention import attention_ref
+
+    cpu = torch.device("cpu")
+    backend._selfcheck.clear()
+    assert backend.triton_selfcheck(cpu, torch.float32) is None
+    monkeypatch.setenv("STEMGEN_BACKEND", "triton")
+    assert backend.select_ops(cpu, torch.float32).attention is K.attention
+
+    def broken(*a, **k):
+        raise RuntimeError("PTX compilation failed")
+
+    backend._selfcheck.clear()
+    monkeypatch.setattr(K, "attention", broken)
+    with pytest.raises(RuntimeError, match="self-check: RuntimeError: PTX compilation failed"):
+        backend.select_ops(cpu, torch.float32)
+    backend._selfcheck.clear()
+    if not torch.cuda.is_available():  # auto on a "cuda" device that cannot run: loud fallback
+        monkeypatch.setenv("STEMGEN_BACKEND", "auto")
+        import logging
+        monkeypatch.setattr(logging.getLogger("stemgen"), "propagate", True)  # the CLI tests route it to stderr
+        with caplog.at_level("WARNING", logger="stemgen"):
+            ops = backend.select_ops(torch.device("cuda"), torch.float32)
+        assert ops.attention is attention_ref and "self-check" in ops.names["attention"]
+        assert any("self-check" in r.getMessage() for r in caplog.records)
+    backend._selfcheck.clear()
