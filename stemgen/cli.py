@@ -144,13 +144,20 @@ def convert(lm: Path = typer.Option(..., "--lm", help="LM checkpoint (a stemgen 
     console.print(f"wrote {path}")
 
 
+# named step presets for 4-level models (SPEC section 4): the paper's, MAGNeT's, SoundStorm-like
+STEP_PRESETS = {"paper": (128, 64, 32, 32), "magnet": (20, 10, 10, 10), "soundstorm": (16, 1, 1, 1)}
+
+
 def _parse_steps(text: Optional[str]):
     if text is None:
         return None
+    if text in STEP_PRESETS:
+        return STEP_PRESETS[text]
     try:
         steps = tuple(int(s) for s in text.split(","))
     except ValueError:
-        raise ValueError(f"--steps must be comma-separated integers such as 128,64,32,32, got {text!r}") from None
+        raise ValueError(f"--steps must be comma-separated integers such as 128,64,32,32 or a preset "
+                         f"({', '.join(STEP_PRESETS)}), got {text!r}") from None
     return steps
 
 
@@ -166,7 +173,8 @@ def generate(
     model: str = typer.Option("demo", "--model", "-m", help="model directory, or 'demo' (random weights: noise)"),
     mix: Optional[Path] = typer.Option(None, "--mix", help="also write context + stem here"),
     seed: int = typer.Option(0, "--seed", help="random seed (same seed, same output)"),
-    steps: Optional[str] = typer.Option(None, "--steps", help="decoding steps per level, e.g. 128,64,32,32"),
+    steps: Optional[str] = typer.Option(None, "--steps", help="decoding steps per level, e.g. 128,64,32,32, or a "
+                                        "preset: paper, magnet (20,10,10,10), soundstorm (16,1,1,1)"),
     guidance: Optional[str] = typer.Option(None, "--guidance", help="multi (3 rows), single (2) or none (1)"),
     cfg_context: Optional[float] = typer.Option(None, "--cfg-context", help="multi-source CFG weight of the context"),
     cfg_instrument: Optional[float] = typer.Option(None, "--cfg-instrument", help="multi-source CFG weight of the instrument"),

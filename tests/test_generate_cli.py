@@ -66,14 +66,14 @@ def test_generate_stereo_44k_context(tmp_path, cache):
 def test_variations_and_bits(tmp_path):
     ctx = stereo_wav(tmp_path / "ctx.wav", seconds=1.0)
     out = tmp_path / "v.wav"
-    res = gen(ctx, "-i", "bass", "--out", out, "--variations", 2, "--bits", "24", *FAST)
+    res = gen(ctx, "-i", "bass", "--out", out, "--variations", 2, "--bits", "24", "--steps", "soundstorm")
     assert res.exit_code == 0, res.output
     a, b = tmp_path / "v_1.wav", tmp_path / "v_2.wav"
     assert sf.info(a).subtype == "PCM_24" and digest(a) != digest(b)
     assert not out.exists()
     # variations run as one batch; each equals its own single run (seed 0 + 1 for the second)
     single = tmp_path / "single.wav"
-    assert gen(ctx, "-i", "bass", "--out", single, "--seed", 1, "--bits", "24", *FAST).exit_code == 0
+    assert gen(ctx, "-i", "bass", "--out", single, "--seed", 1, "--bits", "24", "--steps", "16,1,1,1").exit_code == 0
     assert digest(single) == digest(b)
 
 
