@@ -254,3 +254,45 @@ def context_and_stem(track: str | Path, inst_class: str) -> tuple[np.ndarray, np
     stem = np.zeros(n, dtype=np.float32)
     stem[:len(stems[target][0])] = stems[target][0]
     return ctx, stem, sr
+
+
+def export_pairs(corpus: str | Path, inst_class: str, out: str | Path, progress=None) -> int:
+    """For every track of a Slakh2100-layout corpus with a stem of ``inst_class``, write
+    ``out/context/<track>.wav`` (the other stems summed) and ``out/stem/<track>.wav`` (the stem):
+    the contexts to generate for, and the references for `stemgen eval --context`."""
+    import soundfile as sf
+
+    corpus, out = Path(corpus), Path(out)
+    tracks = sorted(p for p in corpus.iterdir() if (p / "metadata.yaml").is_file()) if corpus.is_dir() else []
+    if not tracks:
+        raise ValueError(f"{corpus}: no Slakh2100-layout tracks (folders with metadata.yaml)")
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out}: exists and is not empty; choose a new folder")
+    if not out.parent.is_dir():
+        raise ValueError(f"{out.parent}: parent folder does not exist")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    n = 0
+    try:
+        (tmp / "context").mkdir()
+        (tmp / "stem").mkdir()
+        for i, track in enumerate(tracks):
+            pair = context_and_stem(track, inst_class)
+            if pair is not None:
+                ctx, stem, sr = pair
+                sf.write(tmp / "context" / f"{track.name}.wav", ctx, sr, subtype="FLOAT")
+                sf.write(tmp / "stem" / f"{track.name}.wav", stem, sr, subtype="FLOAT")
+                n += 1
+            if progress:
+                progress(i + 1, len(tracks))
+        if n == 0:
+            raise ValueError(f"{corpus}: no track has a stem of inst_class {inst_class!r}")
+        default_permissions(tmp)
+        for sub in ("context", "stem"):
+            default_permissions(tmp / sub)
+        if out.exists():
+            out.rmdir()
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return n

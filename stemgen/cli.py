@@ -320,6 +320,23 @@ def make_corpus_cmd(out: Path = typer.Argument(..., help="output folder (new or 
     console.print(f"wrote {songs} songs to {path}")
 
 
+@app.command("export-pairs")
+def export_pairs_cmd(corpus: Path = typer.Argument(..., help="Slakh2100-layout corpus (real Slakh or make-corpus)"),
+                     instrument: str = typer.Option(..., "--instrument", "-i", help="inst_class of the target stem, "
+                                                    "e.g. Bass, Drums, Guitar"),
+                     out: Path = typer.Option(..., "--out", help="output folder: context/ and stem/ inside")):
+    """Export (context, stem) pairs: contexts to generate for, reference stems for `stemgen eval`."""
+    from rich.progress import Progress
+
+    from .evaluation.corpus import export_pairs
+
+    with Progress(console=err_console, transient=True) as bar:
+        task = bar.add_task("exporting", total=None)
+        n = run_guarded(export_pairs, corpus, instrument, out,
+                        progress=lambda i, k: bar.update(task, completed=i, total=k))
+    console.print(f"wrote {n} pairs to {out}/context and {out}/stem")
+
+
 @app.command("convert-vggish")
 def convert_vggish_cmd(src: Path = typer.Argument(..., help="VGGish checkpoint (e.g. vggish-10086976.pth)"),
                        out: Path = typer.Option(..., "--out", help="output .safetensors for `stemgen eval --embedder`")):

@@ -221,3 +221,20 @@ def test_vggish_matches_torchvggish(tmp_path):
     torch.save({"features.0.weight": torch.zeros(3)}, bad)
     res = runner.invoke(app, ["convert-vggish", str(bad), "--out", str(tmp_path / "x.safetensors")])
     assert res.exit_code != 0 and "features.0.weight" in res.stderr
+
+
+def test_export_pairs_then_eval(tmp_path):
+    corpus = tmp_path / "toy"
+    assert runner.invoke(app, ["make-corpus", str(corpus), "--songs", "3", "--sr", "22050"]).exit_code == 0
+    res = runner.invoke(app, ["export-pairs", str(corpus), "--instrument", "Bass", "--out", str(tmp_path / "pairs")])
+    assert res.exit_code == 0, res.output
+    ctx = sorted(p.name for p in (tmp_path / "pairs" / "context").iterdir())
+    assert ctx == ["Track00001.wav", "Track00002.wav", "Track00003.wav"]
+    stem, sr = sf.read(tmp_path / "pairs" / "stem" / "Track00001.wav")
+    meta, stems = load_track(corpus / "Track00001")
+    assert sr == 22050 and np.allclose(stem, stems["S01"][0], atol=1e-4)
+    res = runner.invoke(app, ["eval", "--generated", str(tmp_path / "pairs" / "stem"), "--reference",
+                              str(tmp_path / "pairs" / "stem"), "--context", str(tmp_path / "pairs" / "context")])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["export-pairs", str(corpus), "--instrument", "Kazoo", "--out", str(tmp_path / "p2")])
+    assert res.exit_code != 0 and "Kazoo" in res.stderr and not (tmp_path / "p2").exists()
