@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -11,3 +14,37 @@ def default_permissions(path: str | Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~umask)
+
+
+@contextmanager
+def atomic_dir(out: str | Path, replace: bool = False):
+    """Yield a temporary sibling folder to fill; when the block succeeds it becomes ``out`` (an
+    absent or empty folder, or any existing one with ``replace``); when it fails it is removed,
+    so no half-written output is ever left at ``out``."""
+    out = Path(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
+        default_permissions(tmp)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            if not replace:
+                raise FileExistsError(f"{out}: exists and is not empty")
+            old = out.with_name(f".{out.name}.old")
+            _remove(old)
+            os.rename(out, old)
+            os.rename(tmp, out)
+            _remove(old)
+        else:
+            if out.exists():
+                out.rmdir()
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()

@@ -11,15 +11,12 @@ rendered from the same song.
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..engine.fileutil import default_permissions
+from ..engine.fileutil import atomic_dir
 
 PITCH_NAMES = ["C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B"]
 MAJOR = [0, 2, 4, 5, 7, 9, 11]
@@ -175,8 +172,7 @@ def make_corpus(out: str | Path, songs: int, seed: int = 0, sr: int = 44100, pro
         raise ValueError(f"{out.parent}: parent folder does not exist")
     if songs < 1:
         raise ValueError("--songs must be >= 1")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         for i in range(songs):
             rng = np.random.default_rng([seed, i])
             song = make_song(rng)
@@ -190,13 +186,6 @@ def make_corpus(out: str | Path, songs: int, seed: int = 0, sr: int = 44100, pro
             (track / "metadata.yaml").write_text(yaml.safe_dump(metadata(song, sr), sort_keys=False))
             if progress:
                 progress(i + 1, songs)
-        default_permissions(tmp)
-        if out.exists():
-            out.rmdir()
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -270,9 +259,8 @@ def export_pairs(corpus: str | Path, inst_class: str, out: str | Path, progress=
         raise ValueError(f"{out}: exists and is not empty; choose a new folder")
     if not out.parent.is_dir():
         raise ValueError(f"{out.parent}: parent folder does not exist")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     n = 0
-    try:
+    with atomic_dir(out) as tmp:
         (tmp / "context").mkdir()
         (tmp / "stem").mkdir()
         for i, track in enumerate(tracks):
@@ -286,13 +274,4 @@ def export_pairs(corpus: str | Path, inst_class: str, out: str | Path, progress=
                 progress(i + 1, len(tracks))
         if n == 0:
             raise ValueError(f"{corpus}: no track has a stem of inst_class {inst_class!r}")
-        default_permissions(tmp)
-        for sub in ("context", "stem"):
-            default_permissions(tmp / sub)
-        if out.exists():
-            out.rmdir()
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return n
