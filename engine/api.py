@@ -15,7 +15,7 @@ from .audio import AudioError, peak_safe, to_format
 from .codec import Codec, CodecConfig, load_codec
 from .config import ModelConfig, ModelFormatError, SamplingConfig
 from .model import StemGenEngineLM, default_dtype, load_lm, resolve_dtype
-from .scheduler import Request, Scheduler
+from .scheduler import Request, run_requests
 from .service import GenerationHandle, GenerationService
 
 log = logging.getLogger("stemgen")
@@ -39,11 +39,12 @@ def backends(device: torch.device, dtype: torch.dtype | None = None) -> dict[str
     from .. import cpp_ext
     from .backend import select_ops
 
-    ops = select_ops(device, dtype or default_dtype(device))
+    default = default_dtype(device)
+    ops = select_ops(device, dtype or default)
     return {
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
-        "LM dtype (default)": str(default_dtype(device)).replace("torch.", "")
-        + (" (CPU has native bf16)" if device.type == "cpu" and default_dtype(device) == torch.bfloat16 else ""),
+        "LM dtype (default)": str(default).replace("torch.", "")
+        + (" (CPU has native bf16)" if device.type == "cpu" and default == torch.bfloat16 else ""),
         "embedding-sum": ops.names["embedding-sum"],
         "attention": ops.names["attention"],
         "guidance+sampling": ops.names["guidance+sampling"],
@@ -128,15 +129,7 @@ class Engine:
         """context [C-1, Q, T] codes -> generated target codes [Q, T] (on the CPU), in this thread."""
         conditions = torch.tensor([self.instrument_id(instrument), *extra_conditions], dtype=torch.int64)
         req = Request(self.config.lm, context, conditions, self.sampling(**sampling), target=target, progress=progress)
-        return self._run([req])[0]
-
-    def _run(self, requests: list[Request]) -> list[torch.Tensor]:
-        """Run requests to completion in one batch, in this thread -> codes [Q, T] each (CPU)."""
-        sched = Scheduler(self.lm, max_frames=self.max_frames)
-        for r in requests:
-            sched.submit(r)
-        sched.run()
-        return [r.tokens.cpu() for r in requests]
+        return run_requests(self.lm, [req], self.max_frames)[0].cpu()
 
     def submit(self, context: torch.Tensor, instrument: str | int, target: torch.Tensor | None = None,
                extra_conditions: list[int] | tuple[int, ...] = (), progress=None, **sampling) -> GenerationHandle:
@@ -238,7 +231,7 @@ class Engine:
         cond = torch.tensor([self.instrument_id(instrument)], dtype=torch.int64)
         reqs = [Request(self.config.lm, ctx, cond, dataclasses.replace(base, seed=base.seed + i), progress=progress)
                 for i in range(variations)]
-        return [self.decode(tokens, x) for tokens in self._run(reqs)]
+        return [self.decode(tokens.cpu(), x) for tokens in run_requests(self.lm, reqs, self.max_frames)]
 
 
 class AudioHandle:

@@ -2,6 +2,7 @@
 one forward that can return the logits of a single level's head."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -168,6 +169,7 @@ def lm_from_state(cfg: LMConfig, state: dict[str, torch.Tensor], device="cpu",
     return model.eval().requires_grad_(False)
 
 
+@functools.lru_cache(maxsize=None)
 def native_bf16_cpu() -> bool:
     """True when the CPU has bf16 dot-product instructions (AVX512-BF16 or AMX-BF16)."""
     try:

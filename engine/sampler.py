@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 
 from .config import SamplingConfig
-from .scheduler import Request, Scheduler, guidance_rows, masked_after_step  # noqa: F401 (re-exported)
+from .scheduler import Request, guidance_rows, masked_after_step, run_requests  # noqa: F401 (re-exported)
 
 
 def generate_tokens(model, context: torch.Tensor, conditions: torch.Tensor, sampling: SamplingConfig,
@@ -17,8 +17,4 @@ def generate_tokens(model, context: torch.Tensor, conditions: torch.Tensor, samp
 
     ``target`` (optional) holds fixed codes and MASK where to generate (inpainting/continuation).
     ``progress(level, step, n_steps)`` is called after every step."""
-    req = Request(model.cfg, context, conditions, sampling, target=target, progress=progress)
-    sched = Scheduler(model)
-    sched.submit(req)
-    sched.run()
-    return req.tokens
+    return run_requests(model, [Request(model.cfg, context, conditions, sampling, target=target, progress=progress)])[0]

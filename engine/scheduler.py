@@ -223,3 +223,12 @@ class Scheduler:
     def run(self) -> None:
         while self.has_work:
             self.step()
+
+
+def run_requests(model, requests: list[Request], max_frames: int = 1 << 15) -> list[torch.Tensor]:
+    """Run requests to completion as one batch, in this thread -> each one's codes [Q, T]."""
+    sched = Scheduler(model, max_frames=max_frames)
+    for r in requests:
+        sched.submit(r)
+    sched.run()
+    return [r.tokens for r in requests]
