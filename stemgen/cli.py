@@ -214,9 +214,9 @@ def generate(
         sampling = engine.sampling(seed=seed, steps=_parse_steps(steps), guidance=guidance, cfg_context=cfg_context,
                                    cfg_instrument=cfg_instrument, cfg_scale=cfg_scale, w_causal=causal_bias,
                                    temperature=temperature, top_k=top_k, top_p=top_p)
-        x, ctx = engine.prepare_context(audio, sr)
         if len(sampling.steps) != engine.config.lm.n_q:
             raise ValueError(f"--steps gives {len(sampling.steps)} levels, the model has {engine.config.lm.n_q}")
+        x, ctx = engine.prepare_context(audio, sr)
         return engine, sampling, x, ctx, outs, mixes
 
     engine, sampling, x, ctx, outs, mixes = run_guarded(prepare)
@@ -231,7 +231,7 @@ def generate(
         task = bar.add_task("decoding", total=total)
         results = run_guarded(engine.generate_from_context, x, ctx, instrument, variations=variations,
                               progress=lambda q, t, n: bar.advance(task),
-                              **{f.name: getattr(sampling, f.name) for f in dataclasses.fields(sampling)})
+                              **dataclasses.asdict(sampling))
     wall = time.perf_counter() - t0
     for i, res in enumerate(results):
         run_guarded(write_wav, outs[i], res.stem, res.sample_rate, bits)
