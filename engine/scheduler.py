@@ -151,7 +151,7 @@ class Request:
     def rows(self, subset: bool):
         """This step's model input: (tokens [R, C, Q, T], conditions [R, S], level, positions)."""
         visible = self.tokens.clone()
-        visible[self.level + 1:] = self.cfg.mask_id
+        visible[self.level + 1:].fill_(self.cfg.mask_id)
         R = self.context_rows.shape[0]
         tokens = torch.cat([self.context_rows, visible.expand(R, 1, *visible.shape)], dim=1)
         self._positions = self.masked.nonzero()[:, 0] if subset else self.arange
@@ -168,7 +168,7 @@ class Request:
         keep = score.topk(n_keep).indices
         frames = pos[keep]
         self.tokens[q, frames] = tok[keep]
-        self.masked[frames] = False
+        self.masked.index_fill_(0, frames, False)  # no host scalar -> device copy
         self.n_masked -= n_keep
         self.advance()
 
@@ -176,9 +176,12 @@ class Request:
 class Scheduler:
     """Runs requests to completion, one forward per step over all running requests' rows."""
 
-    def __init__(self, model, max_frames: int = 1 << 15):
+    def __init__(self, model, max_frames: int = 1 << 15, head_subset: bool | None = None):
         self.model = model
         self.max_frames = max_frames
+        # compute the head only at still-masked frames: saves GEMM rows on the CPU, but finding
+        # them (nonzero) is a host sync on a GPU, so by default only on the CPU
+        self.head_subset = model.device.type == "cpu" if head_subset is None else head_subset
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 
@@ -212,8 +215,7 @@ class Scheduler:
             r.skip_idle_steps()
         active = [r for r in self.running if not r.finished]
         if active:
-            subset = self.model.device.type == "cpu"  # on GPU, avoid the host sync of nonzero()
-            logits = self.model.forward_requests([r.rows(subset) for r in active])
+            logits = self.model.forward_requests([r.rows(self.head_subset) for r in active])
             for r, lg in zip(active, logits):
                 r.update(lg, self.model.ops.guide_sample_rank)
         left += [r for r in self.running if r.finished]

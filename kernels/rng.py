@@ -39,7 +39,8 @@ def _fmix32_t(x: torch.Tensor) -> torch.Tensor:
 
 def uniform(key: int | torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Uniforms in (0, 1) (never 0 or 1) for int64 counters ``index``; ``key`` broadcasts."""
-    key = torch.as_tensor(key, dtype=torch.int64, device=index.device)
+    if not isinstance(key, int):  # a Python int stays a kernel argument: no host-to-device copy
+        key = torch.as_tensor(key, dtype=torch.int64, device=index.device)
     h = _fmix32_t((index * GOLDEN + key) & M32)
     h = _fmix32_t(h ^ key)
     return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))

@@ -133,14 +133,18 @@ _cu_cache: dict = {}
 
 
 def _cu_seqlens(segments: tuple, device) -> torch.Tensor:
-    """Cumulative sequence starts on the device, built once per batch layout (every layer of a
-    step reuses it: no host-to-device copy per layer)."""
+    """Cumulative sequence starts on the device, built once per batch layout and reused by every
+    layer. Made on the device from Python ints (kernel arguments), so a new layout, when requests
+    join or leave, costs no blocking host-to-device copy either."""
     key = (segments, str(device))
     if key not in _cu_cache:
         if len(_cu_cache) > 64:
             _cu_cache.clear()
-        lengths = [T for R, T in segments for _ in range(R)]
-        _cu_cache[key] = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+        parts, start = [torch.zeros(1, dtype=torch.int32, device=device)], 0
+        for R, T in segments:
+            parts.append(torch.arange(1, R + 1, dtype=torch.int32, device=device) * T + start)
+            start += R * T
+        _cu_cache[key] = torch.cat(parts)
     return _cu_cache[key]
 
 
