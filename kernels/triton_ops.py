@@ -4,7 +4,7 @@
                                                            channels plus every condition, fp32 accumulation
   attention          kernels.attention.attention_ref      flash-style non-causal attention over the packed
                                                            batch (sequences by cumulative lengths), RoPE
-                                                           applied inside the kernel, online softmax
+                                                           of q and k in one kernel, then online softmax
   guide_sample_rank  kernels.sampling.guide_sample_rank_ref  guidance + inverse-CDF sampling + rank score,
                                                            the same counter-based noise
 
@@ -66,59 +66,74 @@ def embed_sum(tokens, conditions, tok_table, cond_table, cond_offsets, check: bo
 
 
 @triton.jit
-def _rotated(ptr, base, stride_n, stride_d, offs_n, n_mask, cos_ptr, sin_ptr, offs_h, h_mask, HALF):
-    """Load rows offs_n of one head (both halves) and apply rotate-half RoPE (fp32)."""
-    m2 = n_mask[:, None] & h_mask[None, :]
-    p = ptr + base + offs_n[:, None] * stride_n + offs_h[None, :] * stride_d
-    x1 = tl.load(p, mask=m2, other=0.0).to(tl.float32)
-    x2 = tl.load(p + HALF * stride_d, mask=m2, other=0.0).to(tl.float32)
-    cs = tl.load(cos_ptr + offs_n[:, None] * HALF + offs_h[None, :], mask=m2, other=0.0)
-    sn = tl.load(sin_ptr + offs_n[:, None] * HALF + offs_h[None, :], mask=m2, other=0.0)
-    return x1 * cs - x2 * sn, x2 * cs + x1 * sn
+def _rope_qk_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cu_ptr, cos_ptr, sin_ptr, q_scale,
+                    sqn, sqh, sqd, skn, skh, skd, HALF, DH,
+                    BLOCK: tl.constexpr, HALF_P: tl.constexpr):
+    """Rotate-half RoPE of q and k for one block of one sequence's frames and one head, in fp32,
+    written contiguous [N, H, Dh]; q is pre-scaled by softmax scale * log2(e) for exp2."""
+    pid = tl.program_id(0)
+    seq = tl.program_id(1)
+    h = tl.program_id(2)
+    H = tl.num_programs(2)
+    start = tl.load(cu_ptr + seq)
+    L = tl.load(cu_ptr + seq + 1) - start
+    if pid * BLOCK < L:
+        offs = pid * BLOCK + tl.arange(0, BLOCK)          # positions within the sequence
+        offs_h = tl.arange(0, HALF_P)
+        m2 = (offs < L)[:, None] & (offs_h < HALF)[None, :]
+        cs = tl.load(cos_ptr + offs[:, None] * HALF + offs_h[None, :], mask=m2, other=0.0)
+        sn = tl.load(sin_ptr + offs[:, None] * HALF + offs_h[None, :], mask=m2, other=0.0)
+        rows = start + offs
+        out = (rows[:, None] * H + h) * DH + offs_h[None, :]
+        pq = q_ptr + rows[:, None] * sqn + h * sqh + offs_h[None, :] * sqd
+        x1 = tl.load(pq, mask=m2, other=0.0).to(tl.float32)
+        x2 = tl.load(pq + HALF * sqd, mask=m2, other=0.0).to(tl.float32)
+        tl.store(qo_ptr + out, ((x1 * cs - x2 * sn) * q_scale).to(qo_ptr.dtype.element_ty), mask=m2)
+        tl.store(qo_ptr + out + HALF, ((x2 * cs + x1 * sn) * q_scale).to(qo_ptr.dtype.element_ty), mask=m2)
+        pk = k_ptr + rows[:, None] * skn + h * skh + offs_h[None, :] * skd
+        x1 = tl.load(pk, mask=m2, other=0.0).to(tl.float32)
+        x2 = tl.load(pk + HALF * skd, mask=m2, other=0.0).to(tl.float32)
+        tl.store(ko_ptr + out, (x1 * cs - x2 * sn).to(ko_ptr.dtype.element_ty), mask=m2)
+        tl.store(ko_ptr + out + HALF, (x2 * cs + x1 * sn).to(ko_ptr.dtype.element_ty), mask=m2)
 
 
 @triton.jit
-def _attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_ptr, cos_ptr, sin_ptr, sm_scale,
-                      sqn, sqh, sqd, skn, skh, skd, svn, svh, svd, son, soh, sod, HALF, DH,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HALF_P: tl.constexpr, DH_P: tl.constexpr,
-                      IEEE: tl.constexpr):
+def _flash_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_ptr, svn, svh, svd, son, soh, sod, DH,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DH_P: tl.constexpr, IEEE: tl.constexpr):
+    """Non-causal attention of one query block of one sequence and head, online softmax (exp2).
+    q (pre-scaled, rotated) and k (rotated) are contiguous [N, H, Dh]; v and out may be strided."""
     pid_m = tl.program_id(0)
     seq = tl.program_id(1)
     h = tl.program_id(2)
+    H = tl.num_programs(2)
     start = tl.load(cu_ptr + seq)
     L = tl.load(cu_ptr + seq + 1) - start
     if pid_m * BLOCK_M < L:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_mask = offs_m < L
-        offs_h = tl.arange(0, HALF_P)
-        h_mask = offs_h < HALF
         offs_d = tl.arange(0, DH_P)
         d_mask = offs_d < DH
-        q1, q2 = _rotated(q_ptr, start * sqn + h * sqh, sqn, sqd, offs_m, m_mask, cos_ptr, sin_ptr, offs_h, h_mask, HALF)
-        qk_scale = sm_scale * 1.4426950408889634  # exp2 domain
-        q1 = (q1 * qk_scale).to(q_ptr.dtype.element_ty)
-        q2 = (q2 * qk_scale).to(q_ptr.dtype.element_ty)
+        q = tl.load(q_ptr + ((start + offs_m)[:, None] * H + h) * DH + offs_d[None, :],
+                    mask=m_mask[:, None] & d_mask[None, :], other=0.0)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, DH_P], dtype=tl.float32)
         for n0 in range(0, L, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_mask = offs_n < L
-            k1, k2 = _rotated(k_ptr, start * skn + h * skh, skn, skd, offs_n, n_mask, cos_ptr, sin_ptr, offs_h,
-                              h_mask, HALF)
-            k1 = k1.to(k_ptr.dtype.element_ty)
-            k2 = k2.to(k_ptr.dtype.element_ty)
+            kv_mask = n_mask[:, None] & d_mask[None, :]
+            k = tl.load(k_ptr + ((start + offs_n)[:, None] * H + h) * DH + offs_d[None, :], mask=kv_mask, other=0.0)
             if IEEE:
-                s = tl.dot(q1, tl.trans(k1), input_precision="ieee") + tl.dot(q2, tl.trans(k2), input_precision="ieee")
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
-                s = tl.dot(q1, tl.trans(k1)) + tl.dot(q2, tl.trans(k2))
+                s = tl.dot(q, tl.trans(k))
             s = tl.where(n_mask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.exp2(s - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_ptr + (start + offs_n)[:, None] * svn + h * svh + offs_d[None, :] * svd,
-                        mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+            v = tl.load(v_ptr + (start + offs_n)[:, None] * svn + h * svh + offs_d[None, :] * svd, mask=kv_mask,
+                        other=0.0)
             if IEEE:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
             else:
@@ -149,17 +164,24 @@ def _cu_seqlens(segments: tuple, device) -> torch.Tensor:
 
 
 def attention(q, k, v, segments, cos, sin, block_m: int = 64, block_n: int = 64):
-    """Same contract as kernels.attention.attention_ref; q, k, v [N, H, Dh] may be strided views."""
+    """Same contract as kernels.attention.attention_ref; q, k, v [N, H, Dh] may be strided views.
+    Two launches: RoPE of q and k once (contiguous copies, q pre-scaled), then flash attention."""
     N, H, dh = q.shape
-    lengths = [T for R, T in segments for _ in range(R)]
+    if dh % 2:
+        raise ValueError(f"RoPE needs an even head dim, got {dh}")
+    n_seqs = sum(R for R, _ in segments)
+    max_len = max(T for _, T in segments)
     cu = _cu_seqlens(tuple(segments), q.device)
-    out = torch.empty(N, H, dh, dtype=q.dtype, device=q.device)
     half = dh // 2
-    grid = (triton.cdiv(max(lengths), block_m), len(lengths), H)
-    _attention_kernel[grid](q, k, v, out, cu, cos.contiguous(), sin.contiguous(), 1.0 / math.sqrt(dh),
-                            *q.stride(), *k.stride(), *v.stride(), *out.stride(), half, dh,
-                            BLOCK_M=block_m, BLOCK_N=block_n, HALF_P=max(16, triton.next_power_of_2(half)),
-                            DH_P=max(16, triton.next_power_of_2(dh)), IEEE=q.dtype == torch.float32)
+    qr = torch.empty(N, H, dh, dtype=q.dtype, device=q.device)
+    kr = torch.empty_like(qr)
+    _rope_qk_kernel[(triton.cdiv(max_len, 32), n_seqs, H)](
+        q, k, qr, kr, cu, cos.contiguous(), sin.contiguous(), 1.4426950408889634 / math.sqrt(dh),
+        *q.stride(), *k.stride(), half, dh, BLOCK=32, HALF_P=triton.next_power_of_2(half))
+    out = torch.empty(N, H, dh, dtype=q.dtype, device=q.device)
+    _flash_kernel[(triton.cdiv(max_len, block_m), n_seqs, H)](
+        qr, kr, v, out, cu, *v.stride(), *out.stride(), dh, BLOCK_M=block_m, BLOCK_N=block_n,
+        DH_P=max(16, triton.next_power_of_2(dh)), IEEE=q.dtype == torch.float32)
     return out.view(N, H * dh)
 
 
