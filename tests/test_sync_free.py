@@ -106,3 +106,27 @@ def test_detector_sees_syncs(engine):
     assert any("boolean mask" in f for f in det.found) and any("_local_scalar_dense" in f for f in det.found)
     found = checked_run(Scheduler(engine.lm, head_subset=True), requests(engine))
     assert any("nonzero" in f for f in found)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA device; the CPU tests above check the same through the dispatched ops")
+def test_cuda_step_loop_has_no_synchronising_call(tmp_path):
+    """On a GPU, CUDA's own check: any synchronising call in a step raises."""
+    _, d = make_model_dir(tmp_path, CFG)
+    eng = Engine.from_pretrained(d, device="cuda")
+    try:
+        reqs = requests(eng)
+        sched = Scheduler(eng.lm)
+        for r in reqs:
+            sched.submit(r)
+        sched.step()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            while sched.has_work:
+                sched.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert all(r.done for r in reqs)
+    finally:
+        eng.close()
