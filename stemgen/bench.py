@@ -239,9 +239,29 @@ def run_bench(*, model_dir=None, config_name: str = "small", duration: float = 1
         results.append(entry)
         log(f"batch {B}: engine {wall_e:.2f} s" + (f", baseline {entry['baseline']['wall_s']:.2f} s, "
                                                    f"ratio {entry['speedup_frames_per_s']:.2f}x" if base is not None else ""))
+    sat = saturation([(r["batch"], r["engine"]["frames_per_s"]) for r in results])
+    if sat is not None:
+        log(f"throughput saturates at batch {sat['batch']} ({sat['frames_per_s']:.0f} frames/s, within "
+            f"{100 * (1 - SATURATION):.0f}% of the best)" + ("" if sat["reached"] else
+                                                            "; not reached: try larger batches"))
     return {"machine": machine_info(device),
             "settings": {"model": desc, "parameters": n_params, "frames": T, "frame_rate": frame_rate,
                          "duration_s": T / frame_rate, "steps": list(steps), "guidance": guidance,
                          "engine_dtype": str(dtype).replace("torch.", ""), "baseline_dtype": "float32",
                          "batches": list(batches)},
-            "results": results}
+            "results": results, "saturation": sat}
+
+
+SATURATION = 0.9
+
+
+def saturation(points: list[tuple[int, float]]) -> dict | None:
+    """The smallest batch size whose throughput is within 10% of the best measured: where more
+    concurrent requests stop paying. ``reached`` is false when that is the largest batch tried
+    (throughput may still be growing). None for fewer than two batch sizes."""
+    if len(points) < 2:
+        return None
+    points = sorted(points)
+    best = max(f for _, f in points)
+    batch, fps = next((b, f) for b, f in points if f >= SATURATION * best)
+    return {"batch": batch, "frames_per_s": fps, "best_frames_per_s": best, "reached": batch < points[-1][0]}

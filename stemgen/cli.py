@@ -304,6 +304,23 @@ def bench(
         tmp.replace(json_path)
 
 
+@app.command("bench-report")
+def bench_report(files: list[Path] = typer.Argument(..., help="JSON files from `stemgen bench --json` and/or "
+                                                    "`pytest bench/ --benchmark-json`"),
+                 out: Path = typer.Option(Path("bench/RESULTS.md"), "--out", "-o", help="Markdown file to write"),
+                 title: str = typer.Option("Benchmark results", "--title")):
+    """Render benchmark JSON files (machine, device, figures, ratios) into one Markdown page."""
+    from .report import write
+
+    def work():
+        if not out.parent.is_dir():
+            raise ValueError(f"--out: folder {out.parent} does not exist")
+        write(files, out, title)
+
+    run_guarded(work)
+    console.print(f"wrote {out} from {len(files)} file(s)", highlight=False)
+
+
 @app.command("make-corpus")
 def make_corpus_cmd(out: Path = typer.Argument(..., help="output folder (new or empty)"),
                     songs: int = typer.Option(20, "--songs", help="number of songs"),

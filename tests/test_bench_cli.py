@@ -41,3 +41,49 @@ def test_bench_bad_arguments():
     assert res.exit_code != 0 and "--batch" in res.stderr
     res = runner.invoke(app, ["bench", "--config", "huge", "--device", "cpu"])
     assert res.exit_code != 0 and "unknown preset" in res.stderr
+
+
+def test_saturation_point():
+    from stemgen.bench import saturation
+    assert saturation([(1, 100.0)]) is None
+    sat = saturation([(8, 250.0), (1, 100.0), (4, 240.0), (2, 180.0)])
+    assert sat["batch"] == 4 and sat["reached"] and sat["best_frames_per_s"] == 250.0
+    sat = saturation([(1, 100.0), (2, 200.0)])
+    assert sat["batch"] == 2 and not sat["reached"]
+
+
+def test_bench_report_renders_figures_from_files(tmp_path):
+    gen = tmp_path / "gen.json"
+    res = runner.invoke(app, ["bench", "--config", "tiny", "--duration", "1", "--steps", "2,1,1,1", "--batch", "1,2",
+                              "--device", "cpu", "--json", str(gen)])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(gen.read_text())
+    assert rep["saturation"]["batch"] in (1, 2)
+    ops = tmp_path / "ops.json"
+    ops.write_text(json.dumps({"machine_info": {"cpu": {"brand_raw": "Test CPU"}, "gpu": "Test GPU 80GB",
+                                                "python_version": "3.12"}, "datetime": "2026-11-25T00:00:00",
+                               "benchmarks": [
+                                   {"group": "attention T=500", "name": "a", "params": {"impl": "triton"},
+                                    "stats": {"mean": 0.002}},
+                                   {"group": "attention T=500", "name": "b", "params": {"impl": "sdpa"},
+                                    "stats": {"mean": 0.003}}]}))
+    out = tmp_path / "RESULTS.md"
+    res = runner.invoke(app, ["bench-report", str(gen), str(ops), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    md = out.read_text()
+    ratio = rep["results"][0]["speedup_frames_per_s"]
+    assert f"**{ratio:.2f}x**" in md and "gen.json" in md and "ops.json" in md
+    assert "Test GPU 80GB" in md and "| attention T=500 | sdpa | 3.000 | 1.50x |" in md
+    assert "Throughput saturates at batch" in md
+
+
+def test_bench_report_bad_inputs(tmp_path):
+    out = tmp_path / "R.md"
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"a": 1}))
+    for f, msg in [(bad, "not JSON"), (other, "neither"), (tmp_path / "missing.json", "no such file")]:
+        res = runner.invoke(app, ["bench-report", str(f), "--out", str(out)])
+        assert res.exit_code != 0 and msg in res.stderr, res.output
+        assert not out.exists() and not list(tmp_path.glob(".R.md*"))
