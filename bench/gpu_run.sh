@@ -25,13 +25,15 @@ print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.ve
 print("device", torch.cuda.get_device_name(), torch.cuda.get_device_capability())
 PY
 # 1. correctness on the real hardware: kernels vs references (bf16 attention included), sync-free loop
-step tests $py -m pytest -q -rs tests/test_triton_kernels.py tests/test_sync_free.py tests/test_parity.py \
-    tests/test_scheduler.py
+step tests $py -m pytest -q -rs tests/test_triton_kernels.py tests/test_sync_free.py tests/test_cuda_graphs.py \
+    tests/test_parity.py tests/test_scheduler.py
 # 2. kernels vs their references and torch SDPA at StemGen shapes
 step kernels $py -m pytest -q bench/test_kernels_bench.py --benchmark-json "$OUT/gpu-kernels.json" \
     --benchmark-columns=mean,median,min,rounds
 # 3. the paper config, 20 s, steps 128,64,32,32, multi-source CFG: engine vs baseline at batch 1
 step paper $py -m stemgen bench --batch 1 --json "$OUT/gpu-paper-20s.json"
+# 3b. the same with the trunk replayed from CUDA graphs (engine only)
+step graphs $py -m stemgen bench --batch 1 --no-baseline --cuda-graphs --json "$OUT/gpu-paper-20s-graphs.json"
 # 4. throughput against batch size (engine only) to find where it saturates
 step sweep $py -m stemgen bench --batch 1,2,4,8,16,32 --no-baseline --json "$OUT/gpu-paper-20s-sweep.json"
 files=$(ls "$OUT"/gpu-*.json 2>/dev/null)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,9 @@ def backends(device: torch.device, dtype: torch.dtype | None = None) -> dict[str
         "codec": "PyTorch (engine.codec, fp32; RVQ encode as a GEMM: faster here than the C++ op)",
         "C++ extension": cpp_ext.status(),
         "triton": _triton_status(device),
+        "CUDA graphs": ("on (STEMGEN_CUDA_GRAPHS=1)" if os.environ.get("STEMGEN_CUDA_GRAPHS") == "1" else
+                        "off (opt-in: --cuda-graphs or STEMGEN_CUDA_GRAPHS=1)") if device.type == "cuda"
+        else "CUDA only",
         "torch": torch.__version__,
     }
 
@@ -62,6 +66,20 @@ def _triton_status(device: torch.device) -> str:
         return "not installed" + (": CUDA runs the PyTorch reference ops" if device.type == "cuda" else "")
     use = "in use" if device.type == "cuda" else "used on CUDA only"
     return f"triton {triton.__version__}: {use}"
+
+
+def use_cuda_graphs(lm: StemGenEngineLM, enable: bool | None) -> None:
+    """Turn CUDA graphs for the trunk on or off (None: STEMGEN_CUDA_GRAPHS=1 turns them on)."""
+    from .graphs import TrunkGraphs
+
+    if enable is None:
+        flag = os.environ.get("STEMGEN_CUDA_GRAPHS", "0")
+        if flag not in ("0", "1"):
+            raise ValueError(f"STEMGEN_CUDA_GRAPHS={flag!r}: use 1 (on) or 0 (off)")
+        enable = flag == "1" and lm.device.type == "cuda"
+    if enable and lm.device.type != "cuda":
+        raise ValueError(f"CUDA graphs need a CUDA device; the model is on {lm.device}: drop --cuda-graphs")
+    lm.graphs = TrunkGraphs(lm) if enable else None
 
 
 @dataclass
@@ -89,14 +107,18 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, device: str | torch.device | None = "auto",
-                        dtype: str | torch.dtype | None = None, load_codec_weights: bool = True) -> "Engine":
+                        dtype: str | torch.dtype | None = None, load_codec_weights: bool = True,
+                        cuda_graphs: bool | None = None) -> "Engine":
         """Load an engine model directory. dtype defaults to bfloat16 on CUDA and on CPUs with native
-        bf16 arithmetic (AVX512-BF16 / AMX), float32 elsewhere (engine.model.default_dtype)."""
+        bf16 arithmetic (AVX512-BF16 / AMX), float32 elsewhere (engine.model.default_dtype).
+        cuda_graphs: replay each step's transformer trunk from a CUDA graph (engine.graphs; CUDA
+        only; default: the STEMGEN_CUDA_GRAPHS environment variable, else off)."""
         model_dir = Path(model_dir)
         config = ModelConfig.load(model_dir)
         device = pick_device(device)
         dtype = resolve_dtype(dtype) if dtype else default_dtype(device)
         lm = load_lm(model_dir / config.weights["lm"], config.lm, device=device, dtype=dtype)
+        use_cuda_graphs(lm, cuda_graphs)
         codec = None
         if load_codec_weights and config.codec:
             ccfg = CodecConfig.from_dict(config.codec)

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels.attention import cu_seqlens
 from .backend import Ops, select_ops
 from .config import LMConfig, read_weights
 
@@ -69,6 +70,7 @@ class StemGenEngineLM(nn.Module):
         self.register_buffer("cond_offsets", _cond_offsets(cfg), persistent=False)
         self.ops = Ops()  # hot-path implementations; set for the device/dtype at load (engine.backend)
         self._rope_cache: dict = {}
+        self.graphs = None  # engine.graphs.TrunkGraphs when CUDA graphs are on
 
     @property
     def dtype(self) -> torch.dtype:
@@ -79,13 +81,14 @@ class StemGenEngineLM(nn.Module):
         return self.norm.device
 
     def _rope(self, T: int, device):
+        """cos, sin [T, head_dim / 2] fp32 for positions 0..T-1, computed in fp64 on ``device`` (no
+        host-to-device copy); the last table is kept."""
         key = (T, str(device))
         if key not in self._rope_cache:
-            cfg = self.cfg
-            dh = cfg.head_dim
-            inv = 1.0 / cfg.rope_theta ** (torch.arange(0, dh, 2, dtype=torch.float64) / dh)
-            ang = torch.outer(torch.arange(T, dtype=torch.float64), inv)
-            self._rope_cache = {key: (ang.cos().float().to(device), ang.sin().float().to(device))}
+            dh = self.cfg.head_dim
+            inv = 1.0 / self.cfg.rope_theta ** (torch.arange(0, dh, 2, dtype=torch.float64, device=device) / dh)
+            ang = torch.outer(torch.arange(T, dtype=torch.float64, device=device), inv)
+            self._rope_cache = {key: (ang.cos().float(), ang.sin().float())}
         return self._rope_cache[key]
 
     @torch.inference_mode()
@@ -104,7 +107,8 @@ class StemGenEngineLM(nn.Module):
         (no padding). Each request is (tokens [R, C, Q, T], conditions [R, S], level, positions):
         only head ``level`` is computed, and only at frames ``positions`` (int64 [M]; None: all).
         Returns per request fp32 logits [R, M, V]. Attention never mixes requests."""
-        x = self._hidden([(t, c) for t, c, _, _ in requests])
+        pairs = [(t, c) for t, c, _, _ in requests]
+        x = self._hidden(pairs) if self.graphs is None else self.graphs.hidden(pairs)
         rows, start = [], 0
         for tokens, _, level, positions in requests:
             R, T = tokens.shape[0], tokens.shape[-1]
@@ -128,9 +132,10 @@ class StemGenEngineLM(nn.Module):
         x = torch.cat([self.ops.embed_sum(t, c, self.tok_emb, self.cond_emb, self.cond_offsets).reshape(-1, d)
                        for t, c in requests])
         cos, sin = self._rope(max(T for _, T in segs), x.device)
+        cu = cu_seqlens(segs, x.device)
         for layer in self.layers:
             q, k, v = linear(rms_norm(x, layer.attn_norm, cfg.norm_eps), layer.wqkv).view(-1, 3, H, dh).unbind(1)
-            x = x + linear(self.ops.attention(q, k, v, segs, cos, sin), layer.wo)
+            x = x + linear(self.ops.attention(q, k, v, segs, cos, sin, cu_seqlens=cu), layer.wo)
             gate, up = linear(rms_norm(x, layer.ffn_norm, cfg.norm_eps), layer.w13).chunk(2, dim=-1)
             x = x + linear(F.silu(gate) * up, layer.w2)
         return rms_norm(x, self.norm, cfg.norm_eps)

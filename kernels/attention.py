@@ -18,11 +18,24 @@ def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
+def cu_seqlens(segments: list[tuple[int, int]], device) -> torch.Tensor:
+    """int32 [sequences + 1]: where each sequence (a request's row) starts in the packed batch, and
+    the end. Made on the device from Python ints: no host-to-device copy (so no host sync, and it
+    can be recorded in a CUDA graph)."""
+    parts, start = [torch.zeros(1, dtype=torch.int32, device=device)], 0
+    for R, T in segments:
+        parts.append(torch.arange(1, R + 1, dtype=torch.int32, device=device) * T + start)
+        start += R * T
+    return torch.cat(parts)
+
+
 def positions_of(segments: list[tuple[int, int]], device) -> torch.Tensor:
     return torch.cat([torch.arange(T, device=device).repeat(R) for R, T in segments])
 
 
-def attention_ref(q, k, v, segments: list[tuple[int, int]], cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def attention_ref(q, k, v, segments: list[tuple[int, int]], cos: torch.Tensor, sin: torch.Tensor,
+                  cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """``cu_seqlens`` (see cu_seqlens()) is accepted for the kernels' contract and not needed here."""
     N, H, dh = q.shape
     if len(segments) == 1:
         R, T = segments[0]

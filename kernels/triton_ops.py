@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .attention import cu_seqlens as make_cu_seqlens
 from .rng import STREAM_RANK, STREAM_SAMPLE, step_key
 from .sampling import guide_sample_rank_ref
 
@@ -144,34 +145,16 @@ def _flash_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_ptr, svn, svh, svd, son, soh,
                  out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
-_cu_cache: dict = {}
-
-
-def _cu_seqlens(segments: tuple, device) -> torch.Tensor:
-    """Cumulative sequence starts on the device, built once per batch layout and reused by every
-    layer. Made on the device from Python ints (kernel arguments), so a new layout, when requests
-    join or leave, costs no blocking host-to-device copy either."""
-    key = (segments, str(device))
-    if key not in _cu_cache:
-        if len(_cu_cache) > 64:
-            _cu_cache.clear()
-        parts, start = [torch.zeros(1, dtype=torch.int32, device=device)], 0
-        for R, T in segments:
-            parts.append(torch.arange(1, R + 1, dtype=torch.int32, device=device) * T + start)
-            start += R * T
-        _cu_cache[key] = torch.cat(parts)
-    return _cu_cache[key]
-
-
-def attention(q, k, v, segments, cos, sin, block_m: int = 64, block_n: int = 64):
+def attention(q, k, v, segments, cos, sin, cu_seqlens=None, block_m: int = 64, block_n: int = 64):
     """Same contract as kernels.attention.attention_ref; q, k, v [N, H, Dh] may be strided views.
-    Two launches: RoPE of q and k once (contiguous copies, q pre-scaled), then flash attention."""
+    Two launches: RoPE of q and k once (contiguous copies, q pre-scaled), then flash attention.
+    Pass ``cu_seqlens`` (built once per forward) to save building it in every layer."""
     N, H, dh = q.shape
     if dh % 2:
         raise ValueError(f"RoPE needs an even head dim, got {dh}")
     n_seqs = sum(R for R, _ in segments)
     max_len = max(T for _, T in segments)
-    cu = _cu_seqlens(tuple(segments), q.device)
+    cu = cu_seqlens if cu_seqlens is not None else make_cu_seqlens(segments, q.device)
     half = dh // 2
     qr = torch.empty(N, H, dh, dtype=q.dtype, device=q.device)
     kr = torch.empty_like(qr)

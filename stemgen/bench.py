@@ -197,20 +197,23 @@ def _timed(fn, device):
 
 def run_bench(*, model_dir=None, config_name: str = "small", duration: float = 10.0,
               steps: tuple[int, ...] = (16, 8, 4, 4), batches: tuple[int, ...] = (1, 8), device="cpu",
-              dtype=None, baseline: bool = True, guidance: str = "multi", seed: int = 0, log=print) -> dict:
-    from .engine.api import pick_device
+              dtype=None, baseline: bool = True, guidance: str = "multi", seed: int = 0,
+              cuda_graphs: bool | None = None, log=print) -> dict:
+    from .engine.api import pick_device, use_cuda_graphs
     from .engine.model import default_dtype, resolve_dtype
 
     device = pick_device(device)
     dtype = resolve_dtype(dtype) if dtype else default_dtype(device)
     lm, base, frame_rate, desc = _models(model_dir, config_name, device, dtype, baseline, seed)
+    use_cuda_graphs(lm, cuda_graphs)
     cfg = lm.cfg
     if len(steps) != cfg.n_q:
         raise ValueError(f"--steps gives {len(steps)} levels, the model has {cfg.n_q}")
     T = max(1, round(duration * frame_rate))
     n_params = sum(p.numel() for p in lm.parameters())
     log(f"bench: {desc}, {n_params / 1e6:.1f}M parameters, {T} frames ({T / frame_rate:.1f} s), steps "
-        f"{list(steps)}, guidance {guidance}, engine {str(dtype).replace('torch.', '')} on {device}, "
+        f"{list(steps)}, guidance {guidance}, engine {str(dtype).replace('torch.', '')} on {device}"
+        f"{' with CUDA graphs' if lm.graphs is not None else ''}, "
         f"baseline {'fp32 training-form model' if base is not None else 'off'}")
     # warm-up (allocators, kernels, thread pools) on a short run of each path
     g = torch.Generator().manual_seed(seed)
@@ -248,6 +251,7 @@ def run_bench(*, model_dir=None, config_name: str = "small", duration: float = 1
             "settings": {"model": desc, "parameters": n_params, "frames": T, "frame_rate": frame_rate,
                          "duration_s": T / frame_rate, "steps": list(steps), "guidance": guidance,
                          "engine_dtype": str(dtype).replace("torch.", ""), "baseline_dtype": "float32",
+                         "cuda_graphs": lm.graphs is not None,
                          "batches": list(batches)},
             "results": results, "saturation": sat}
 

@@ -186,6 +186,9 @@ def generate(
     variations: int = typer.Option(1, "--variations", "-n", min=1, help="stems to generate (seeds seed, seed+1, ...)"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16, float16 (default: bf16 on GPU)"),
+    cuda_graphs: Optional[bool] = typer.Option(None, "--cuda-graphs/--no-cuda-graphs",
+                                               help="replay each step's trunk from a CUDA graph (GPU; default: "
+                                               "STEMGEN_CUDA_GRAPHS, else off)"),
     bits: str = typer.Option("16", "--bits", help="output WAV sample format: 16, 24 or float"),
 ):
     """Generate a stem that fits CONTEXT and write it (and optionally the new mix) as WAV."""
@@ -209,7 +212,7 @@ def generate(
             model_dir = ensure_demo_model(log=lambda m: err_console.print(m, highlight=False))
         else:
             model_dir = Path(model)
-        engine = Engine.from_pretrained(model_dir, device=device, dtype=dtype)
+        engine = Engine.from_pretrained(model_dir, device=device, dtype=dtype, cuda_graphs=cuda_graphs)
         engine.instrument_id(instrument)
         sampling = engine.sampling(seed=seed, steps=_parse_steps(steps), guidance=guidance, cfg_context=cfg_context,
                                    cfg_instrument=cfg_instrument, cfg_scale=cfg_scale, w_causal=causal_bias,
@@ -259,6 +262,8 @@ def bench(
     guidance: str = typer.Option("multi", "--guidance", help="multi, single or none"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="engine dtype (default: the engine's default)"),
+    cuda_graphs: Optional[bool] = typer.Option(None, "--cuda-graphs/--no-cuda-graphs",
+                                               help="engine replays the trunk from CUDA graphs (GPU)"),
     baseline: bool = typer.Option(True, "--baseline/--no-baseline", help="also run the fp32 training-form baseline"),
     seed: int = typer.Option(0, "--seed"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="write all figures (and the machine) as JSON"),
@@ -278,7 +283,7 @@ def bench(
                          duration=duration or (20.0 if gpu else 10.0),
                          steps=_parse_steps(steps) or ((128, 64, 32, 32) if gpu else (16, 8, 4, 4)),
                          batches=tuple(int(b) for b in batch.split(",")), device=dev, dtype=dtype,
-                         baseline=baseline, guidance=guidance, seed=seed,
+                         baseline=baseline, guidance=guidance, seed=seed, cuda_graphs=cuda_graphs,
                          log=lambda m: err_console.print(m, highlight=False, soft_wrap=True))
 
     report = run_guarded(work)

@@ -37,7 +37,8 @@ def render_generation(name: str, rep: dict) -> list[str]:
     lines = [f"### {name}: whole generations (`stemgen bench`)", "",
              f"Device: **{where}** ({m['device']}); torch {m['torch']}, Python {m['python']}.",
              f"Model {s['model']}, {s['parameters'] / 1e6:.1f}M parameters; {s['duration_s']:.1f} s "
-             f"({s['frames']} frames); steps {s['steps']}; guidance {s['guidance']}; engine {s['engine_dtype']}, "
+             f"({s['frames']} frames); steps {s['steps']}; guidance {s['guidance']}; engine {s['engine_dtype']}"
+             f"{' with CUDA graphs' if s.get('cuda_graphs') else ''}, "
              f"baseline {s['baseline_dtype']} training-form model.", ""]
     rows = []
     for r in rep["results"]:
