@@ -3,9 +3,9 @@
 A step's trunk launches some twenty kernels per layer; a graph replays them all with one launch.
 The trunk's shapes depend only on the batch layout (rows and frames of each running request), which
 stays the same for many steps (a request runs for hundreds), so one graph is recorded per layout:
-on its second consecutive step, after an eager warm-up, keeping the most recent ``max_graphs``.
-Each graph has its own memory pool and its own static inputs; the step copies the new tokens into
-them and replays. The level's head and the sampling stay outside (the head differs by level).
+on its second consecutive step, after an eager warm-up, keeping the most recent ``max_graphs``
+(each holds its own memory pool, about one eager step's activations, and its static inputs).
+The step copies the new tokens into the static inputs and replays. The level's head and the sampling stay outside (the head differs by level).
 
 Recording needs a step without host synchronisation (tests/test_sync_free.py checks that).
 Opt-in (``Engine.from_pretrained(..., cuda_graphs=True)``, ``--cuda-graphs``,
@@ -48,7 +48,7 @@ class CudaGraphBackend:
 
 
 class TrunkGraphs:
-    def __init__(self, model, max_graphs: int = 8, backend: CudaGraphBackend | None = None):
+    def __init__(self, model, max_graphs: int = 4, backend: CudaGraphBackend | None = None):
         self.model = model
         self.max_graphs = max_graphs
         self.backend = backend or CudaGraphBackend()

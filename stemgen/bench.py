@@ -250,7 +250,8 @@ def run_bench(*, model_dir=None, config_name: str = "small", duration: float = 1
     return {"machine": machine_info(device),
             "settings": {"model": desc, "parameters": n_params, "frames": T, "frame_rate": frame_rate,
                          "duration_s": T / frame_rate, "steps": list(steps), "guidance": guidance,
-                         "engine_dtype": str(dtype).replace("torch.", ""), "baseline_dtype": "float32",
+                         "engine_dtype": str(dtype).replace("torch.", ""),
+                         "baseline_dtype": "float32" if base is not None else None,
                          "cuda_graphs": lm.graphs is not None,
                          "batches": list(batches)},
             "results": results, "saturation": sat}

@@ -300,9 +300,9 @@ def bench(
                       f"{s['transformer_passes_per_s']:.1f}", f"{s['frames_per_s']:.0f}",
                       f"{s['audio_s_per_wall_s']:.2f}", f"{s['peak_mb']:.0f}", ratio)
     Console(soft_wrap=True, width=max(console.width, 130)).print(t)
-    m = report["machine"]
+    m, st = report["machine"], report["settings"]
     console.print(f"machine: {m.get('gpu') or m['processor']}, {m['cpu_threads']} threads, torch {m['torch']}; "
-                  f"engine {report['settings']['engine_dtype']}, baseline float32", highlight=False)
+                  f"engine {st['engine_dtype']}, baseline {st['baseline_dtype'] or 'not run'}", highlight=False)
     if json_path is not None:
         tmp = json_path.with_name(f".{json_path.name}.tmp")
         tmp.write_text(json.dumps(report, indent=2) + "\n")

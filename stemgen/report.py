@@ -33,13 +33,14 @@ def _table(header: list[str], rows: list[list[str]], text_cols: int = 2) -> list
 
 def render_generation(name: str, rep: dict) -> list[str]:
     m, s = rep["machine"], rep["settings"]
+    has_base = any("baseline" in r for r in rep["results"])
+    base = f"baseline {s['baseline_dtype']} training-form model" if has_base else "no baseline run"
     where = m.get("gpu") or f"{m['processor']}, {m['cpu_threads']} threads"
     lines = [f"### {name}: whole generations (`stemgen bench`)", "",
              f"Device: **{where}** ({m['device']}); torch {m['torch']}, Python {m['python']}.",
              f"Model {s['model']}, {s['parameters'] / 1e6:.1f}M parameters; {s['duration_s']:.1f} s "
              f"({s['frames']} frames); steps {s['steps']}; guidance {s['guidance']}; engine {s['engine_dtype']}"
-             f"{' with CUDA graphs' if s.get('cuda_graphs') else ''}, "
-             f"baseline {s['baseline_dtype']} training-form model.", ""]
+             f"{' with CUDA graphs' if s.get('cuda_graphs') else ''}; {base}.", ""]
     rows = []
     for r in rep["results"]:
         for run in ("engine", "baseline"):
@@ -53,7 +54,7 @@ def render_generation(name: str, rep: dict) -> list[str]:
                          agree])
     lines += _table(["batch", "run", "wall s", "step ms", "frames/s", "audio s per s", "peak MB", "ratio",
                      "tokens equal to baseline's"], rows)
-    if s["engine_dtype"] != s["baseline_dtype"]:
+    if has_base and s["engine_dtype"] != s["baseline_dtype"]:
         lines += ["", f"({s['engine_dtype']} engine vs {s['baseline_dtype']} baseline: rounding changes some "
                       "sampled tokens, so token agreement is below 100% by design; the fp32 run shows parity.)"]
     sat = rep.get("saturation")
