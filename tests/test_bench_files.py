@@ -1,0 +1,21 @@
+"""The GPU benchmark file must not rot while no GPU runs it: its groups run here once each on tiny
+shapes under the Triton interpreter (timings disabled, so nothing here is a speed figure)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the benchmark file runs for real (gpu_run.sh)")
+def test_kernel_bench_file_runs_on_tiny_shapes():
+    env = dict(os.environ, STEMGEN_BENCH_SMOKE="1", TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
+                          str(ROOT / "bench" / "test_kernels_bench.py")], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert "7 passed" in res.stdout and "skipped" not in res.stdout, res.stdout[-1000:]
