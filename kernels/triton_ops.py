@@ -67,17 +67,22 @@ def embed_sum(tokens, conditions, tok_table, cond_table, cond_offsets, check: bo
 
 
 @triton.jit
+def _sequence(cu_ptr, seq):
+    """First packed row and length of sequence ``seq``."""
+    start = tl.load(cu_ptr + seq)
+    return start, tl.load(cu_ptr + seq + 1) - start
+
+
+@triton.jit
 def _rope_qk_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cu_ptr, cos_ptr, sin_ptr, q_scale,
                     sqn, sqh, sqd, skn, skh, skd, HALF, DH,
                     BLOCK: tl.constexpr, HALF_P: tl.constexpr):
     """Rotate-half RoPE of q and k for one block of one sequence's frames and one head, in fp32,
     written contiguous [N, H, Dh]; q is pre-scaled by softmax scale * log2(e) for exp2."""
     pid = tl.program_id(0)
-    seq = tl.program_id(1)
     h = tl.program_id(2)
     H = tl.num_programs(2)
-    start = tl.load(cu_ptr + seq)
-    L = tl.load(cu_ptr + seq + 1) - start
+    start, L = _sequence(cu_ptr, tl.program_id(1))
     if pid * BLOCK < L:
         offs = pid * BLOCK + tl.arange(0, BLOCK)          # positions within the sequence
         offs_h = tl.arange(0, HALF_P)
@@ -104,11 +109,9 @@ def _flash_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_ptr, svn, svh, svd, son, soh,
     """Non-causal attention of one query block of one sequence and head, online softmax (exp2).
     q (pre-scaled, rotated) and k (rotated) are contiguous [N, H, Dh]; v and out may be strided."""
     pid_m = tl.program_id(0)
-    seq = tl.program_id(1)
     h = tl.program_id(2)
     H = tl.num_programs(2)
-    start = tl.load(cu_ptr + seq)
-    L = tl.load(cu_ptr + seq + 1) - start
+    start, L = _sequence(cu_ptr, tl.program_id(1))
     if pid_m * BLOCK_M < L:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_mask = offs_m < L

@@ -260,6 +260,14 @@ def run_bench(*, model_dir=None, config_name: str = "small", duration: float = 1
 SATURATION = 0.9
 
 
+def result_rows(report: dict):
+    """Yield (result entry, 'engine' or 'baseline', that run's figures) in table order."""
+    for r in report["results"]:
+        for name in ("engine", "baseline"):
+            if name in r:
+                yield r, name, r[name]
+
+
 def saturation(points: list[tuple[int, float]]) -> dict | None:
     """The smallest batch size whose throughput is within 10% of the best measured: where more
     concurrent requests stop paying. ``reached`` is false when that is the largest batch tried

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .bench import result_rows
+
 FAST_IMPLS = ("triton", "cpp", "engine")
 
 
@@ -42,16 +44,11 @@ def render_generation(name: str, rep: dict) -> list[str]:
              f"({s['frames']} frames); steps {s['steps']}; guidance {s['guidance']}; engine {s['engine_dtype']}"
              f"{' with CUDA graphs' if s.get('cuda_graphs') else ''}; {base}.", ""]
     rows = []
-    for r in rep["results"]:
-        for run in ("engine", "baseline"):
-            if run not in r:
-                continue
-            x = r[run]
-            ratio = f"**{r['speedup_frames_per_s']:.2f}x**" if run == "engine" and "baseline" in r else ""
-            agree = f"{100 * r['token_agreement']:.1f}%" if run == "engine" and "token_agreement" in r else ""
-            rows.append([str(r["batch"]), run, f"{x['wall_s']:.3f}", f"{x['step_latency_ms']:.2f}",
-                         f"{x['frames_per_s']:.0f}", f"{x['audio_s_per_wall_s']:.2f}", f"{x['peak_mb']:.0f}", ratio,
-                         agree])
+    for r, run, x in result_rows(rep):
+        ratio = f"**{r['speedup_frames_per_s']:.2f}x**" if run == "engine" and "baseline" in r else ""
+        agree = f"{100 * r['token_agreement']:.1f}%" if run == "engine" and "token_agreement" in r else ""
+        rows.append([str(r["batch"]), run, f"{x['wall_s']:.3f}", f"{x['step_latency_ms']:.2f}",
+                     f"{x['frames_per_s']:.0f}", f"{x['audio_s_per_wall_s']:.2f}", f"{x['peak_mb']:.0f}", ratio, agree])
     lines += _table(["batch", "run", "wall s", "step ms", "frames/s", "audio s per s", "peak MB", "ratio",
                      "tokens equal to baseline's"], rows)
     if has_base and s["engine_dtype"] != s["baseline_dtype"]:

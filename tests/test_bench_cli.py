@@ -2,6 +2,8 @@
 model in fp32 the engine's tokens equal the training-form baseline's."""
 import json
 
+import pytest
+
 from typer.testing import CliRunner
 
 from stemgen.cli import app
@@ -12,11 +14,18 @@ from helpers import make_model_dir
 runner = CliRunner()
 
 
-def test_bench_preset_json(tmp_path):
-    out = tmp_path / "b.json"
+@pytest.fixture(scope="module")
+def tiny_bench(tmp_path_factory):
+    """`stemgen bench` on the tiny preset at batches 1 and 2 -> (JSON path, result)."""
+    out = tmp_path_factory.mktemp("bench") / "gen.json"
     res = runner.invoke(app, ["bench", "--config", "tiny", "--duration", "1", "--steps", "2,1,1,1", "--batch", "1,2",
                               "--device", "cpu", "--json", str(out)])
     assert res.exit_code == 0, res.output
+    return out, res
+
+
+def test_bench_preset_json(tiny_bench):
+    out, res = tiny_bench
     rep = json.loads(out.read_text())
     assert rep["machine"]["torch"] and rep["settings"]["frames"] == 50
     for r in rep["results"]:
@@ -52,11 +61,8 @@ def test_saturation_point():
     assert sat["batch"] == 2 and not sat["reached"]
 
 
-def test_bench_report_renders_figures_from_files(tmp_path):
-    gen = tmp_path / "gen.json"
-    res = runner.invoke(app, ["bench", "--config", "tiny", "--duration", "1", "--steps", "2,1,1,1", "--batch", "1,2",
-                              "--device", "cpu", "--json", str(gen)])
-    assert res.exit_code == 0, res.output
+def test_bench_report_renders_figures_from_files(tiny_bench, tmp_path):
+    gen = tiny_bench[0]
     rep = json.loads(gen.read_text())
     assert rep["saturation"]["batch"] in (1, 2)
     ops = tmp_path / "ops.json"
