@@ -6,7 +6,8 @@
                                                            batch (sequences by cumulative lengths), RoPE
                                                            of q and k in one kernel, then online softmax
   guide_sample_rank  kernels.sampling.guide_sample_rank_ref  guidance + inverse-CDF sampling + rank score,
-                                                           the same counter-based noise
+                                                           the same counter-based noise; one read of
+                                                           the logits per frame for V <= 4096
 
 Run on CUDA; on the CPU they run under TRITON_INTERPRET=1 (the tests). Inputs are trusted to be
 in range (the scheduler validates requests); ``check=True`` validates on the host first.
@@ -192,91 +193,88 @@ def _uniform(key, index):
 
 
 @triton.jit
-def _guided(logits_ptr, w_ptr, lse, rr, m, M, V, offs, vm, R: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Guided log-probabilities sum_r w_r (logits_r - lse_r) of codes ``offs`` at frame m."""
-    g = tl.zeros([BLOCK_V], dtype=tl.float32)
+def _guided(logits_ptr, w_ptr, m, M, V, offs, vm, R: tl.constexpr, BLOCK_V: tl.constexpr):
+    """h = sum_r w_r logits_r at codes ``offs`` of frame m (-inf past V). The guided log-probabilities
+    sum_r w_r log_softmax(logits_r) are h minus a constant (sum_r w_r lse_r): every softmax of them,
+    so the sampled distribution and the token's probability, is the same from h, with no pass to
+    compute each row's log-sum-exp."""
+    h = tl.zeros([BLOCK_V], dtype=tl.float32)
     for r in tl.static_range(R):
-        x = tl.load(logits_ptr + (r * M + m) * V + offs, mask=vm, other=0.0)
-        g += tl.load(w_ptr + r) * (x - tl.sum(tl.where(rr == r, lse, 0.0), 0))
-    return g
+        h += tl.load(w_ptr + r) * tl.load(logits_ptr + (r * M + m) * V + offs, mask=vm, other=0.0)
+    return tl.where(vm, h, float("-inf"))
 
 
 @triton.jit
 def _guide_sample_kernel(logits_ptr, w_ptr, pos_ptr, masked_ptr, tok_ptr, prob_ptr, score_ptr, M, V, length,
                          key_sample, key_rank, inv_temp, w_conf, w_causal, w_rand,
-                         R: tl.constexpr, GREEDY: tl.constexpr, BLOCK_V: tl.constexpr):
+                         R: tl.constexpr, GREEDY: tl.constexpr, BLOCK_V: tl.constexpr, ONE_BLOCK: tl.constexpr):
     m = tl.program_id(0)
     pos = tl.load(pos_ptr + m)
     is_masked = tl.load(masked_ptr + m) != 0
-    rr = tl.arange(0, 4)
-    # pass 1: log-sum-exp of every guidance row (online)
-    lse = tl.zeros([4], dtype=tl.float32)
-    for r in tl.static_range(R):
-        mx = tl.full([], float("-inf"), tl.float32)
-        sm = tl.zeros([], dtype=tl.float32)
-        for v0 in range(0, V, BLOCK_V):
-            offs = v0 + tl.arange(0, BLOCK_V)
-            x = tl.load(logits_ptr + (r * M + m) * V + offs, mask=offs < V, other=float("-inf"))
-            new = tl.maximum(mx, tl.max(x, 0))
-            sm = sm * tl.exp(mx - new) + tl.sum(tl.exp(x - new), 0)
-            mx = new
-        lse = tl.where(rr == r, mx + tl.log(sm), lse)
-    # pass 2: guided log-probs g = sum_r w_r (l_r - lse_r); max and log-sum-exp of g; first argmax
-    gmx = tl.full([], float("-inf"), tl.float32)
-    gsm = tl.zeros([], dtype=tl.float32)
-    best = tl.zeros([], dtype=tl.int32) + V
-    for v0 in range(0, V, BLOCK_V):
-        offs = v0 + tl.arange(0, BLOCK_V)
+    u = _uniform(key_sample.to(tl.uint32), pos.to(tl.uint32)).to(tl.float64)
+    if ONE_BLOCK:
+        # the whole vocabulary in registers: ONE read of the frame's logits, everything else on it
+        offs = tl.arange(0, BLOCK_V)
         vm = offs < V
-        g = _guided(logits_ptr, w_ptr, lse, rr, m, M, V, offs, vm, R, BLOCK_V)
-        g = tl.where(vm, g, float("-inf"))
-        bmax = tl.max(g, 0)
-        bidx = tl.min(tl.where(g == bmax, offs, V), 0)
-        best = tl.where(bmax > gmx, bidx, best)
-        new = tl.maximum(gmx, bmax)
-        gsm = gsm * tl.exp(gmx - new) + tl.sum(tl.exp(g - new), 0)
-        gmx = new
-    glse = gmx + tl.log(gsm)
-    g_best = gmx
-    if not GREEDY:
-        # pass 3: total of exp((g - gmax) / T) in fp64 (code order), then the inverse-CDF scan
-        total = tl.zeros([], dtype=tl.float64)
-        for v0 in range(0, V, BLOCK_V):
-            offs = v0 + tl.arange(0, BLOCK_V)
-            vm = offs < V
-            g = _guided(logits_ptr, w_ptr, lse, rr, m, M, V, offs, vm, R, BLOCK_V)
-            e = tl.where(vm, tl.exp((g - gmx) * inv_temp), 0.0)
-            total += tl.sum(e.to(tl.float64), 0)
-        u = _uniform(key_sample.to(tl.uint32), pos.to(tl.uint32))
-        x_target = u.to(tl.float64) * total
-        acc = tl.zeros([], dtype=tl.float64)
+        h = _guided(logits_ptr, w_ptr, m, M, V, offs, vm, R, BLOCK_V)
+        gmx = tl.max(h, 0)
+        glse = gmx + tl.log(tl.sum(tl.exp(h - gmx), 0))
+        if GREEDY:
+            best = tl.min(tl.where(h == gmx, offs, V), 0)
+        else:
+            cs = tl.cumsum(tl.where(vm, tl.exp((h - gmx) * inv_temp), 0.0).to(tl.float64), 0)  # code order
+            total = tl.max(cs, 0)  # the last running sum
+            best = tl.minimum(tl.min(tl.where((cs > u * total) & vm, offs, V), 0), V - 1)
+        g_best = tl.sum(tl.where(offs == best, h, 0.0), 0)
+    else:
+        # pass 1: max and log-sum-exp of h (online), first argmax
+        gmx = tl.full([], float("-inf"), tl.float32)
+        gsm = tl.zeros([], dtype=tl.float32)
         best = tl.zeros([], dtype=tl.int32) + V
-        g_best = tl.zeros([], dtype=tl.float32)
         for v0 in range(0, V, BLOCK_V):
             offs = v0 + tl.arange(0, BLOCK_V)
-            vm = offs < V
-            g = _guided(logits_ptr, w_ptr, lse, rr, m, M, V, offs, vm, R, BLOCK_V)
-            e = tl.where(vm, tl.exp((g - gmx) * inv_temp), 0.0).to(tl.float64)
-            cs = acc + tl.cumsum(e, 0)
-            idx = tl.min(tl.where((cs > x_target) & vm, offs, V), 0)
-            take = (best == V) & (idx < V)
-            g_best = tl.where(take, tl.sum(tl.where(offs == idx, g, 0.0), 0), g_best)
-            best = tl.where(take, idx, best)
-            acc += tl.sum(e, 0)
-        # no code exceeded u * total (cannot happen mathematically): the last code, as the reference
-        if best == V:
-            best = V - 1
-            x = tl.zeros([1], dtype=tl.float32)
-            for r in tl.static_range(R):
-                lv = tl.load(logits_ptr + (r * M + m) * V + V - 1 + tl.arange(0, 1))
-                x += tl.load(w_ptr + r) * (lv - tl.sum(tl.where(rr == r, lse, 0.0), 0))
-            g_best = tl.sum(x, 0)
+            h = _guided(logits_ptr, w_ptr, m, M, V, offs, offs < V, R, BLOCK_V)
+            bmax = tl.max(h, 0)
+            best = tl.where(bmax > gmx, tl.min(tl.where(h == bmax, offs, V), 0), best)
+            new = tl.maximum(gmx, bmax)
+            gsm = gsm * tl.exp(gmx - new) + tl.sum(tl.exp(h - new), 0)
+            gmx = new
+        glse = gmx + tl.log(gsm)
+        g_best = gmx
+        if not GREEDY:
+            # pass 2: total of exp((h - max) / T) in fp64; pass 3: the inverse-CDF scan in code order
+            total = tl.zeros([], dtype=tl.float64)
+            for v0 in range(0, V, BLOCK_V):
+                offs = v0 + tl.arange(0, BLOCK_V)
+                vm = offs < V
+                h = _guided(logits_ptr, w_ptr, m, M, V, offs, vm, R, BLOCK_V)
+                total += tl.sum(tl.where(vm, tl.exp((h - gmx) * inv_temp), 0.0).to(tl.float64), 0)
+            acc = tl.zeros([], dtype=tl.float64)
+            best = tl.zeros([], dtype=tl.int32) + V
+            for v0 in range(0, V, BLOCK_V):
+                offs = v0 + tl.arange(0, BLOCK_V)
+                vm = offs < V
+                h = _guided(logits_ptr, w_ptr, m, M, V, offs, vm, R, BLOCK_V)
+                e = tl.where(vm, tl.exp((h - gmx) * inv_temp), 0.0).to(tl.float64)
+                idx = tl.min(tl.where(((acc + tl.cumsum(e, 0)) > u * total) & vm, offs, V), 0)
+                take = (best == V) & (idx < V)
+                g_best = tl.where(take, tl.sum(tl.where(offs == idx, h, 0.0), 0), g_best)
+                best = tl.where(take, idx, best)
+                acc += tl.sum(e, 0)
+            if best == V:  # no running sum exceeded u * total (rounding): the last code, as the reference
+                best = V - 1
+                offs = (V - 1) + tl.arange(0, BLOCK_V)
+                h = _guided(logits_ptr, w_ptr, m, M, V, offs, offs < V, R, BLOCK_V)
+                g_best = tl.max(h, 0)
     prob = tl.exp(g_best - glse)
     u_rank = _uniform(key_rank.to(tl.uint32), pos.to(tl.uint32))
     score = w_conf * prob + w_causal * (1.0 - pos.to(tl.float32) / length) + w_rand * u_rank
     tl.store(tok_ptr + m, tl.where(is_masked, best.to(tl.int64), -1))
     tl.store(prob_ptr + m, tl.where(is_masked, prob, 0.0))
     tl.store(score_ptr + m, tl.where(is_masked, score, float("-inf")))
+
+
+ONE_BLOCK_MAX_V = 4096   # vocabularies up to this are read once per frame (Encodec's 2048 codes are)
 
 
 def guide_sample_rank(logits, weights, positions, masked, length: int, *, seed: int, level: int, step: int,
@@ -290,18 +288,19 @@ def guide_sample_rank(logits, weights, positions, masked, length: int, *, seed: 
         return guide_sample_rank_ref(logits, weights, positions, masked, length, seed=seed, level=level, step=step,
                                      temperature=temperature, top_k=top_k, top_p=top_p, w_conf=w_conf,
                                      w_causal=w_causal, w_rand=w_rand)
-    if R > 4:
-        raise ValueError(f"at most 4 guidance rows, got {R}")
     dev = logits.device
     tok = torch.empty(M, dtype=torch.int64, device=dev)
     prob = torch.empty(M, dtype=torch.float32, device=dev)
     score = torch.empty(M, dtype=torch.float32, device=dev)
     greedy = temperature <= 0
+    one_block = triton.next_power_of_2(V) <= ONE_BLOCK_MAX_V
+    block_v = triton.next_power_of_2(V) if one_block else 1024
     _guide_sample_kernel[(M,)](logits.float().contiguous(), weights.float().contiguous(), positions.contiguous(),
                                masked.to(torch.int8).contiguous(), tok, prob, score, M, V, float(length),
                                step_key(seed, level, step, STREAM_SAMPLE), step_key(seed, level, step, STREAM_RANK),
                                0.0 if greedy else 1.0 / temperature, float(w_conf), float(w_causal), float(w_rand),
-                               R=R, GREEDY=greedy, BLOCK_V=min(1024, triton.next_power_of_2(V)))
+                               R=R, GREEDY=greedy, BLOCK_V=block_v, ONE_BLOCK=one_block,
+                               num_warps=8 if block_v >= 2048 else 4)
     return tok, prob, score
 
 

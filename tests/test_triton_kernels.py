@@ -72,7 +72,9 @@ def test_attention_bf16_loose():
     assert (got - want).abs().max() <= 3e-2 * want.abs().max()   # bf16 inputs: loose
 
 
-CASES = [(3, 1, 37, 1.0), (3, 7, 50, 0.7), (2, 20, 64, 1.3), (1, 5, 2048, 1.0), (3, 9, 33, 0.0)]
+# V up to 4096: one read of the vocabulary per frame; 5000: the blockwise passes
+CASES = [(3, 1, 37, 1.0), (3, 7, 50, 0.7), (2, 20, 64, 1.3), (1, 5, 2048, 1.0), (3, 9, 33, 0.0), (3, 4, 5000, 1.0),
+         (2, 3, 5000, 0.0), (3, 6, 5000, 0.5)]
 
 
 @pytest.mark.parametrize("R,M,V,temperature", CASES)
