@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from stemgen.kernels.attention import attention_ref
 from stemgen.kernels.embedding import embed_sum_ref
+from stemgen.kernels.norm import add_rms_norm_ref, silu_mul_ref
 from stemgen.kernels.sampling import guide_sample_rank_ref
 
 # Without a GPU the groups run only as a smoke test of this file (STEMGEN_BENCH_SMOKE=1: tiny
@@ -62,6 +63,29 @@ def test_attention(benchmark, impl, rows, T):
     else:
         fn = K.attention if impl == "triton" else attention_ref
         benchmark(sync_call, fn, q, k, v, [(rows, T)], cos, sin)
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("T", T_S)
+def test_add_rms_norm(benchmark, impl, rows, T):
+    from stemgen.kernels import triton_ops as K
+    benchmark.group = f"residual add + RMSNorm T={T} rows={rows}"
+    dtype = torch.float32 if SMOKE else torch.bfloat16
+    x, delta = torch.randn(2, rows * T, D, device=DEV, dtype=dtype).unbind(0)
+    w = torch.rand(D, device=DEV, dtype=dtype)
+    benchmark(sync_call, K.add_rms_norm if impl == "triton" else add_rms_norm_ref, x, delta, w, 1e-5)
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("T", T_S)
+def test_silu_mul(benchmark, impl, rows, T):
+    from stemgen.kernels import triton_ops as K
+    benchmark.group = f"silu(gate) * up T={T} rows={rows}"
+    dtype = torch.float32 if SMOKE else torch.bfloat16
+    gate_up = torch.randn(rows * T, 2 * (D * 11 // 4), device=DEV, dtype=dtype)   # paper: 2 x 2816
+    benchmark(sync_call, K.silu_mul if impl == "triton" else silu_mul_ref, gate_up)
 
 
 @pytest.mark.parametrize("impl", ["triton", "reference"])

@@ -49,6 +49,7 @@ def backends(device: torch.device, dtype: torch.dtype | None = None) -> dict[str
         "embedding-sum": ops.names["embedding-sum"],
         "attention": ops.names["attention"],
         "guidance+sampling": ops.names["guidance+sampling"],
+        "norms, SwiGLU": ops.names["norms, SwiGLU"],
         "codec": "PyTorch (engine.codec, fp32; RVQ encode as a GEMM: faster here than the C++ op)",
         "C++ extension": cpp_ext.status(),
         "triton": _triton_status(device),

@@ -14,6 +14,7 @@ import torch
 
 from ..kernels.attention import attention_ref
 from ..kernels.embedding import embed_sum_ref
+from ..kernels.norm import add_rms_norm_ref, rms_norm_ref, silu_mul_ref
 from ..kernels.sampling import guide_sample_rank_ref
 
 log = logging.getLogger("stemgen")
@@ -25,18 +26,24 @@ class Ops:
     embed_sum: Callable = embed_sum_ref
     guide_sample_rank: Callable = guide_sample_rank_ref
     attention: Callable = attention_ref
+    rms_norm: Callable = rms_norm_ref
+    add_rms_norm: Callable = add_rms_norm_ref
+    silu_mul: Callable = silu_mul_ref
     names: dict = field(default_factory=lambda: {
         "embedding-sum": "PyTorch reference", "guidance+sampling": "PyTorch reference",
-        "attention": "RoPE + torch scaled_dot_product_attention per request (PyTorch reference)"})
+        "attention": "RoPE + torch scaled_dot_product_attention per request (PyTorch reference)",
+        "norms, SwiGLU": "PyTorch reference"})
 
 
 def triton_ops(dtype: torch.dtype) -> Ops:
     """The Triton kernels (CUDA; on the CPU only under TRITON_INTERPRET=1, for tests)."""
     from ..kernels import triton_ops as K
 
-    ops = Ops(embed_sum=K.embed_sum, attention=K.attention, guide_sample_rank=K.guide_sample_rank)
-    ops.names = {"embedding-sum": "Triton", "attention": "Triton (flash-style, packed, RoPE fused)",
-                 "guidance+sampling": "Triton (top-k/top-p requests: PyTorch reference)"}
+    ops = Ops(embed_sum=K.embed_sum, attention=K.attention, guide_sample_rank=K.guide_sample_rank,
+              rms_norm=K.rms_norm, add_rms_norm=K.add_rms_norm, silu_mul=K.silu_mul)
+    ops.names = {"embedding-sum": "Triton", "attention": "Triton (RoPE kernel + flash-style kernel, packed)",
+                 "guidance+sampling": "Triton (top-k/top-p requests: PyTorch reference)",
+                 "norms, SwiGLU": "Triton (fused residual add + RMSNorm, fused silu * up)"}
     return ops
 
 
@@ -69,6 +76,16 @@ def triton_selfcheck(device: torch.device, dtype: torch.dtype) -> str | None:
         b = attention_ref(q.float(), k.float(), v.float(), segs, ang.cos(), ang.sin()).float()
         if problem is None and (a - b).abs().max() > 5 * tol * max(1.0, float(b.abs().max())):
             problem = "attention differs from its reference"
+        x, dx = torch.randn(2, 5, 40, generator=g).to(device, dtype).unbind(0)
+        w = torch.rand(40, generator=g).to(device, dtype)
+        x_new, h = K.add_rms_norm(x, dx, w, 1e-5)
+        x_ref, h_ref = add_rms_norm_ref(x, dx, w, 1e-5)
+        if problem is None and not (torch.allclose(x_new.float(), x_ref.float(), rtol=tol, atol=tol)
+                                    and torch.allclose(h.float(), h_ref.float(), rtol=5 * tol, atol=5 * tol)):
+            problem = "residual add + RMSNorm differs from its reference"
+        if problem is None and not torch.allclose(K.silu_mul(x).float(), silu_mul_ref(x).float(), rtol=5 * tol,
+                                                  atol=5 * tol):
+            problem = "silu * up differs from its reference"
         logits = torch.randn(3, 6, 50, generator=g).to(device)
         args = (logits, torch.tensor([1.5, 1.0, -1.5], device=device), torch.arange(6, device=device),
                 torch.ones(6, dtype=torch.bool, device=device), 6)

@@ -41,11 +41,6 @@ def expected_shapes(cfg: LMConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def rms_norm(x, weight, eps):
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
-
-
 class Layer(nn.Module):
     def __init__(self, cfg: LMConfig):
         super().__init__()
@@ -133,12 +128,15 @@ class StemGenEngineLM(nn.Module):
                        for t, c in requests])
         cos, sin = self._rope(max(T for _, T in segs), x.device)
         cu = cu_seqlens(segs, x.device)
-        for layer in self.layers:
-            q, k, v = linear(rms_norm(x, layer.attn_norm, cfg.norm_eps), layer.wqkv).view(-1, 3, H, dh).unbind(1)
-            x = x + linear(self.ops.attention(q, k, v, segs, cos, sin, cu_seqlens=cu), layer.wo)
-            gate, up = linear(rms_norm(x, layer.ffn_norm, cfg.norm_eps), layer.w13).chunk(2, dim=-1)
-            x = x + linear(F.silu(gate) * up, layer.w2)
-        return rms_norm(x, self.norm, cfg.norm_eps)
+        ops, eps = self.ops, cfg.norm_eps
+        norms = [n for layer in self.layers for n in (layer.attn_norm, layer.ffn_norm)] + [self.norm]
+        h = ops.rms_norm(x, norms[0], eps)
+        for i, layer in enumerate(self.layers):   # each residual add is fused with the next norm
+            q, k, v = linear(h, layer.wqkv).view(-1, 3, H, dh).unbind(1)
+            x, h = ops.add_rms_norm(x, linear(ops.attention(q, k, v, segs, cos, sin, cu_seqlens=cu), layer.wo),
+                                    norms[2 * i + 1], eps)
+            x, h = ops.add_rms_norm(x, linear(ops.silu_mul(linear(h, layer.w13)), layer.w2), norms[2 * i + 2], eps)
+        return h
 
 
 # GEMM libraries pick another kernel for small row counts, whose results differ in the last

@@ -5,6 +5,8 @@
   attention          kernels.attention.attention_ref      flash-style non-causal attention over the packed
                                                            batch (sequences by cumulative lengths), RoPE
                                                            of q and k in one kernel, then online softmax
+  rms_norm, add_rms_norm, silu_mul  kernels.norm.*_ref    RMSNorm (with the residual add fused), SwiGLU's
+                                                           silu(gate) * up: one read, one write each
   guide_sample_rank  kernels.sampling.guide_sample_rank_ref  guidance + inverse-CDF sampling + rank score,
                                                            the same counter-based noise; one read of
                                                            the logits per frame for V <= 4096
@@ -170,6 +172,69 @@ def attention(q, k, v, segments, cos, sin, cu_seqlens=None, block_m: int = 64, b
         qr, kr, v, out, cu, *v.stride(), *out.stride(), dh, BLOCK_M=block_m, BLOCK_N=block_n,
         DH_P=max(16, triton.next_power_of_2(dh)), IEEE=q.dtype == torch.float32)
     return out.view(N, H * dh)
+
+
+# ------------------------------------------------------------------------------- norms, SwiGLU
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, delta_ptr, w_ptr, xo_ptr, out_ptr, D, eps,
+                     HAS_DELTA: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One row: [x += delta, written back to xo;] out = round(x / rms(x)) * w. fp32 statistics."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_D)
+    m = offs < D
+    x = tl.load(x_ptr + row * D + offs, mask=m, other=0.0)
+    if HAS_DELTA:
+        d = tl.load(delta_ptr + row * D + offs, mask=m, other=0.0)
+        x = (x.to(tl.float32) + d.to(tl.float32)).to(xo_ptr.dtype.element_ty)
+        tl.store(xo_ptr + row * D + offs, x, mask=m)
+    xf = x.to(tl.float32)
+    n = (xf / tl.sqrt(tl.sum(xf * xf, 0) / D + eps)).to(out_ptr.dtype.element_ty)
+    w = tl.load(w_ptr + offs, mask=m, other=0.0)
+    tl.store(out_ptr + row * D + offs, (n.to(tl.float32) * w.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=m)
+
+
+def _norm(x, delta, weight, eps):
+    x = x.contiguous()
+    N, D = x.shape
+    out = torch.empty_like(x)
+    xo = torch.empty_like(x) if delta is not None else out
+    _rms_norm_kernel[(N,)](x, delta.contiguous() if delta is not None else x, weight, xo, out, D, float(eps),
+                           HAS_DELTA=delta is not None, BLOCK_D=triton.next_power_of_2(D),
+                           num_warps=8 if D >= 2048 else 4)
+    return xo, out
+
+
+def rms_norm(x, weight, eps):
+    """Same contract as kernels.norm.rms_norm_ref (x [N, d]): one read and one write of the rows."""
+    return _norm(x, None, weight, eps)[1]
+
+
+def add_rms_norm(x, delta, weight, eps):
+    """Same contract as kernels.norm.add_rms_norm_ref: the residual add fused into the norm."""
+    return _norm(x, delta, weight, eps)
+
+
+@triton.jit
+def _silu_mul_kernel(gu_ptr, out_ptr, HID, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < HID
+    g = tl.load(gu_ptr + row * 2 * HID + offs, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + row * 2 * HID + HID + offs, mask=m, other=0.0).to(tl.float32)
+    s = (g * tl.sigmoid(g)).to(out_ptr.dtype.element_ty)   # rounded like F.silu's output
+    tl.store(out_ptr + row * HID + offs, (s.to(tl.float32) * u).to(out_ptr.dtype.element_ty), mask=m)
+
+
+def silu_mul(gate_up):
+    """Same contract as kernels.norm.silu_mul_ref ([N, 2h] -> [N, h])."""
+    N, two_h = gate_up.shape
+    h = two_h // 2
+    out = torch.empty(N, h, dtype=gate_up.dtype, device=gate_up.device)
+    block = min(1024, triton.next_power_of_2(h))
+    _silu_mul_kernel[(N, triton.cdiv(h, block))](gate_up.contiguous(), out, h, BLOCK=block)
+    return out
 
 
 # ------------------------------------------------------------------------------- guidance + sampling

@@ -8,6 +8,7 @@ from scipy import stats
 from stemgen.kernels import triton_ops as K
 from stemgen.kernels.attention import attention_ref
 from stemgen.kernels.embedding import embed_sum_ref
+from stemgen.kernels.norm import add_rms_norm_ref, rms_norm_ref, silu_mul_ref
 from stemgen.kernels.sampling import guide_sample_rank_ref
 from stemgen.train import StemGenConfig
 
@@ -70,6 +71,42 @@ def test_attention_bf16_loose():
     want = attention_ref(q.float(), k.float(), v.float(), segments, cos, sin)
     got = K.attention(q, k, v, segments, cos, sin, block_m=16, block_n=16).float()
     assert (got - want).abs().max() <= 3e-2 * want.abs().max()   # bf16 inputs: loose
+
+
+NORM_SHAPES = [(1, 24), (3, 96), (257, 1000), (5, 37 * 2)]
+# bf16: the output is rounded twice (normalised value, then times the gain), so on a GPU the kernel
+# and the reference can be one rounding (2^-8 relative) apart at each: 2^-7. Triton's CPU
+# interpreter truncates fp32 -> bf16 instead of rounding to nearest (checked: -131.8 -> -131), up
+# to 2^-7 relative per conversion: 2^-6 there.
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2 ** -7 if torch.cuda.is_available() else 2 ** -6}
+
+
+def close(got, want, dtype):
+    got, want = got.float(), want.float()
+    return bool(((got - want).abs() <= TOL[dtype] * want.abs() + 1e-6).all())
+
+
+@pytest.mark.parametrize("N,D", NORM_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_and_fused_residual_add(N, D, dtype):
+    g = torch.Generator().manual_seed(N * D)
+    x, delta = (torch.randn(N, D, generator=g) * 3).to(dtype), torch.randn(N, D, generator=g).to(dtype)
+    w = torch.rand(D, generator=g).add(0.5).to(dtype)
+    assert close(K.rms_norm(x, w, 1e-5), rms_norm_ref(x, w, 1e-5), dtype)
+    x_new, h = K.add_rms_norm(x, delta, w, 1e-5)
+    x_ref, h_ref = add_rms_norm_ref(x, delta, w, 1e-5)
+    if dtype == torch.float32 or torch.cuda.is_available():
+        assert torch.equal(x_new, x_ref)   # the add rounds once, the same way
+    else:                                  # the interpreter truncates instead (see TOL)
+        assert close(x_new, x_ref, dtype)
+    assert close(h, h_ref if torch.equal(x_new, x_ref) else rms_norm_ref(x_new, w, 1e-5), dtype)
+
+
+@pytest.mark.parametrize("N,D", NORM_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul(N, D, dtype):
+    gu = (torch.randn(N, 2 * D, generator=torch.Generator().manual_seed(D)) * 4).to(dtype)
+    assert close(K.silu_mul(gu), silu_mul_ref(gu), dtype)
 
 
 # V up to 4096: one read of the vocabulary per frame; 5000: the blockwise passes
