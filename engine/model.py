@@ -124,8 +124,9 @@ class StemGenEngineLM(nn.Module):
         cfg = self.cfg
         H, dh, d = cfg.n_heads, cfg.head_dim, cfg.d_model
         segs = [(t.shape[0], t.shape[-1]) for t, _ in requests]
-        x = torch.cat([self.ops.embed_sum(t, c, self.tok_emb, self.cond_emb, self.cond_offsets).reshape(-1, d)
-                       for t, c in requests])
+        xs = [self.ops.embed_sum(t, c, self.tok_emb, self.cond_emb, self.cond_offsets).reshape(-1, d)
+              for t, c in requests]
+        x = xs[0] if len(xs) == 1 else torch.cat(xs)
         cos, sin = self._rope(max(T for _, T in segs), x.device)
         cu = cu_seqlens(segs, x.device)
         ops, eps = self.ops, cfg.norm_eps
