@@ -34,6 +34,9 @@ step kernels $py -m pytest -q bench/test_kernels_bench.py --benchmark-json "$OUT
 step paper $py -m stemgen bench --batch 1 --json "$OUT/gpu-paper-20s.json"
 # 3b. the same with the trunk replayed from CUDA graphs (engine only)
 step graphs $py -m stemgen bench --batch 1 --no-baseline --cuda-graphs --json "$OUT/gpu-paper-20s-graphs.json"
+# 3c. where a step's time goes (top kernels), eager and with CUDA graphs
+step profile $py bench/profile_step.py
+step profile-graphs $py bench/profile_step.py --cuda-graphs
 # 4. throughput against batch size (engine only) to find where it saturates
 step sweep $py -m stemgen bench --batch 1,2,4,8,16,32 --no-baseline --json "$OUT/gpu-paper-20s-sweep.json"
 files=$(ls "$OUT"/gpu-*.json 2>/dev/null)

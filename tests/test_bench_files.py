@@ -19,3 +19,12 @@ def test_kernel_bench_file_runs_on_tiny_shapes():
                          text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     assert "11 passed" in res.stdout and "skipped" not in res.stdout, res.stdout[-1000:]
+
+
+def test_profile_step_script_runs():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("profile_step", ROOT / "bench" / "profile_step.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    report = mod.main(["--config", "tiny", "--device", "cpu", "--frames", "20", "--steps", "2", "--rows", "5"])
+    assert "ms per step" in report and "aten::" in report
