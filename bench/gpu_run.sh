@@ -1,44 +1,58 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one run from the source tree (no install; the GPU machine has
-# torch, triton, typer, rich, safetensors, pytest and pytest-benchmark). Writes logs and JSON to
-# $OUT (default bench/gpu-out) and renders them into $OUT/RESULTS.md; copy the JSON files into
-# bench/ and rerun `stemgen bench-report` there to publish them in bench/RESULTS.md.
+# torch, triton, typer, rich, safetensors, pytest and pytest-benchmark). Writes to $OUT (default
+# bench/gpu-out) six files: gpu-run.log (every step's output), four JSON files and RESULTS.md
+# rendered from them; copy the JSON files into bench/ and rerun `stemgen bench-report` there to
+# publish them in bench/RESULTS.md.
 #   bash bench/gpu_run.sh            # about 6-8 minutes on one H100 (estimate)
+#   SMOKE=1 bash bench/gpu_run.sh    # the same steps on a CPU with tiny shapes: checks the script only
 set -uo pipefail
 OUT=${OUT:-bench/gpu-out}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-unset TRITON_INTERPRET
 py=${PYTHON:-python3}
+tests=(tests/test_triton_kernels.py tests/test_sync_free.py tests/test_cuda_graphs.py tests/test_parity.py
+       tests/test_scheduler.py)
+if [ "${SMOKE:-0}" = 1 ]; then   # check this script's plumbing on a CPU: tiny shapes, interpreter, no graphs
+    export TRITON_INTERPRET=1 STEMGEN_BENCH_SMOKE=1
+    tests=(tests/test_sync_free.py); size=(--config tiny --duration 1 --steps 2,1,1,1 --device cpu)
+    prof=(--config tiny --device cpu --frames 20 --steps 2); graphs=()
+else
+    unset TRITON_INTERPRET
+    size=(); prof=(); graphs=(--cuda-graphs)
+fi
 status=0
-step() {  # step LOGNAME COMMAND...: run, log to $OUT/LOGNAME.log, remember a failure
-    local log=$1; shift
-    echo "== $*"
-    "$@" 2>&1 | tee "$OUT/$log.log"
+LOG="$OUT/gpu-run.log"   # one log for every step: few files to fetch from a lent machine
+: > "$LOG"
+step() {  # step NAME COMMAND...: run, append its output to the log, remember a failure
+    local name=$1; shift
+    echo "== [$name] $*" | tee -a "$LOG"
+    "$@" 2>&1 | tee -a "$LOG"
     local rc=${PIPESTATUS[0]}
-    [ "$rc" = 0 ] || { echo "!! failed (exit $rc): $*"; status=1; }
+    [ "$rc" = 0 ] || { echo "!! [$name] failed (exit $rc)" | tee -a "$LOG"; status=1; }
 }
 
-$py - <<'PY' | tee "$OUT/versions.txt"
+$py - <<'PY' | tee -a "$LOG"
 import torch, triton
 print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.version.cuda)
-print("device", torch.cuda.get_device_name(), torch.cuda.get_device_capability())
+if torch.cuda.is_available():
+    print("device", torch.cuda.get_device_name(), torch.cuda.get_device_capability())
 PY
 # 1. correctness on the real hardware: kernels vs references (bf16 attention included), sync-free loop
-step tests $py -m pytest -q -rs tests/test_triton_kernels.py tests/test_sync_free.py tests/test_cuda_graphs.py \
-    tests/test_parity.py tests/test_scheduler.py
+step tests $py -m pytest -q -rs "${tests[@]}"
 # 2. kernels vs their references and torch SDPA at StemGen shapes
 step kernels $py -m pytest -q bench/test_kernels_bench.py --benchmark-json "$OUT/gpu-kernels.json" \
     --benchmark-columns=mean,median,min,rounds
 # 3. the paper config, 20 s, steps 128,64,32,32, multi-source CFG: engine vs baseline at batch 1
-step paper $py -m stemgen bench --batch 1 --json "$OUT/gpu-paper-20s.json"
+step paper $py -m stemgen bench --batch 1 "${size[@]}" --json "$OUT/gpu-paper-20s.json"
 # 3b. the same with the trunk replayed from CUDA graphs (engine only)
-step graphs $py -m stemgen bench --batch 1 --no-baseline --cuda-graphs --json "$OUT/gpu-paper-20s-graphs.json"
+[ ${#graphs[@]} -gt 0 ] && step graphs $py -m stemgen bench --batch 1 --no-baseline "${graphs[@]}" \
+    --json "$OUT/gpu-paper-20s-graphs.json"
 # 3c. where a step's time goes (top kernels), eager and with CUDA graphs
-step profile $py bench/profile_step.py
-step profile-graphs $py bench/profile_step.py --cuda-graphs
+step profile $py bench/profile_step.py "${prof[@]}"
+[ ${#graphs[@]} -gt 0 ] && step profile-graphs $py bench/profile_step.py "${graphs[@]}"
 # 4. throughput against batch size (engine only) to find where it saturates
-step sweep $py -m stemgen bench --batch 1,2,4,8,16,32 --no-baseline --json "$OUT/gpu-paper-20s-sweep.json"
+step sweep $py -m stemgen bench --batch 1,2,4,8,16,32 "${size[@]}" --no-baseline --json "$OUT/gpu-paper-20s-sweep.json"
 files=$(ls "$OUT"/gpu-*.json 2>/dev/null)
 [ -n "$files" ] && step report $py -m stemgen bench-report $files --out "$OUT/RESULTS.md" --title "GPU benchmark results"
 exit $status
