@@ -42,7 +42,7 @@ def triton_ops(dtype: torch.dtype) -> Ops:
     ops = Ops(embed_sum=K.embed_sum, attention=K.attention, guide_sample_rank=K.guide_sample_rank,
               rms_norm=K.rms_norm, add_rms_norm=K.add_rms_norm, silu_mul=K.silu_mul)
     ops.names = {"embedding-sum": "Triton", "attention": "Triton (RoPE kernel + flash-style kernel, packed)",
-                 "guidance+sampling": "Triton (top-k/top-p requests: PyTorch reference)",
+                 "guidance+sampling": "Triton (top-k/top-p included up to 4096 codes; larger: PyTorch reference)",
                  "norms, SwiGLU": "Triton (fused residual add + RMSNorm, fused silu * up)"}
     return ops
 

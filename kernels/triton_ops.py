@@ -270,9 +270,47 @@ def _guided(logits_ptr, w_ptr, m, M, V, offs, vm, R: tl.constexpr, BLOCK_V: tl.c
 
 
 @triton.jit
+def _order_key(x):
+    """float32 -> int32 with the same order (flip the magnitude bits of negatives)."""
+    bits = x.to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _top_k_top_p(z, vm, top_k, top_p, TOP_K: tl.constexpr, TOP_P: tl.constexpr):
+    """kernels.sampling.filter_logits on one frame's z (codes in registers) without a sort: exact
+    thresholds found by bisection on the order-preserving integer keys (32 halvings each)."""
+    key = _order_key(z)
+    if TOP_K:   # the k-th largest key: the largest t with #(key >= t) >= k; keeps ties, as the reference
+        lo = tl.full([], -2147483648, tl.int64)
+        hi = tl.full([], 2147483647, tl.int64)
+        for _ in range(32):
+            mid = (lo + hi + 1) >> 1
+            ok = tl.sum((vm & (key >= mid)).to(tl.int32), 0) >= top_k
+            lo = tl.where(ok, mid, lo)
+            hi = tl.where(ok, hi, mid - 1)
+        z = tl.where(key >= lo, z, float("-inf"))
+        key = _order_key(z)
+    if TOP_P:   # keep a code iff the mass of the codes above it is < top_p: key >= the smallest t
+        zmax = tl.max(z, 0)   # with mass(key > t) < top_p
+        pr = tl.exp(z - zmax)
+        pr = pr / tl.sum(pr, 0)
+        lo = tl.full([], -2147483648, tl.int64)
+        hi = tl.full([], 2147483647, tl.int64)
+        for _ in range(32):
+            mid = (lo + hi) >> 1
+            ok = tl.sum(tl.where(key > mid, pr, 0.0), 0) < top_p
+            hi = tl.where(ok, mid, hi)
+            lo = tl.where(ok, lo, mid + 1)
+        z = tl.where(key >= lo, z, float("-inf"))
+    return z
+
+
+@triton.jit
 def _guide_sample_kernel(logits_ptr, w_ptr, pos_ptr, masked_ptr, tok_ptr, prob_ptr, score_ptr, M, V, length,
-                         key_sample, key_rank, inv_temp, w_conf, w_causal, w_rand,
-                         R: tl.constexpr, GREEDY: tl.constexpr, BLOCK_V: tl.constexpr, ONE_BLOCK: tl.constexpr):
+                         key_sample, key_rank, inv_temp, w_conf, w_causal, w_rand, top_k, top_p,
+                         R: tl.constexpr, GREEDY: tl.constexpr, BLOCK_V: tl.constexpr, ONE_BLOCK: tl.constexpr,
+                         TOP_K: tl.constexpr, TOP_P: tl.constexpr):
     m = tl.program_id(0)
     pos = tl.load(pos_ptr + m)
     is_masked = tl.load(masked_ptr + m) != 0
@@ -287,7 +325,10 @@ def _guide_sample_kernel(logits_ptr, w_ptr, pos_ptr, masked_ptr, tok_ptr, prob_p
         if GREEDY:
             best = tl.min(tl.where(h == gmx, offs, V), 0)
         else:
-            cs = tl.cumsum(tl.where(vm, tl.exp((h - gmx) * inv_temp), 0.0).to(tl.float64), 0)  # code order
+            z = h * inv_temp
+            if TOP_K or TOP_P:
+                z = _top_k_top_p(z, vm, top_k, top_p, TOP_K, TOP_P)
+            cs = tl.cumsum(tl.where(vm, tl.exp(z - tl.max(z, 0)), 0.0).to(tl.float64), 0)  # code order
             total = tl.max(cs, 0)  # the last running sum
             best = tl.minimum(tl.min(tl.where((cs > u * total) & vm, offs, V), 0), V - 1)
         g_best = tl.sum(tl.where(offs == best, h, 0.0), 0)
@@ -345,10 +386,12 @@ ONE_BLOCK_MAX_V = 4096   # vocabularies up to this are read once per frame (Enco
 def guide_sample_rank(logits, weights, positions, masked, length: int, *, seed: int, level: int, step: int,
                       temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, w_conf: float = 0.1,
                       w_causal: float = 0.1, w_rand: float = 1.0):
-    """Same contract as kernels.sampling.guide_sample_rank_ref. top-k / top-p filtering needs a sort:
-    those requests run the reference op (counted in ``fallbacks``)."""
+    """Same contract as kernels.sampling.guide_sample_rank_ref. top-k / top-p run in the kernel for
+    V <= ONE_BLOCK_MAX_V; beyond, those requests run the reference op (counted in ``fallbacks``)."""
     R, M, V = logits.shape
-    if (top_k and top_k < V) or 0.0 < top_p < 1.0:
+    use_k, use_p = bool(top_k and top_k < V), 0.0 < top_p < 1.0
+    one_block = triton.next_power_of_2(V) <= ONE_BLOCK_MAX_V
+    if (use_k or use_p) and not one_block:
         fallbacks["top-k/top-p"] += 1
         return guide_sample_rank_ref(logits, weights, positions, masked, length, seed=seed, level=level, step=step,
                                      temperature=temperature, top_k=top_k, top_p=top_p, w_conf=w_conf,
@@ -358,13 +401,13 @@ def guide_sample_rank(logits, weights, positions, masked, length: int, *, seed: 
     prob = torch.empty(M, dtype=torch.float32, device=dev)
     score = torch.empty(M, dtype=torch.float32, device=dev)
     greedy = temperature <= 0
-    one_block = triton.next_power_of_2(V) <= ONE_BLOCK_MAX_V
     block_v = triton.next_power_of_2(V) if one_block else 1024
     _guide_sample_kernel[(M,)](logits.float().contiguous(), weights.float().contiguous(), positions.contiguous(),
                                masked.to(torch.int8).contiguous(), tok, prob, score, M, V, float(length),
                                step_key(seed, level, step, STREAM_SAMPLE), step_key(seed, level, step, STREAM_RANK),
                                0.0 if greedy else 1.0 / temperature, float(w_conf), float(w_causal), float(w_rand),
-                               R=R, GREEDY=greedy, BLOCK_V=block_v, ONE_BLOCK=one_block,
+                               int(top_k), float(top_p), R=R, GREEDY=greedy, BLOCK_V=block_v, ONE_BLOCK=one_block,
+                               TOP_K=use_k and not greedy, TOP_P=use_p and not greedy,
                                num_warps=8 if block_v >= 2048 else 4)
     return tok, prob, score
 

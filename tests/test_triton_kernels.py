@@ -147,12 +147,39 @@ def test_guide_sample_rank_distribution_and_batch_independence():
     assert torch.equal(tok_sub, tok[sub])
 
 
-def test_top_k_top_p_fall_back_to_reference():
+@pytest.mark.parametrize("R,M,V,temperature,top_k,top_p", [
+    (3, 40, 64, 1.0, 5, 1.0), (3, 40, 64, 0.8, 0, 0.9), (2, 30, 50, 1.3, 10, 0.5), (1, 20, 2048, 1.0, 250, 0.95),
+    (3, 25, 37, 1.0, 1, 1.0), (3, 25, 37, 0.7, 0, 0.05), (2, 9, 33, 0.0, 3, 0.5)])
+def test_top_k_top_p_in_kernel_same_tokens(R, M, V, temperature, top_k, top_p):
+    """Top-k / top-p thresholds found by bisection equal the reference's sort-based filter."""
+    g = torch.Generator().manual_seed(V + top_k)
+    logits = torch.randn(R, M, V, generator=g) * 2
+    weights = torch.tensor([1.5, 1.2, -1.7][:R]) if R == 3 else torch.tensor([2.0, -1.0][:R]) if R == 2 else torch.ones(1)
+    args = (logits, weights, torch.arange(M), torch.ones(M, dtype=torch.bool), M)
+    kw = dict(seed=3, level=0, step=1, temperature=temperature, top_k=top_k, top_p=top_p)
     before = K.fallbacks["top-k/top-p"]
-    logits = torch.randn(1, 4, 16)
-    args = (logits, torch.ones(1), torch.arange(4), torch.ones(4, dtype=torch.bool), 4)
-    a = K.guide_sample_rank(*args, seed=0, level=0, step=0, top_k=3)
-    b = guide_sample_rank_ref(*args, seed=0, level=0, step=0, top_k=3)
+    a, b = K.guide_sample_rank(*args, **kw), guide_sample_rank_ref(*args, **kw)
+    assert K.fallbacks["top-k/top-p"] == before, "ran in the kernel"
+    assert torch.equal(a[0], b[0])
+    assert torch.allclose(a[1], b[1], rtol=1e-5, atol=1e-7)
+
+
+def test_top_k_top_p_filters_really_apply():
+    """With top-k 1 every frame takes its most likely code; a tiny top-p does the same."""
+    logits = torch.randn(1, 50, 64, generator=torch.Generator().manual_seed(0))
+    args = (logits, torch.ones(1), torch.arange(50), torch.ones(50, dtype=torch.bool), 50)
+    for kw in (dict(top_k=1), dict(top_p=1e-6)):
+        assert torch.equal(K.guide_sample_rank(*args, seed=9, level=0, step=0, **kw)[0], logits[0].argmax(-1))
+    free = K.guide_sample_rank(*args, seed=9, level=0, step=0)[0]
+    assert not torch.equal(free, logits[0].argmax(-1))
+
+
+def test_top_k_top_p_large_vocabulary_falls_back_to_reference():
+    before = K.fallbacks["top-k/top-p"]
+    logits = torch.randn(1, 3, 5000, generator=torch.Generator().manual_seed(1))
+    args = (logits, torch.ones(1), torch.arange(3), torch.ones(3, dtype=torch.bool), 3)
+    a = K.guide_sample_rank(*args, seed=0, level=0, step=0, top_p=0.9)
+    b = guide_sample_rank_ref(*args, seed=0, level=0, step=0, top_p=0.9)
     assert torch.equal(a[0], b[0]) and K.fallbacks["top-k/top-p"] == before + 1
 
 
