@@ -5,7 +5,8 @@ The trunk's shapes depend only on the batch layout (rows and frames of each runn
 stays the same for many steps (a request runs for hundreds), so one graph is recorded per layout:
 on its second consecutive step, after an eager warm-up, keeping the most recent ``max_graphs``
 (each holds its own memory pool, about one eager step's activations, and its static inputs).
-The step copies the new tokens into the static inputs and replays. The level's head and the sampling stay outside (the head differs by level).
+The step copies the new tokens into the static inputs and replays. The level's head and the
+sampling stay outside (the head differs by level).
 
 Recording needs a step without host synchronisation (tests/test_sync_free.py checks that).
 Opt-in (``Engine.from_pretrained(..., cuda_graphs=True)``, ``--cuda-graphs``,

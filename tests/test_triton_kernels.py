@@ -109,6 +109,11 @@ def test_silu_mul(N, D, dtype):
     assert close(K.silu_mul(gu), silu_mul_ref(gu), dtype)
 
 
+def guidance_weights(R):
+    """Multi (3 rows), single (2) or no (1) guidance weights, each summing to 1."""
+    return {3: torch.tensor([1.5, 1.2, -1.7]), 2: torch.tensor([2.0, -1.0]), 1: torch.ones(1)}[R]
+
+
 # V up to 4096: one read of the vocabulary per frame; 5000: the blockwise passes
 CASES = [(3, 1, 37, 1.0), (3, 7, 50, 0.7), (2, 20, 64, 1.3), (1, 5, 2048, 1.0), (3, 9, 33, 0.0), (3, 4, 5000, 1.0),
          (2, 3, 5000, 0.0), (3, 6, 5000, 0.5)]
@@ -118,7 +123,7 @@ CASES = [(3, 1, 37, 1.0), (3, 7, 50, 0.7), (2, 20, 64, 1.3), (1, 5, 2048, 1.0), 
 def test_guide_sample_rank_same_tokens(R, M, V, temperature):
     g = torch.Generator().manual_seed(M * V)
     logits = torch.randn(R, M, V, generator=g)
-    weights = torch.tensor([1.5, 1.2, -1.7][:R]) if R == 3 else torch.tensor([2.0, -1.0][:R]) if R == 2 else torch.ones(1)
+    weights = guidance_weights(R)
     positions = torch.randperm(3 * M, generator=g)[:M]
     masked = torch.rand(M, generator=g) < 0.8
     kw = dict(seed=77, level=1, step=3, temperature=temperature)
@@ -154,7 +159,7 @@ def test_top_k_top_p_in_kernel_same_tokens(R, M, V, temperature, top_k, top_p):
     """Top-k / top-p thresholds found by bisection equal the reference's sort-based filter."""
     g = torch.Generator().manual_seed(V + top_k)
     logits = torch.randn(R, M, V, generator=g) * 2
-    weights = torch.tensor([1.5, 1.2, -1.7][:R]) if R == 3 else torch.tensor([2.0, -1.0][:R]) if R == 2 else torch.ones(1)
+    weights = guidance_weights(R)
     args = (logits, weights, torch.arange(M), torch.ones(M, dtype=torch.bool), M)
     kw = dict(seed=3, level=0, step=1, temperature=temperature, top_k=top_k, top_p=top_p)
     before = K.fallbacks["top-k/top-p"]
