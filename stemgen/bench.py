@@ -23,13 +23,14 @@ def baseline_generate(model, cfg: LMConfig, contexts: torch.Tensor, conditions: 
     """Lockstep generation of B requests of the same length and steps with the training-form
     model. contexts [B, C-1, Q, T], conditions [B, S]. Returns (tokens [B, Q, T], forwards run)."""
     B, _, Q, T = contexts.shape
+    dev = contexts.device
     steps = samplings[0].steps
-    tokens = torch.full((B, Q, T), cfg.mask_id, dtype=torch.int64)
-    weights = [torch.tensor(s.guidance_weights()) for s in samplings]
-    positions = torch.arange(T)
+    tokens = torch.full((B, Q, T), cfg.mask_id, dtype=torch.int64, device=dev)
+    weights = [torch.tensor(s.guidance_weights(), device=dev) for s in samplings]
+    positions = torch.arange(T, device=dev)
     forwards = 0
     for q in range(Q):
-        masked = torch.ones(B, T, dtype=torch.bool)
+        masked = torch.ones(B, T, dtype=torch.bool, device=dev)
         n_masked = T
         for t in range(steps[q]):
             n_keep = n_masked - masked_after_step(t, steps[q], T)

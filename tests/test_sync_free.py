@@ -3,7 +3,8 @@ the host. Checked on the CPU through the operators a step dispatches (TorchDispa
 that forces a host synchronisation on CUDA (reading a scalar, nonzero and boolean-mask indexing,
 making a tensor from host data = a blocking host-to-device copy, ...) is recorded. Requests are
 admitted (allowed to sync) before the checked steps; the scheduler runs in its GPU form
-(head at every frame, no nonzero())."""
+(head at every frame, no nonzero()). Below: every tensor the step loop and the GPU bench
+baseline make names its device."""
 import traceback
 
 import pytest
@@ -130,3 +131,59 @@ def test_cuda_step_loop_has_no_synchronising_call(tmp_path):
         assert all(r.done for r in reqs)
     finally:
         eng.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Device-generic code: a tensor made without ``device=`` lands on the CPU, which on a GPU breaks
+# (or copies) at the next op. No GPU runs here, so the step loop and the GPU bench baseline are
+# checked for factory calls that name no device.
+
+FACTORIES = {torch.tensor, torch.as_tensor, torch.full, torch.zeros, torch.ones, torch.empty, torch.arange,
+             torch.rand, torch.randn, torch.randint, torch.linspace, torch.eye}
+
+
+class DevicelessFactories(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in FACTORIES and kwargs.get("device") is None and not (
+                func is torch.as_tensor and args and isinstance(args[0], torch.Tensor)):
+            frames = [f for f in traceback.extract_stack() if "/tests/" not in f.filename
+                      and ("/engine/" in f.filename or "/kernels/" in f.filename or "/stemgen/" in f.filename)]
+            self.found.append(f"torch.{func.__name__} at {frames[-1].filename.rsplit('/', 2)[-2:]}:"
+                              f"{frames[-1].lineno}" if frames else func.__name__)
+        return func(*args, **kwargs)
+
+
+def test_step_loop_names_the_device_of_every_new_tensor(engine, monkeypatch):
+    monkeypatch.setattr(engine.lm, "ops", Ops())
+    sched = Scheduler(engine.lm, head_subset=False)
+    reqs = requests(engine)
+    for r in reqs:
+        sched.submit(r)
+    with DevicelessFactories() as det:
+        sched.run()   # admission included
+    assert det.found == []
+
+
+def test_bench_baseline_names_the_device_of_every_new_tensor(engine):
+    from stemgen.bench import baseline_generate
+    from stemgen.train import StemGenLM
+    from stemgen.weights_convert.lm import train_state_from_engine
+    base = StemGenLM(CFG)
+    base.load_state_dict(train_state_from_engine(CFG, engine.lm.state_dict()))
+    ctx, cond = torch.randint(0, CFG.codebook_size, (2, 1, CFG.n_q, 9)), torch.zeros(2, 1, dtype=torch.long)
+    samplings = [SamplingConfig(steps=(2, 1, 1, 1), seed=s) for s in range(2)]
+    with DevicelessFactories() as det:
+        baseline_generate(base.eval(), engine.config.lm, ctx, cond, samplings)
+    assert det.found == []
+
+
+def test_deviceless_detector_catches_a_factory():
+    with DevicelessFactories() as det:
+        torch.zeros(3)
+        torch.zeros(3, device="cpu")
+    assert len(det.found) == 1
