@@ -151,7 +151,17 @@ def _flash_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_ptr, svn, svh, svd, son, soh,
                  out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
-def attention(q, k, v, segments, cos, sin, cu_seqlens=None, block_m: int = 64, block_n: int = 64):
+def attention_blocks(dtype: torch.dtype, dh: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of the flash kernel: the largest tiles that compile for sm_90
+    without register spills (bench/compile_sm90.py checks): fp32 (ieee dots, no tensor cores)
+    needs 32 x 32; head dims over 64 need 8 warps."""
+    if dtype == torch.float32:
+        return 32, 32, 4
+    return (64, 64, 8) if dh > 64 else (64, 64, 4)
+
+
+def attention(q, k, v, segments, cos, sin, cu_seqlens=None, block_m: int | None = None,
+              block_n: int | None = None):
     """Same contract as kernels.attention.attention_ref; q, k, v [N, H, Dh] may be strided views.
     Two launches: RoPE of q and k once (contiguous copies, q pre-scaled), then flash attention.
     Pass ``cu_seqlens`` (built once per forward) to save building it in every layer."""
@@ -168,9 +178,11 @@ def attention(q, k, v, segments, cos, sin, cu_seqlens=None, block_m: int = 64, b
         q, k, qr, kr, cu, cos.contiguous(), sin.contiguous(), 1.4426950408889634 / math.sqrt(dh),
         *q.stride(), *k.stride(), half, dh, BLOCK=32, HALF_P=triton.next_power_of_2(half))
     out = torch.empty(N, H, dh, dtype=q.dtype, device=q.device)
-    _flash_kernel[(triton.cdiv(max_len, block_m), n_seqs, H)](
-        qr, kr, v, out, cu, *v.stride(), *out.stride(), dh, BLOCK_M=block_m, BLOCK_N=block_n,
-        DH_P=max(16, triton.next_power_of_2(dh)), IEEE=q.dtype == torch.float32)
+    bm, bn, warps = attention_blocks(q.dtype, dh)
+    bm, bn = block_m or bm, block_n or bn
+    _flash_kernel[(triton.cdiv(max_len, bm), n_seqs, H)](
+        qr, kr, v, out, cu, *v.stride(), *out.stride(), dh, BLOCK_M=bm, BLOCK_N=bn,
+        DH_P=max(16, triton.next_power_of_2(dh)), IEEE=q.dtype == torch.float32, num_warps=warps)
     return out.view(N, H * dh)
 
 

@@ -1,0 +1,157 @@
+"""Compile every Triton kernel for a Hopper GPU (sm_90) without one: Triton's ahead-of-time
+compiler and its bundled ptxas produce the cubin here, and cuobjdump reads its registers, local
+memory (spills) and instructions. This checks what the CPU interpreter cannot: that the kernels
+lower to real GPU code at StemGen's shapes (bf16, d_model 1024, head dim 64/128, 2048 codes), fit
+the register file without spilling, and that attention's dots use Hopper's wgmma (HGMMA).
+It says nothing about speed.
+
+    python bench/compile_sm90.py [--json]   # table (or JSON) of every variant
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import tempfile
+from dataclasses import dataclass
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from stemgen.kernels import triton_ops as K
+
+P16 = [["tt.divisibility", 16]]   # pointers the runtime sees 16-byte aligned (fresh torch tensors are)
+
+
+@dataclass
+class Variant:
+    name: str
+    kernel: object
+    types: dict            # argument -> Triton type ("*bf16", "i32", "fp32"); constexprs separately
+    constexprs: dict
+    num_warps: int = 4
+    num_stages: int = 3
+    wgmma: bool = False    # expect HGMMA in the SASS
+
+
+def _ptrs(kernel, types: dict) -> dict:
+    names = kernel.arg_names
+    return {(names.index(a),): P16 for a, t in types.items() if t.startswith("*")}
+
+
+def variants() -> list[Variant]:
+    bf, f32 = "*bf16", "*fp32"
+    emb = {"tok_ptr": "*i64", "cond_ptr": "*i64", "tab_ptr": bf, "ctab_ptr": bf, "coff_ptr": "*i64", "out_ptr": bf,
+           "T": "i32", "DC": "i32", "ROWS_PER_LEVEL": "i32"}
+    rope = {"q_ptr": bf, "k_ptr": bf, "qo_ptr": bf, "ko_ptr": bf, "cu_ptr": "*i32", "cos_ptr": f32, "sin_ptr": f32,
+            "q_scale": "fp32", "sqn": "i32", "sqh": "i32", "sqd": "i32", "skn": "i32", "skh": "i32", "skd": "i32",
+            "HALF": "i32", "DH": "i32"}
+    flash = {"q_ptr": bf, "k_ptr": bf, "v_ptr": bf, "out_ptr": bf, "cu_ptr": "*i32", "svn": "i32", "svh": "i32",
+             "svd": "i32", "son": "i32", "soh": "i32", "sod": "i32", "DH": "i32"}
+    norm = {"x_ptr": bf, "delta_ptr": bf, "w_ptr": bf, "xo_ptr": bf, "out_ptr": bf, "D": "i32", "eps": "fp32"}
+    silu = {"gu_ptr": bf, "out_ptr": bf, "HID": "i32"}
+    samp = {"logits_ptr": f32, "w_ptr": f32, "pos_ptr": "*i64", "masked_ptr": "*i8", "tok_ptr": "*i64",
+            "prob_ptr": f32, "score_ptr": f32, "M": "i32", "V": "i32", "length": "fp32", "key_sample": "i64",
+            "key_rank": "i64", "inv_temp": "fp32", "w_conf": "fp32", "w_causal": "fp32", "w_rand": "fp32",
+            "top_k": "i32", "top_p": "fp32"}
+    out = [Variant("embed-sum bf16 C2 Q4 d512/ch", K._embed_sum_kernel, emb,
+                   dict(C=2, Q=4, S=1, BLOCK_D=256)),
+           Variant("rope q,k bf16 dh64", K._rope_qk_kernel, rope, dict(BLOCK=32, HALF_P=32)),
+           Variant("rope q,k bf16 dh128", K._rope_qk_kernel, rope, dict(BLOCK=32, HALF_P=64))]
+    for dh in (64, 128):   # the tiles and warps the wrapper picks (K.attention_blocks)
+        bm, bn, warps = K.attention_blocks(torch.bfloat16, dh)
+        out.append(Variant(f"flash attention bf16 dh{dh}", K._flash_kernel, flash,
+                           dict(BLOCK_M=bm, BLOCK_N=bn, DH_P=dh, IEEE=False), num_warps=warps, wgmma=True))
+    bm, bn, warps = K.attention_blocks(torch.float32, 64)
+    out.append(Variant("flash attention fp32 dh64 (ieee)", K._flash_kernel, {**flash, **{k: f32 for k in
+                       ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}}, dict(BLOCK_M=bm, BLOCK_N=bn, DH_P=64, IEEE=True),
+                       num_warps=warps))
+    for delta in (False, True):
+        out.append(Variant(f"rms-norm bf16 d1024{' + residual add' if delta else ''}", K._rms_norm_kernel, norm,
+                           dict(HAS_DELTA=delta, BLOCK_D=1024)))
+    out.append(Variant("silu * up bf16 h2816", K._silu_mul_kernel, silu, dict(BLOCK=1024)))
+    for label, c, warps in [
+            ("guide+sample R3 V2048", dict(R=3, GREEDY=False, BLOCK_V=2048, ONE_BLOCK=True, TOP_K=False,
+                                           TOP_P=False), 8),
+            ("guide+sample R3 V2048 top-k + top-p", dict(R=3, GREEDY=False, BLOCK_V=2048, ONE_BLOCK=True,
+                                                         TOP_K=True, TOP_P=True), 8),
+            ("guide+sample R3 V4096 top-k + top-p", dict(R=3, GREEDY=False, BLOCK_V=4096, ONE_BLOCK=True,
+                                                         TOP_K=True, TOP_P=True), 8),
+            ("guide+sample R3 V2048 greedy", dict(R=3, GREEDY=True, BLOCK_V=2048, ONE_BLOCK=True, TOP_K=False,
+                                                  TOP_P=False), 8),
+            ("guide+sample R3 V8192 blockwise", dict(R=3, GREEDY=False, BLOCK_V=1024, ONE_BLOCK=False,
+                                                     TOP_K=False, TOP_P=False), 4)]:
+        out.append(Variant(label, K._guide_sample_kernel, samp, c, num_warps=warps))
+    return out
+
+
+@dataclass
+class Result:
+    name: str
+    registers: int
+    spill_bytes: int       # stack frame + local memory per thread (0: no spills)
+    shared_bytes: int      # dynamic shared memory per block
+    wgmma: bool
+    wgmma_expected: bool
+
+
+def _tool(name: str) -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def compile_variant(v: Variant, arch: int = 90) -> Result:
+    sig = {**v.types, **{c: "constexpr" for c in v.constexprs}}
+    missing = set(v.kernel.arg_names) - set(sig)
+    if missing:
+        raise ValueError(f"{v.name}: no type for {sorted(missing)}")
+    src = ASTSource(fn=v.kernel, signature={a: sig[a] for a in v.kernel.arg_names}, constexprs=v.constexprs,
+                    attrs=_ptrs(v.kernel, v.types))
+    k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                       options={"num_warps": v.num_warps, "num_stages": v.num_stages})
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(k.asm["cubin"])
+        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", path], capture_output=True,
+                               text=True, check=True).stdout
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", path], capture_output=True, text=True,
+                              check=True).stdout
+    fields = dict(part.split(":", 1) for part in usage.split("Function", 1)[1].split(":", 1)[1].split()
+                  if ":" in part)
+    # register spills land in the stack frame (STACK), local arrays in LOCAL: count both
+    return Result(v.name, int(fields["REG"]), int(fields["STACK"]) + int(fields["LOCAL"]), int(k.metadata.shared),
+                  "HGMMA" in sass, v.wgmma)
+
+
+def spill_probe() -> Variant:
+    """A flash block too large for the register file: must be reported as spilling."""
+    v = next(v for v in variants() if v.name == "flash attention bf16 dh128")
+    return Variant("flash 256x256 dh128 (spill probe)", v.kernel, v.types,
+                   dict(v.constexprs, BLOCK_M=256, BLOCK_N=256), num_warps=4)
+
+
+def main(argv=None) -> list[Result]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    ap.add_argument("--probe", action="store_true", help="compile only the spill probe")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("unset TRITON_INTERPRET: the interpreter does not compile")
+    results = [compile_variant(v) for v in ([spill_probe()] if args.probe else variants())]
+    if args.json:
+        print(json.dumps([dataclasses.asdict(r) for r in results]))
+        return results
+    print(f"Triton {triton.__version__}, target sm_90 (H100/H200); compiled here, no GPU used")
+    print(f"{'kernel':42s} {'regs':>5s} {'spill B':>8s} {'smem B':>8s}  wgmma")
+    for r in results:
+        print(f"{r.name:42s} {r.registers:5d} {r.spill_bytes:8d} {r.shared_bytes:8d}  "
+              f"{'yes' if r.wgmma else 'no'}{' (expected)' if r.wgmma_expected else ''}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
