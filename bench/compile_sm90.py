@@ -2,7 +2,8 @@
 compiler and its bundled ptxas produce the cubin here, and cuobjdump reads its registers, local
 memory (spills) and instructions. This checks what the CPU interpreter cannot: that the kernels
 lower to real GPU code at StemGen's shapes (bf16, d_model 1024, head dim 64/128, 2048 codes), fit
-the register file without spilling, and that attention's dots use Hopper's wgmma (HGMMA).
+the register file without spilling, that attention's dots use Hopper's wgmma (HGMMA), and that
+the memory-bound kernels read 16 bytes per access (LDG.E.128).
 It says nothing about speed.
 
     python bench/compile_sm90.py [--json]   # table (or JSON) of every variant
@@ -13,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -36,11 +38,13 @@ class Variant:
     num_warps: int = 4
     num_stages: int = 3
     wgmma: bool = False    # expect HGMMA in the SASS
+    div16: tuple = ()      # int arguments that are multiples of 16 at these shapes (the JIT specialises them)
+    wide: bool = False     # memory-bound: expect 16-byte global loads (LDG.E.128)
 
 
-def _ptrs(kernel, types: dict) -> dict:
-    names = kernel.arg_names
-    return {(names.index(a),): P16 for a, t in types.items() if t.startswith("*")}
+def _attrs(v: "Variant") -> dict:
+    names = v.kernel.arg_names
+    return {(names.index(a),): P16 for a, t in v.types.items() if t.startswith("*") or a in v.div16}
 
 
 def variants() -> list[Variant]:
@@ -58,34 +62,46 @@ def variants() -> list[Variant]:
             "prob_ptr": f32, "score_ptr": f32, "M": "i32", "V": "i32", "length": "fp32", "key_sample": "i64",
             "key_rank": "i64", "inv_temp": "fp32", "w_conf": "fp32", "w_causal": "fp32", "w_rand": "fp32",
             "top_k": "i32", "top_p": "fp32"}
+    # unit strides: the JIT specialises an int argument equal to 1 into a constant
+    rope = {k: t for k, t in rope.items() if k not in ("sqd", "skd")}
+    flash = {k: t for k, t in flash.items() if k not in ("svd", "sod")}
+    strides = ("sqn", "sqh", "skn", "skh", "HALF", "DH")
+    block, warps = K.embed_blocks(512)
     out = [Variant("embed-sum bf16 C2 Q4 d512/ch", K._embed_sum_kernel, emb,
-                   dict(C=2, Q=4, S=1, BLOCK_D=256)),
-           Variant("rope q,k bf16 dh64", K._rope_qk_kernel, rope, dict(BLOCK=32, HALF_P=32)),
-           Variant("rope q,k bf16 dh128", K._rope_qk_kernel, rope, dict(BLOCK=32, HALF_P=64))]
+                   dict(C=2, Q=4, S=1, BLOCK_D=block), num_warps=warps, div16=("DC",), wide=True),
+           Variant("rope q,k bf16 dh64", K._rope_qk_kernel, rope, dict(BLOCK=32, HALF_P=32, sqd=1, skd=1),
+                   div16=strides, wide=True),
+           Variant("rope q,k bf16 dh128", K._rope_qk_kernel, rope, dict(BLOCK=32, HALF_P=64, sqd=1, skd=1),
+                   div16=strides, wide=True)]
     for dh in (64, 128):   # the tiles and warps the wrapper picks (K.attention_blocks)
         bm, bn, warps = K.attention_blocks(torch.bfloat16, dh)
         out.append(Variant(f"flash attention bf16 dh{dh}", K._flash_kernel, flash,
-                           dict(BLOCK_M=bm, BLOCK_N=bn, DH_P=dh, IEEE=False), num_warps=warps, wgmma=True))
+                           dict(BLOCK_M=bm, BLOCK_N=bn, DH_P=dh, IEEE=False, svd=1, sod=1), num_warps=warps,
+                           wgmma=True, div16=("svn", "svh", "son", "soh", "DH")))
     bm, bn, warps = K.attention_blocks(torch.float32, 64)
     out.append(Variant("flash attention fp32 dh64 (ieee)", K._flash_kernel, {**flash, **{k: f32 for k in
-                       ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}}, dict(BLOCK_M=bm, BLOCK_N=bn, DH_P=64, IEEE=True),
-                       num_warps=warps))
+                       ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}},
+                       dict(BLOCK_M=bm, BLOCK_N=bn, DH_P=64, IEEE=True, svd=1, sod=1), num_warps=warps,
+                       div16=("svn", "svh", "son", "soh", "DH")))
     for delta in (False, True):
         out.append(Variant(f"rms-norm bf16 d1024{' + residual add' if delta else ''}", K._rms_norm_kernel, norm,
-                           dict(HAS_DELTA=delta, BLOCK_D=1024)))
-    out.append(Variant("silu * up bf16 h2816", K._silu_mul_kernel, silu, dict(BLOCK=1024)))
-    for label, c, warps in [
+                           dict(HAS_DELTA=delta, BLOCK_D=1024), div16=("D",), wide=True))
+    out.append(Variant("silu * up bf16 h2816", K._silu_mul_kernel, silu, dict(BLOCK=1024), div16=("HID",),
+                       wide=True))
+    for label, c in [
             ("guide+sample R3 V2048", dict(R=3, GREEDY=False, BLOCK_V=2048, ONE_BLOCK=True, TOP_K=False,
-                                           TOP_P=False), 8),
+                                           TOP_P=False)),
             ("guide+sample R3 V2048 top-k + top-p", dict(R=3, GREEDY=False, BLOCK_V=2048, ONE_BLOCK=True,
-                                                         TOP_K=True, TOP_P=True), 8),
+                                                         TOP_K=True, TOP_P=True)),
             ("guide+sample R3 V4096 top-k + top-p", dict(R=3, GREEDY=False, BLOCK_V=4096, ONE_BLOCK=True,
-                                                         TOP_K=True, TOP_P=True), 8),
+                                                         TOP_K=True, TOP_P=True)),
             ("guide+sample R3 V2048 greedy", dict(R=3, GREEDY=True, BLOCK_V=2048, ONE_BLOCK=True, TOP_K=False,
-                                                  TOP_P=False), 8),
+                                                  TOP_P=False)),
             ("guide+sample R3 V8192 blockwise", dict(R=3, GREEDY=False, BLOCK_V=1024, ONE_BLOCK=False,
-                                                     TOP_K=False, TOP_P=False), 4)]:
-        out.append(Variant(label, K._guide_sample_kernel, samp, c, num_warps=warps))
+                                                     TOP_K=False, TOP_P=False))]:
+        warps = K.sample_warps(c["BLOCK_V"], c["TOP_K"] or c["TOP_P"])   # as the wrapper picks
+        out.append(Variant(label, K._guide_sample_kernel, samp, c, num_warps=warps, div16=("V",),
+                           wide=c["ONE_BLOCK"]))
     return out
 
 
@@ -93,10 +109,12 @@ def variants() -> list[Variant]:
 class Result:
     name: str
     registers: int
-    spill_bytes: int       # stack frame + local memory per thread (0: no spills)
+    spill_bytes: int       # register spill stores per thread, from ptxas -v (0: no spills)
     shared_bytes: int      # dynamic shared memory per block
     wgmma: bool
     wgmma_expected: bool
+    wide_loads: bool       # 16-byte global loads present
+    wide_expected: bool
 
 
 def _tool(name: str) -> str:
@@ -109,22 +127,26 @@ def compile_variant(v: Variant, arch: int = 90) -> Result:
     if missing:
         raise ValueError(f"{v.name}: no type for {sorted(missing)}")
     src = ASTSource(fn=v.kernel, signature={a: sig[a] for a in v.kernel.arg_names}, constexprs=v.constexprs,
-                    attrs=_ptrs(v.kernel, v.types))
+                    attrs=_attrs(v))
     k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                        options={"num_warps": v.num_warps, "num_stages": v.num_stages})
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.cubin")
         with open(path, "wb") as f:
             f.write(k.asm["cubin"])
+        with open(os.path.join(d, "k.ptx"), "w") as f:
+            f.write(k.asm["ptx"])
+        ptxas = subprocess.run([_tool("ptxas"), f"-arch=sm_{arch}a", "-v", os.path.join(d, "k.ptx"), "-o",
+                                os.path.join(d, "again.cubin")], capture_output=True, text=True, check=True)
         usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", path], capture_output=True,
                                text=True, check=True).stdout
         sass = subprocess.run([_tool("cuobjdump"), "-sass", path], capture_output=True, text=True,
                               check=True).stdout
     fields = dict(part.split(":", 1) for part in usage.split("Function", 1)[1].split(":", 1)[1].split()
                   if ":" in part)
-    # register spills land in the stack frame (STACK), local arrays in LOCAL: count both
-    return Result(v.name, int(fields["REG"]), int(fields["STACK"]) + int(fields["LOCAL"]), int(k.metadata.shared),
-                  "HGMMA" in sass, v.wgmma)
+    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", ptxas.stdout + ptxas.stderr))
+    return Result(v.name, int(fields["REG"]), spills, int(k.metadata.shared),
+                  "HGMMA" in sass, v.wgmma, "LDG.E.128" in sass, v.wide)
 
 
 def spill_probe() -> Variant:
@@ -146,10 +168,11 @@ def main(argv=None) -> list[Result]:
         print(json.dumps([dataclasses.asdict(r) for r in results]))
         return results
     print(f"Triton {triton.__version__}, target sm_90 (H100/H200); compiled here, no GPU used")
-    print(f"{'kernel':42s} {'regs':>5s} {'spill B':>8s} {'smem B':>8s}  wgmma")
+    print(f"{'kernel':42s} {'regs':>5s} {'spill B':>8s} {'smem B':>8s}  {'wgmma':14s} 16-byte loads")
     for r in results:
         print(f"{r.name:42s} {r.registers:5d} {r.spill_bytes:8d} {r.shared_bytes:8d}  "
-              f"{'yes' if r.wgmma else 'no'}{' (expected)' if r.wgmma_expected else ''}")
+              f"{('yes' if r.wgmma else 'no') + (' (expected)' if r.wgmma_expected else ''):14s} "
+              f"{'yes' if r.wide_loads else 'no'}{' (expected)' if r.wide_expected else ''}")
     return results
 
 

@@ -49,6 +49,13 @@ def _embed_sum_kernel(tok_ptr, cond_ptr, tab_ptr, ctab_ptr, coff_ptr, out_ptr, T
         tl.store(out_ptr + (pid * C + c) * DC + offs, acc.to(out_ptr.dtype.element_ty), mask=dm)
 
 
+def embed_blocks(dc: int) -> tuple[int, int]:
+    """(BLOCK_D, num_warps) for channel width dc: 8 elements per thread, so 16-byte loads of bf16
+    table rows (bench/compile_sm90.py checks)."""
+    block = min(triton.next_power_of_2(dc), 1024)
+    return block, max(1, block // 256)
+
+
 def embed_sum(tokens, conditions, tok_table, cond_table, cond_offsets, check: bool = False):
     B, C, Q, T = tokens.shape
     S = conditions.shape[1]
@@ -60,9 +67,10 @@ def embed_sum(tokens, conditions, tok_table, cond_table, cond_offsets, check: bo
         if conditions.min() < 0 or (conditions + cond_offsets).max() >= cond_table.shape[0]:
             raise ValueError("condition ids out of range for their tables")
     out = torch.empty(B, T, C * dc, dtype=tok_table.dtype, device=tok_table.device)
+    block, warps = embed_blocks(dc)
     _embed_sum_kernel[(B * T, C)](tokens.contiguous(), conditions.contiguous(), tok_table.contiguous(),
                                   cond_table.contiguous(), cond_offsets.contiguous(), out, T, dc, rows,
-                                  C=C, Q=Q, S=S, BLOCK_D=min(triton.next_power_of_2(dc), 256))
+                                  C=C, Q=Q, S=S, BLOCK_D=block, num_warps=warps)
     return out
 
 
@@ -395,6 +403,13 @@ def _guide_sample_kernel(logits_ptr, w_ptr, pos_ptr, masked_ptr, tok_ptr, prob_p
 ONE_BLOCK_MAX_V = 4096   # vocabularies up to this are read once per frame (Encodec's 2048 codes are)
 
 
+def sample_warps(block_v: int, filtering: bool) -> int:
+    """Warps per frame of the sampling kernel: 8 codes per thread (16 with top-k/top-p, whose
+    bisection loops reduce over the block 64 times), at least 8 warps (4 filtering); no register
+    spills at any of these for sm_90 (bench/compile_sm90.py)."""
+    return min(16, max(4, block_v // 512)) if filtering else min(16, max(8, block_v // 256))
+
+
 def guide_sample_rank(logits, weights, positions, masked, length: int, *, seed: int, level: int, step: int,
                       temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, w_conf: float = 0.1,
                       w_causal: float = 0.1, w_rand: float = 1.0):
@@ -420,7 +435,7 @@ def guide_sample_rank(logits, weights, positions, masked, length: int, *, seed: 
                                0.0 if greedy else 1.0 / temperature, float(w_conf), float(w_causal), float(w_rand),
                                int(top_k), float(top_p), R=R, GREEDY=greedy, BLOCK_V=block_v, ONE_BLOCK=one_block,
                                TOP_K=use_k and not greedy, TOP_P=use_p and not greedy,
-                               num_warps=8 if block_v >= 2048 else 4)
+                               num_warps=sample_warps(block_v, (use_k or use_p) and not greedy))
     return tok, prob, score
 
 
