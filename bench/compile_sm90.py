@@ -7,6 +7,8 @@ the memory-bound kernels read 16 bytes per access (LDG.E.128).
 It says nothing about speed.
 
     python bench/compile_sm90.py [--json]   # table (or JSON) of every variant
+    PYTHONPATH=DIR python bench/compile_sm90.py   # with another Triton installed in DIR (the GPU
+                                                  # machines have 3.6): pip install --target DIR
 """
 from __future__ import annotations
 
@@ -78,11 +80,12 @@ def variants() -> list[Variant]:
         out.append(Variant(f"flash attention bf16 dh{dh}", K._flash_kernel, flash,
                            dict(BLOCK_M=bm, BLOCK_N=bn, DH_P=dh, IEEE=False, svd=1, sod=1), num_warps=warps,
                            wgmma=True, div16=("svn", "svh", "son", "soh", "DH")))
-    bm, bn, warps = K.attention_blocks(torch.float32, 64)
-    out.append(Variant("flash attention fp32 dh64 (ieee)", K._flash_kernel, {**flash, **{k: f32 for k in
-                       ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}},
-                       dict(BLOCK_M=bm, BLOCK_N=bn, DH_P=64, IEEE=True, svd=1, sod=1), num_warps=warps,
-                       div16=("svn", "svh", "son", "soh", "DH")))
+    for dh in (64, 128):
+        bm, bn, warps = K.attention_blocks(torch.float32, dh)
+        out.append(Variant(f"flash attention fp32 dh{dh} (ieee)", K._flash_kernel,
+                           {**flash, **{k: f32 for k in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}},
+                           dict(BLOCK_M=bm, BLOCK_N=bn, DH_P=dh, IEEE=True, svd=1, sod=1), num_warps=warps,
+                           div16=("svn", "svh", "son", "soh", "DH")))
     for delta in (False, True):
         out.append(Variant(f"rms-norm bf16 d1024{' + residual add' if delta else ''}", K._rms_norm_kernel, norm,
                            dict(HAS_DELTA=delta, BLOCK_D=1024), div16=("D",), wide=True))

@@ -160,11 +160,11 @@ def _flash_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_ptr, svn, svh, svd, son, soh,
 
 
 def attention_blocks(dtype: torch.dtype, dh: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) of the flash kernel: the largest tiles that compile for sm_90
-    without register spills (bench/compile_sm90.py checks): fp32 (ieee dots, no tensor cores)
-    needs 32 x 32; head dims over 64 need 8 warps."""
+    """(BLOCK_M, BLOCK_N, num_warps) of the flash kernel: tiles that compile for sm_90 without
+    register spills under Triton 3.6 and 3.8 (bench/compile_sm90.py checks): fp32 (ieee dots, no
+    tensor cores) needs smaller tiles; head dims over 64 need 8 warps."""
     if dtype == torch.float32:
-        return 32, 32, 4
+        return (32, 16, 8) if dh > 64 else (64, 32, 8)
     return (64, 64, 8) if dh > 64 else (64, 64, 4)
 
 
