@@ -113,10 +113,8 @@ def test_seed_determinism_on_real_model(tmp_path):
     _, d = make_model_dir(tmp_path, cfg)
     lm = load_engine_lm(d)
     ctx = torch.randint(0, 24, (1, 4, 25), generator=torch.Generator().manual_seed(0))
-    s = lambda seed: SamplingConfig(steps=(4, 2, 2, 1), seed=seed)
-    a = generate_tokens(lm, ctx, torch.tensor([3]), s(1))
-    b = generate_tokens(lm, ctx, torch.tensor([3]), s(1))
-    c = generate_tokens(lm, ctx, torch.tensor([3]), s(2))
+    a, b, c = (generate_tokens(lm, ctx, torch.tensor([3]), SamplingConfig(steps=(4, 2, 2, 1), seed=seed))
+               for seed in (1, 1, 2))
     assert torch.equal(a, b)
     assert (a != c).float().mean() > 0.3
 
