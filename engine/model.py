@@ -114,7 +114,7 @@ class StemGenEngineLM(nn.Module):
         for level in sorted({r[2] for r in requests}):  # one GEMM per level present
             idx = [i for i, r in enumerate(requests) if r[2] == level]
             flat = torch.cat([rows[i].reshape(-1, rows[i].shape[-1]) for i in idx])
-            logits = linear(flat, self.heads[level]).float()
+            logits = head_logits(flat, self.heads[level])
             for i, part in zip(idx, logits.split([rows[i].shape[0] * rows[i].shape[1] for i in idx])):
                 out[i] = part.view(rows[i].shape[0], rows[i].shape[1], -1)
         return out
@@ -151,6 +151,26 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if n >= MIN_GEMM_ROWS or x.device.type != "cpu":
         return F.linear(x, w)
     return F.linear(torch.cat([x, x.new_zeros(MIN_GEMM_ROWS - n, x.shape[1])]), w)[:n]
+
+
+@functools.lru_cache(maxsize=None)
+def mm_writes_fp32() -> bool:
+    """Whether this torch has ``torch.mm(..., out_dtype=torch.float32)`` (bf16/fp16 GEMM with fp32
+    output; CUDA). Probed on the meta device."""
+    try:
+        a = torch.empty(2, 2, device="meta", dtype=torch.bfloat16)
+        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def head_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """fp32 logits x @ w.T. On CUDA a bf16/fp16 GEMM writes them in fp32 directly: rounding logits to
+    bf16 (up to 2^-9 relative) would be amplified by the guidance weights (3, 3, -5 sum 11 such
+    errors). Elsewhere, or on a torch without it, the model-dtype GEMM is cast."""
+    if x.device.type == "cuda" and x.dtype != torch.float32 and mm_writes_fp32():
+        return torch.mm(x, w.t(), out_dtype=torch.float32)
+    return linear(x, w).float()
 
 
 def load_lm(path: str | Path, cfg: LMConfig, device="cpu", dtype: str | torch.dtype = "float32") -> StemGenEngineLM:

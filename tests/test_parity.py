@@ -70,3 +70,22 @@ def test_packed_requests_equal_separate_forwards(pair):
         want = alone if positions is None else alone[:, positions]
         assert got.shape == want.shape
         assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fp32-output head GEMM is the CUDA path")
+def test_cuda_bf16_head_writes_fp32_logits():
+    """On CUDA the bf16 head GEMM writes fp32 logits: within fp32 accumulation error of the exact
+    product of the bf16 values (a bf16 output would be ~2^-9 off)."""
+    from stemgen.engine.model import head_logits, mm_writes_fp32
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(300, 256, generator=g) * 4).to("cuda", torch.bfloat16)
+    w = torch.randn(2048, 256, generator=g).to("cuda", torch.bfloat16)
+    exact = x.double() @ w.double().t()
+    err = ((head_logits(x, w).double() - exact).abs().max() / exact.abs().max()).item()
+    assert mm_writes_fp32() and err < 1e-5, err
+
+
+def test_head_logits_on_cpu_is_the_cast_gemm():
+    from stemgen.engine.model import head_logits, linear
+    x, w = torch.randn(5, 16).bfloat16(), torch.randn(7, 16).bfloat16()
+    assert torch.equal(head_logits(x, w), linear(x, w).float())
