@@ -77,3 +77,42 @@ def rvq_encode(x: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"rvq_encode: x [N, D] and codebooks [K, bins, D] expected, got {list(x.shape)} / "
                          f"{list(codebooks.shape)}")
     return torch.from_numpy(_native.rvq_encode(_np(x.float(), torch.float32), _np(codebooks.float(), torch.float32)))
+
+
+def _float_dtype(name: str, t: torch.Tensor) -> torch.dtype:
+    if t.dtype not in (torch.float32, torch.bfloat16) or t.dim() != 2:
+        raise ValueError(f"{name}: a 2-D float32 or bfloat16 tensor expected, got {t.dtype} {list(t.shape)}")
+    return t.dtype
+
+
+def _torch(a, dt: torch.dtype) -> torch.Tensor:
+    out = torch.from_numpy(a)
+    return out.view(torch.bfloat16) if dt == torch.bfloat16 else out
+
+
+def _add_rms_norm(x, delta, weight, eps):
+    dt = _float_dtype("add_rms_norm", x)
+    if weight.shape != (x.shape[1],) or (delta is not None and delta.shape != x.shape):
+        raise ValueError(f"add_rms_norm: x [N, d], delta [N, d], weight [d] expected, got {list(x.shape)}, "
+                         f"{None if delta is None else list(delta.shape)}, {list(weight.shape)}")
+    fn = _native.add_rms_norm_bf16 if dt == torch.bfloat16 else _native.add_rms_norm_f32
+    xo, out = fn(_np(x, dt), None if delta is None else _np(delta, dt), _np(weight.to(dt), dt), float(eps),
+                 dt == torch.bfloat16)
+    return _torch(xo, dt), _torch(out, dt)
+
+
+def rms_norm(x, weight, eps) -> torch.Tensor:
+    """Same contract as kernels.norm.rms_norm_ref (x [N, d] float32 or bfloat16)."""
+    return _add_rms_norm(x, None, weight, eps)[1]
+
+
+def add_rms_norm(x, delta, weight, eps):
+    """Same contract as kernels.norm.add_rms_norm_ref: (x + delta, rms_norm(x + delta))."""
+    return _add_rms_norm(x, delta, weight, eps)
+
+
+def silu_mul(gate_up) -> torch.Tensor:
+    """Same contract as kernels.norm.silu_mul_ref ([N, 2h] -> silu(gate) * up [N, h])."""
+    dt = _float_dtype("silu_mul", gate_up)
+    fn = _native.silu_mul_bf16 if dt == torch.bfloat16 else _native.silu_mul_f32
+    return _torch(fn(_np(gate_up, dt), dt == torch.bfloat16), dt)

@@ -95,3 +95,42 @@ def test_rvq_encode_matches_reference(N, D, K, bins):
     want = rvq_encode_ref(x, books)
     got = cpp_ext.rvq_encode(x, books)
     assert (got == want).float().mean() >= 0.999
+
+
+@pytest.mark.parametrize("N,D", [(1, 24), (3, 96), (257, 1000), (5, 74), (40, 17)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norms_and_swiglu_match_reference(N, D, dtype):
+    """Residual add exact (one rounding, as torch); norm and silu * up within fp32 rounding (1e-5)
+    or two bf16 ulps (two roundings, each can land one ulp apart)."""
+    from stemgen.kernels.norm import add_rms_norm_ref, rms_norm_ref, silu_mul_ref
+    g = torch.Generator().manual_seed(N + D)
+    x, delta = (torch.randn(N, D, generator=g) * 3).to(dtype), torch.randn(N, D, generator=g).to(dtype)
+    w = torch.rand(D, generator=g).add(0.5).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -6
+
+    def close(a, b):
+        a, b = a.float(), b.float()
+        return bool(((a - b).abs() <= tol * b.abs() + 1e-6).all())
+
+    x_new, h = cpp_ext.add_rms_norm(x, delta, w, 1e-5)
+    x_ref, h_ref = add_rms_norm_ref(x, delta, w, 1e-5)
+    assert torch.equal(x_new, x_ref) and close(h, h_ref)
+    assert close(cpp_ext.rms_norm(x, w, 1e-5), rms_norm_ref(x, w, 1e-5))
+    gu = (torch.randn(N, 2 * D, generator=g) * 4).to(dtype)
+    assert close(cpp_ext.silu_mul(gu), silu_mul_ref(gu))
+
+
+def test_norm_rows_do_not_depend_on_the_batch():
+    """A row's result is the same alone or among others (the engine's batch invariance)."""
+    x = torch.randn(300, 256)
+    w = torch.rand(256)
+    alone = cpp_ext.add_rms_norm(x[7:8], x[7:8], w, 1e-5)[1]
+    assert torch.equal(cpp_ext.add_rms_norm(x, x, w, 1e-5)[1][7:8], alone)
+    assert torch.equal(cpp_ext.silu_mul(x)[7:8], cpp_ext.silu_mul(x[7:8]))
+
+
+def test_norm_checks_shapes():
+    with pytest.raises(ValueError, match="add_rms_norm"):
+        cpp_ext.add_rms_norm(torch.randn(3, 8), torch.randn(3, 7), torch.rand(8), 1e-5)
+    with pytest.raises(ValueError, match="silu_mul"):
+        cpp_ext.silu_mul(torch.randn(3, 8).half())
