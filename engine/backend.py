@@ -139,10 +139,12 @@ def select_ops(device: torch.device, dtype: torch.dtype) -> Ops:
     ops.names["guidance+sampling"] = "C++ (cpp_ext)"
     if dtype in (torch.float32, torch.bfloat16):
         ops.embed_sum = cpp_ext.embed_sum
-        ops.rms_norm, ops.add_rms_norm, ops.silu_mul = cpp_ext.rms_norm, cpp_ext.add_rms_norm, cpp_ext.silu_mul
         ops.names["embedding-sum"] = "C++ (cpp_ext)"
-        ops.names["norms, SwiGLU"] = "C++ (cpp_ext: fused residual add + RMSNorm, fused silu * up)"
     else:
         ops.names["embedding-sum"] = f"PyTorch reference (C++ op takes fp32/bf16, not {dtype})"
-        ops.names["norms, SwiGLU"] = f"PyTorch reference (C++ ops take fp32/bf16, not {dtype})"
+    if dtype == torch.bfloat16:
+        ops.rms_norm, ops.add_rms_norm, ops.silu_mul = cpp_ext.rms_norm, cpp_ext.add_rms_norm, cpp_ext.silu_mul
+        ops.names["norms, SwiGLU"] = "C++ (cpp_ext: fused residual add + RMSNorm, fused silu * up)"
+    else:  # fp32 keeps PyTorch's own sums, so the engine's tokens equal the fp32 training-form model's
+        ops.names["norms, SwiGLU"] = "PyTorch reference (fp32: bit-for-bit the training-form model's norms)"
     return ops
