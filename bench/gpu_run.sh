@@ -6,6 +6,8 @@
 # publish them in bench/RESULTS.md.
 #   bash bench/gpu_run.sh            # about 6-8 minutes on one H100 (estimate)
 #   SMOKE=1 bash bench/gpu_run.sh    # the same steps on a CPU with tiny shapes: checks the script only
+#   ONLY="tests kernels" bash ...     # only these steps (tests kernels paper graphs profile profile-graphs
+#                                     # sweep report), e.g. to split the work over two 10-minute calls
 set -uo pipefail
 OUT=${OUT:-bench/gpu-out}
 mkdir -p "$OUT"
@@ -26,6 +28,7 @@ LOG="$OUT/gpu-run.log"   # one log for every step: few files to fetch from a len
 : > "$LOG"
 step() {  # step NAME COMMAND...: run, append its output to the log, remember a failure
     local name=$1; shift
+    if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return 0; fi
     echo "== [$name] $*" | tee -a "$LOG"
     "$@" 2>&1 | tee -a "$LOG"
     local rc=${PIPESTATUS[0]}
