@@ -1,10 +1,6 @@
-import os
-
 import torch
 
-# the kernels are timed on CUDA only; elsewhere they would need the (slow) interpreter
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# (the Triton interpreter setting for machines without a GPU is in the repository's conftest.py)
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

@@ -40,11 +40,14 @@ class SyncDetector(TorchDispatchMode):
         return func(*args, **kwargs)
 
     def _record(self, what: str):
-        """The op and the innermost stemgen line that called it."""
-        frames = [f for f in traceback.extract_stack() if "stemgen" in f.filename or "/engine/" in f.filename
-                  or "/kernels/" in f.filename]
-        where = f"{frames[-1].filename.rsplit('/', 2)[-2:]}:{frames[-1].lineno}" if frames else "?"
-        self.found.append(f"{what} at {where}")
+        self.found.append(f"{what} at {caller()}")
+
+
+def caller() -> str:
+    """The innermost engine line (not a test's) on the stack: folder/file.py:line."""
+    frames = [f for f in traceback.extract_stack() if "/tests/" not in f.filename
+              and ("/engine/" in f.filename or "/kernels/" in f.filename or "/stemgen/" in f.filename)]
+    return f"{'/'.join(frames[-1].filename.rsplit('/', 2)[-2:])}:{frames[-1].lineno}" if frames else "?"
 
 
 CFG = StemGenConfig(d_model=32, n_heads=2, n_layers=1, codebook_size=32, ffn_multiple_of=32,
@@ -151,10 +154,7 @@ class DevicelessFactories(torch.overrides.TorchFunctionMode):
         kwargs = kwargs or {}
         if func in FACTORIES and kwargs.get("device") is None and not (
                 func is torch.as_tensor and args and isinstance(args[0], torch.Tensor)):
-            frames = [f for f in traceback.extract_stack() if "/tests/" not in f.filename
-                      and ("/engine/" in f.filename or "/kernels/" in f.filename or "/stemgen/" in f.filename)]
-            self.found.append(f"torch.{func.__name__} at {frames[-1].filename.rsplit('/', 2)[-2:]}:"
-                              f"{frames[-1].lineno}" if frames else func.__name__)
+            self.found.append(f"torch.{func.__name__} at {caller()}")
         return func(*args, **kwargs)
 
 
