@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .models import resolve_model
 from .audio import AudioError, peak_safe, to_format
 from .codec import Codec, CodecConfig, load_codec
 from .config import ModelConfig, ModelFormatError, SamplingConfig
@@ -110,11 +111,11 @@ class Engine:
     def from_pretrained(cls, model_dir: str | Path, device: str | torch.device | None = "auto",
                         dtype: str | torch.dtype | None = None, load_codec_weights: bool = True,
                         cuda_graphs: bool | None = None) -> "Engine":
-        """Load an engine model directory. dtype defaults to bfloat16 on CUDA and on CPUs with native
+        """Load an engine model directory ('demo': the trained toy-band demo model). dtype defaults to bfloat16 on CUDA and on CPUs with native
         bf16 arithmetic (AVX512-BF16 / AMX), float32 elsewhere (engine.model.default_dtype).
         cuda_graphs: replay each step's transformer trunk from a CUDA graph (engine.graphs; CUDA
         only; default: the STEMGEN_CUDA_GRAPHS environment variable, else off)."""
-        model_dir = Path(model_dir)
+        model_dir = resolve_model(model_dir)
         config = ModelConfig.load(model_dir)
         device = pick_device(device)
         dtype = resolve_dtype(dtype) if dtype else default_dtype(device)
@@ -192,10 +193,18 @@ class Engine:
                 self._service = GenerationService(self.lm, max_frames=self.max_frames)
         return self._service
 
-    def close(self) -> None:
-        """Stop the background scheduler (if one was started)."""
+    def close(self, cancel: bool = False, timeout: float | None = None) -> None:
+        """Stop the background scheduler (if one was started): drain queued and running requests,
+        or cancel them with ``cancel=True`` (see GenerationService.close)."""
         if self._service is not None:
-            self._service.close()
+            self._service.close(cancel=cancel, timeout=timeout)
+            self._service = None
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close(cancel=exc[0] is not None)
 
     def prepare_context(self, audio: np.ndarray, sample_rate: int) -> tuple[np.ndarray, torch.Tensor]:
         """Audio [channels, N] at any rate -> (audio at the codec's format, context codes [C-1, Q, T])."""

@@ -11,10 +11,23 @@ import numpy as np
 from .fileutil import default_permissions
 
 SUBTYPES = {"16": "PCM_16", "24": "PCM_24", "float": "FLOAT"}
+# output container per file extension (libsndfile format name); subtypes per container below
+CONTAINERS = {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG", ".mp3": "MP3"}
+# input limits, checked from the file header before any sample is read (README "Limits")
+MIN_SAMPLE_RATE = 4000
+MAX_SAMPLE_RATE = 384000
+MAX_CHANNELS = 32
 
 
-class AudioError(ValueError):
-    """Unusable audio input or output; the message names the file and the fix."""
+def max_seconds() -> float:
+    """Longest accepted input (seconds): STEMGEN_MAX_SECONDS, default 1200 (20 minutes)."""
+    try:
+        return float(os.environ.get("STEMGEN_MAX_SECONDS", "1200"))
+    except ValueError:
+        raise AudioError("STEMGEN_MAX_SECONDS must be a number of seconds") from None
+
+
+from .errors import AudioError  # noqa: E402,F401  (re-exported)
 
 
 def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
@@ -26,6 +39,20 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
         raise AudioError(f"{path}: no such file")
     if path.is_dir():
         raise AudioError(f"{path}: is a directory, expected an audio file")
+    try:
+        info = sf.info(str(path))
+    except Exception as e:  # libsndfile's errors for non-audio / corrupt files
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise AudioError(f"{path}: not a readable audio file ({msg}); use wav, flac, ogg or mp3") from None
+    if not MIN_SAMPLE_RATE <= info.samplerate <= MAX_SAMPLE_RATE:
+        raise AudioError(f"{path}: sample rate {info.samplerate} Hz is outside the supported "
+                         f"{MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz; resample the file first")
+    if not 1 <= info.channels <= MAX_CHANNELS:
+        raise AudioError(f"{path}: {info.channels} channels; at most {MAX_CHANNELS} are supported")
+    limit = max_seconds()
+    if info.frames > limit * info.samplerate:
+        raise AudioError(f"{path}: {info.frames / info.samplerate:.1f} s is longer than the {limit:g} s limit; "
+                         "trim it, or raise STEMGEN_MAX_SECONDS")
     try:
         data, sr = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as e:  # libsndfile's errors for non-audio / corrupt files
@@ -63,31 +90,83 @@ def peak_safe(audio: np.ndarray, limit: float = 0.999) -> tuple[np.ndarray, floa
     return audio * gain, gain
 
 
-def check_output_path(path: str | Path) -> Path:
+def check_output_path(path: str | Path, bits: str = "16") -> Path:
+    """An output path whose folder exists and is writable and whose extension names a container
+    libsndfile can write with ``bits``; checked before any work is done."""
+    import soundfile as sf
+
     path = Path(path)
     if not path.parent.is_dir():
         raise AudioError(f"{path}: output folder {path.parent} does not exist; create it first")
     if path.is_dir():
         raise AudioError(f"{path}: is a directory; give a file name ending in .wav")
+    ext = path.suffix.lower()
+    if ext not in CONTAINERS or CONTAINERS[ext] not in sf.available_formats():
+        ok = ", ".join(e for e, f in CONTAINERS.items() if f in sf.available_formats())
+        raise AudioError(f"{path}: cannot write {ext or 'files without an extension'}; use one of {ok}")
+    if _subtype(ext, bits) is None:
+        raise AudioError(f"{path}: {ext} cannot hold --bits {bits}; use .wav for that, or other --bits")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise AudioError(f"{path}: output folder {path.parent} is not writable")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise AudioError(f"{path}: exists and is not writable")
     return path
+
+
+def _subtype(ext: str, bits: str) -> str | None:
+    if ext == ".wav":
+        return SUBTYPES.get(bits)
+    if ext == ".flac":
+        return {"16": "PCM_16", "24": "PCM_24"}.get(bits)
+    if ext == ".ogg":
+        return "VORBIS"
+    if ext == ".mp3":
+        return "MPEG_LAYER_III"
+    return None
+
+
+def check_distinct(inputs: list[Path], outputs: list[Path]) -> None:
+    """Refuse an output that is an input (it would be overwritten) or is named twice."""
+    seen = {}
+    for p in inputs:
+        seen[os.path.realpath(p)] = ("input", p)
+    for p in outputs:
+        key = os.path.realpath(p)
+        if key in seen:
+            kind, other = seen[key]
+            what = "the input" if kind == "input" else "another output"
+            raise AudioError(f"{p}: is also {what} ({other}); choose a different output name")
+        seen[key] = ("output", p)
+
+
+def write_audio_set(items: list[tuple[Path, np.ndarray, int]], bits: str = "16") -> list[Path]:
+    """Write every (path, audio [C, N], sr) all-or-nothing: each goes to a temporary sibling first;
+    only when all are written are they renamed into place. An OS error is one AudioError line."""
+    import soundfile as sf
+
+    tmps = []
+    try:
+        for path, audio, sr in items:
+            path = check_output_path(path, bits)
+            ext = path.suffix.lower()
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            tmps.append((tmp, path))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                sf.write(tmp, np.ascontiguousarray(audio.T), sr, subtype=_subtype(ext, bits), format=CONTAINERS[ext])
+            default_permissions(tmp)
+        for tmp, path in tmps:
+            os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # RuntimeError: libsndfile's own error type
+        msg = getattr(e, "strerror", None) or str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise AudioError(f"cannot write {tmps[-1][1] if tmps else items[0][0]}: {msg}") from None
+    finally:
+        for tmp, _ in tmps:
+            Path(tmp).unlink(missing_ok=True)
+    return [p for _, p in tmps]
 
 
 def write_wav(path: str | Path, audio: np.ndarray, sr: int, bits: str = "16") -> Path:
-    """Write [C, N] as WAV via a temporary file renamed into place (no half-written output)."""
-    import soundfile as sf
-
-    path = check_output_path(path)
-    if bits not in SUBTYPES:
-        raise AudioError(f"unknown bit depth {bits!r}; choose 16, 24 or float")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            sf.write(tmp, np.ascontiguousarray(audio.T), sr, subtype=SUBTYPES[bits], format="WAV")
-        default_permissions(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write [C, N] in the format the extension names (.wav by default), atomically."""
+    return write_audio_set([(Path(path), audio, sr)], bits)[0]

@@ -48,6 +48,10 @@ class CodecConfig:
         if self.pad_mode not in ("constant", "reflect", "replicate"):
             raise ModelFormatError(f"codec config: pad_mode {self.pad_mode!r} not supported "
                                    "(constant, reflect, replicate)")
+        width = self.n_filters * 2 ** len(self.ratios)
+        if width > 8192 or not self.ratios:
+            raise ModelFormatError(f"codec config: n_filters x 2^len(ratios) = {width} channels at the bottleneck; "
+                                   "at most 8192 (and at least one ratio) are supported")
 
     @property
     def hop_length(self) -> int:
@@ -64,11 +68,9 @@ class CodecConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "CodecConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ModelFormatError(f"codec config: unknown field(s) {unknown}")
-        return cls(**d)
+        from .schema import CODEC_SPEC, check
+        spec = {k: dataclasses.replace(f, required=False) for k, f in CODEC_SPEC.items()}
+        return cls(**check(d, spec, "codec config"))
 
 
 def layer_plan(cfg: CodecConfig, part: str) -> list[tuple]:

@@ -20,8 +20,7 @@ LM_WEIGHTS = "lm.safetensors"
 CODEC_WEIGHTS = "codec.safetensors"
 
 
-class ModelFormatError(ValueError):
-    """A model directory, checkpoint or config is unusable; the message says what and how to fix it."""
+from .errors import ModelFormatError, RequestError  # noqa: E402,F401  (re-exported: the historical home)
 
 
 def read_weights(path: str | Path, expected: dict, against: str, noun: str, missing_hint: str) -> dict:
@@ -39,9 +38,21 @@ def read_weights(path: str | Path, expected: dict, against: str, noun: str, miss
             for name, sl in slices.items():
                 if sl.get_dtype() not in ("F32", "F16", "BF16"):
                     raise ModelFormatError(f"{path}: {noun} {name!r} has dtype {sl.get_dtype()}, expected a float type")
-            return {k: f.get_tensor(k) for k in expected}
+            weights = {k: f.get_tensor(k) for k in expected}
     except SafetensorError as e:
         raise ModelFormatError(f"{path}: not a readable safetensors file ({e})") from None
+    check_finite(weights, str(path), noun)
+    return weights
+
+
+def check_finite(weights: dict, where: str, noun: str = "tensor") -> None:
+    """Reject NaN / infinite weights (a corrupt or overwritten file), naming the first bad tensor."""
+    import torch
+
+    for name, t in weights.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ModelFormatError(f"{where}: {noun} {name!r} holds NaN or infinite values (a corrupt file?); "
+                                   "re-convert from an intact checkpoint")
 
 
 def check_shapes(found: dict, expected: dict, where: str, against: str, noun: str = "tensor") -> None:
@@ -110,13 +121,8 @@ class LMConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LMConfig":
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - set(fields))
-        missing = sorted(n for n, f in fields.items() if n not in d and f.default is dataclasses.MISSING)
-        if unknown or missing:
-            raise ModelFormatError(
-                f"lm config: unknown field(s) {unknown} / missing field(s) {missing}")
-        return cls(**d)
+        from .schema import LM_SPEC, check
+        return cls(**check(d, LM_SPEC, "lm config"))
 
 
 @dataclass
@@ -136,6 +142,13 @@ class SamplingConfig:
     seed: int = 0
 
     def __post_init__(self):
+        from .schema import SAMPLING_SPEC, check
+        d = dataclasses.asdict(self)
+        d["steps"] = list(self.steps) if isinstance(self.steps, (list, tuple)) else self.steps
+        try:
+            check(d, SAMPLING_SPEC, "sampling")
+        except ModelFormatError as e:
+            raise RequestError(str(e).replace("sampling.", "sampling option ", 1)) from None
         self.steps = tuple(int(s) for s in self.steps)
         if self.guidance not in ("multi", "single", "none"):
             raise ValueError(f"guidance must be 'multi', 'single' or 'none', got {self.guidance!r}")
@@ -162,8 +175,8 @@ class SamplingConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SamplingConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        from .schema import SAMPLING_SPEC, check
+        return cls(**check(d, SAMPLING_SPEC, "sampling", allow_unknown=True))
 
 
 @dataclass
@@ -190,6 +203,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
+        from .schema import MODEL_SPEC, WEIGHTS_SPEC, check
+        d = check(d, MODEL_SPEC, "config.json", allow_unknown=True)
         if d.get("format") != FORMAT_NAME:
             raise ModelFormatError(f"config.json: format is {d.get('format')!r}, expected {FORMAT_NAME!r}")
         if d.get("format_version") != FORMAT_VERSION:
@@ -202,9 +217,16 @@ class ModelConfig:
             sampling = SamplingConfig.from_dict(d.get("sampling") or {})
         except (TypeError, ValueError) as e:
             raise ModelFormatError(f"config.json: sampling: {e}") from None
+        weights = check(d.get("weights") or {"lm": LM_WEIGHTS}, WEIGHTS_SPEC, "config.json weights")
+        weights.setdefault("codec", None)
+        codec = d.get("codec")
+        if codec is not None:
+            from .codec import CodecConfig
+            codec = CodecConfig.from_dict(codec).to_dict()
+            if weights["codec"] is None:
+                raise ModelFormatError("config.json: a codec config but no weights.codec file name")
         return cls(lm=LMConfig.from_dict(d["lm"]), instruments=list(d["instruments"]), sampling=sampling,
-                   codec=d.get("codec"), dtype=d.get("dtype", "float32"),
-                   weights=d.get("weights") or {"lm": LM_WEIGHTS, "codec": None},
+                   codec=codec, dtype=d.get("dtype", "float32"), weights=weights,
                    untrained=bool(d.get("untrained", False)))
 
     @classmethod
@@ -214,8 +236,5 @@ class ModelConfig:
             raise ModelFormatError(f"{model_dir}: not a directory; pass a model directory made by `stemgen convert`")
         if not path.is_file():
             raise ModelFormatError(f"{path}: missing; a model directory made by `stemgen convert` has one")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ModelFormatError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(data)
+        from .schema import load_json
+        return cls.from_dict(load_json(path))

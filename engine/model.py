@@ -79,12 +79,15 @@ class StemGenEngineLM(nn.Module):
         """cos, sin [T, head_dim / 2] fp32 for positions 0..T-1, computed in fp64 on ``device`` (no
         host-to-device copy); the last table is kept."""
         key = (T, str(device))
-        if key not in self._rope_cache:
-            dh = self.cfg.head_dim
-            inv = 1.0 / self.cfg.rope_theta ** (torch.arange(0, dh, 2, dtype=torch.float64, device=device) / dh)
-            ang = torch.outer(torch.arange(T, dtype=torch.float64, device=device), inv)
-            self._rope_cache = {key: (ang.cos().float(), ang.sin().float())}
-        return self._rope_cache[key]
+        cached = self._rope_cache  # one read: another thread may replace the dict (never mutate it)
+        if key in cached:
+            return cached[key]
+        dh = self.cfg.head_dim
+        inv = 1.0 / self.cfg.rope_theta ** (torch.arange(0, dh, 2, dtype=torch.float64, device=device) / dh)
+        ang = torch.outer(torch.arange(T, dtype=torch.float64, device=device), inv)
+        tables = (ang.cos().float(), ang.sin().float())
+        self._rope_cache = {key: tables}
+        return tables
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, conditions: torch.Tensor, level: int | None = None) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 
 from ..kernels.sampling import guide_sample_rank_ref
 from .config import LMConfig, SamplingConfig
+from .errors import RequestError
 
 
 def masked_after_step(t: int, n_steps: int, n_masked: int) -> int:
@@ -44,29 +45,51 @@ def check_request(context: torch.Tensor, conditions: torch.Tensor, target: torch
                   cfg: LMConfig, sampling: SamplingConfig) -> None:
     C, Q, V = cfg.n_channels, cfg.n_q, cfg.codebook_size
     if context.dim() != 3 or context.shape[0] != C - 1 or context.shape[1] != Q:
-        raise ValueError(f"context tokens must have shape [{C - 1}, {Q}, T] (context channels, levels, "
+        raise RequestError(f"context tokens must have shape [{C - 1}, {Q}, T] (context channels, levels, "
                          f"frames), got {list(context.shape)}")
     T = context.shape[-1]
     if T < 1:
-        raise ValueError("context has no frames (T = 0)")
+        raise RequestError("context has no frames (T = 0)")
     if context.numel() and ((context < 0) | ((context >= V) & (context != cfg.null_id))).any():
-        raise ValueError(f"context tokens must be codes in [0, {V}) or NULL ({cfg.null_id})")
+        raise RequestError(f"context tokens must be codes in [0, {V}) or NULL ({cfg.null_id})")
     if conditions.shape != (len(cfg.cond_sizes),):
-        raise ValueError(f"conditions must have shape [{len(cfg.cond_sizes)}], got {list(conditions.shape)}")
+        raise RequestError(f"conditions must have shape [{len(cfg.cond_sizes)}], got {list(conditions.shape)}")
     for s, n in enumerate(cfg.cond_sizes):
         if not 0 <= int(conditions[s]) <= n:
-            raise ValueError(f"condition {s} is {int(conditions[s])}, expected 0..{n - 1} (or NULL = {n})")
+            raise RequestError(f"condition {s} is {int(conditions[s])}, expected 0..{n - 1} (or NULL = {n})")
     if target is not None:
         if tuple(target.shape) != (Q, T):
-            raise ValueError(f"target tokens must have shape [{Q}, {T}], got {list(target.shape)}")
+            raise RequestError(f"target tokens must have shape [{Q}, {T}], got {list(target.shape)}")
         if ((target < 0) | (target > cfg.mask_id)).any():
-            raise ValueError(f"target tokens must be codes in [0, {V}) or MASK ({cfg.mask_id})")
+            raise RequestError(f"target tokens must be codes in [0, {V}) or MASK ({cfg.mask_id})")
     if len(sampling.steps) != Q:
-        raise ValueError(f"steps gives {len(sampling.steps)} levels ({list(sampling.steps)}), "
+        raise RequestError(f"steps gives {len(sampling.steps)} levels ({list(sampling.steps)}), "
                          f"the model has {Q}: give one step count per level")
 
 
 _ids = itertools.count()
+
+
+def _codes(x, what: str) -> torch.Tensor:
+    """Integer codes as int64; floats, bools and non-tensors are refused, never truncated."""
+    try:
+        t = torch.as_tensor(x)
+    except (TypeError, ValueError, RuntimeError):
+        raise RequestError(f"{what} must be an integer tensor of codes, got {type(x).__name__}") from None
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise RequestError(f"{what} must hold integer codes, got dtype {t.dtype}")
+    return t.to(torch.int64)
+
+
+def call_progress(request: "Request", fn, args) -> None:
+    """Run a progress callback in this thread; whatever it raises (SystemExit and
+    KeyboardInterrupt included) fails its own request only."""
+    try:
+        fn(*args)
+    except BaseException as e:  # noqa: BLE001 - a callback must not stop the scheduler
+        if request.error is None:
+            request.error = RequestError(f"the progress callback raised {type(e).__name__}: {e}")
+            request.error.__cause__ = e
 
 
 class Request:
@@ -76,9 +99,12 @@ class Request:
     def __init__(self, cfg: LMConfig, context: torch.Tensor, conditions: torch.Tensor, sampling: SamplingConfig,
                  target: torch.Tensor | None = None,
                  progress: Callable[[int, int, int], None] | None = None):
-        context = torch.as_tensor(context).to(torch.int64)
-        conditions = torch.as_tensor(conditions).to(torch.int64)
-        target = None if target is None else torch.as_tensor(target).to(torch.int64)
+        context, conditions = _codes(context, "context"), _codes(conditions, "conditions")
+        target = None if target is None else _codes(target, "target")
+        if not isinstance(sampling, SamplingConfig):
+            raise RequestError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
+        if progress is not None and not callable(progress):
+            raise RequestError("progress must be callable (level, step, steps_in_level)")
         check_request(context, conditions, target, cfg, sampling)
         self.id = next(_ids)
         self.cfg, self.sampling, self.progress = cfg, sampling, progress
@@ -88,6 +114,7 @@ class Request:
         self.cancelled = False
         self.error: BaseException | None = None   # set if this request failed (e.g. its callback raised)
         self.tokens: torch.Tensor | None = None   # [Q, T] state, on the model's device once admitted
+        self.notify = call_progress                 # how progress callbacks run (the service: off-thread)
 
     @property
     def frames(self) -> int:
@@ -133,10 +160,7 @@ class Request:
 
     def advance(self) -> None:
         if self.progress is not None:
-            try:
-                self.progress(self.level, self.step, self.sampling.steps[self.level])
-            except Exception as e:  # a broken callback fails its own request only
-                self.error = e
+            self.notify(self, self.progress, (self.level, self.step, self.sampling.steps[self.level]))
         self.step += 1
         if self.step >= self.sampling.steps[self.level]:
             self.level, self.step = self.level + 1, 0
@@ -217,7 +241,10 @@ class Scheduler:
         if active:
             logits = self.model.forward_requests([r.rows(self.head_subset) for r in active])
             for r, lg in zip(active, logits):
-                r.update(lg, self.model.ops.guide_sample_rank)
+                try:
+                    r.update(lg, self.model.ops.guide_sample_rank)
+                except Exception as e:  # noqa: BLE001 - one request's failure is its own
+                    r.error = e
         left += [r for r in self.running if r.finished]
         self.running = [r for r in self.running if not r.finished]
         return left
@@ -233,4 +260,7 @@ def run_requests(model, requests: list[Request], max_frames: int = 1 << 15) -> l
     for r in requests:
         sched.submit(r)
     sched.run()
+    for r in requests:
+        if r.error is not None:
+            raise r.error
     return [r.tokens for r in requests]

@@ -48,3 +48,23 @@ def random_tokens(cfg: StemGenConfig, B: int, T: int, gen: torch.Generator, spec
     tokens = torch.randint(0, hi, (B, cfg.n_channels, cfg.n_q, T), generator=gen)
     conds = torch.stack([torch.randint(0, n + 1, (B,), generator=gen) for n in cfg.cond_sizes], dim=1)
     return tokens, conds
+
+
+TINY_CODEC = dict(n_filters=4, dimension=16, bins=32, lstm_layers=1)
+
+
+def tiny_model_dir(tmp: Path, name: str = "tiny", seed: int = 0) -> Path:
+    """A complete engine model directory (tiny LM + tiny random codec) for end-to-end CLI tests."""
+    from stemgen.engine.codec import CodecConfig
+    from stemgen.engine.config import CODEC_WEIGHTS, LM_WEIGHTS
+    from stemgen.random_model import random_codec_weights
+    from stemgen.weights_convert.lm import convert_train_state, engine_lm_config
+
+    codec_cfg = CodecConfig(**TINY_CODEC)
+    cfg = StemGenConfig(d_model=32, n_heads=2, n_layers=1, codebook_size=codec_cfg.bins, ffn_multiple_of=16,
+                        instruments=["bass", "drums", "[/]x"])
+    lm = random_train_model(cfg, seed)
+    config = ModelConfig(lm=engine_lm_config(cfg), instruments=list(cfg.instruments), codec=codec_cfg.to_dict(),
+                         weights={"lm": LM_WEIGHTS, "codec": CODEC_WEIGHTS})
+    return write_model_dir(tmp / name, config, {"lm": convert_train_state(cfg, lm.state_dict()),
+                                                "codec": random_codec_weights(codec_cfg, seed)})

@@ -3,6 +3,8 @@ import threading
 from concurrent.futures import CancelledError
 
 import pytest
+
+from stemgen.engine.errors import RequestError
 import torch
 
 from stemgen.engine import Engine, SamplingConfig
@@ -152,7 +154,7 @@ def test_broken_callback_fails_only_its_request(engine):
 
     h1 = engine.submit(context(20, 1), "keys", steps=(2, 1, 1, 1), progress=boom)
     h2 = engine.submit(context(20, 2), "keys", steps=(2, 1, 1, 1))
-    with pytest.raises(RuntimeError, match="exploded"):
+    with pytest.raises(RequestError, match="callback raised RuntimeError: callback exploded"):
         h1.result(timeout=60)
     assert h2.result(timeout=60).shape == (CFG.n_q, 20)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..engine.codec import CodecConfig, check_codec_weights, expected_codec_shapes
-from ..engine.config import ModelFormatError
+from ..engine.config import ModelFormatError, check_finite
 from .lm import _read_pickle, looks_like_torch_file
 
 CODEC_FORMATS = ("audiocraft", "hf", "encodec")
@@ -36,8 +36,12 @@ def fold_weight_norm(g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 def normalise_state(state: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
     """Any supported source's names -> engine names, weight norm folded."""
+    if not isinstance(state, dict):
+        raise ModelFormatError(f"{where}: the codec weights are a {type(state).__name__}, expected a state dict")
     out, pending = {}, {}
     for key, t in state.items():
+        if not isinstance(key, str):
+            raise ModelFormatError(f"{where}: state dict key {key!r} is not a tensor name")
         if not isinstance(t, torch.Tensor):
             continue
         if m := _CONV.match(key):
@@ -64,7 +68,11 @@ def normalise_state(state: dict[str, torch.Tensor], where: str) -> dict[str, tor
         if set(gv) != {"g", "v"}:
             half = "weight_g" if "g" not in gv else "weight_v"
             raise ModelFormatError(f"{where}: weight-normed layer {name.rstrip('.')} lacks its {half}")
-        out[name + "weight"] = fold_weight_norm(gv["g"].float(), gv["v"].float())
+        g, v = gv["g"], gv["v"]
+        if g.dim() != v.dim() or g.shape[0] != v.shape[0] or g.numel() != v.shape[0]:
+            raise ModelFormatError(f"{where}: weight-normed layer {name.rstrip('.')}: weight_g {list(g.shape)} does "
+                                   f"not match weight_v {list(v.shape)}")
+        out[name + "weight"] = fold_weight_norm(g.float(), v.float())
     return {k: v.float().contiguous() for k, v in out.items()}
 
 
@@ -83,71 +91,87 @@ def _resolve(cfg: dict, value, root: dict, depth: int = 0):
 def audiocraft_config(xp_cfg: str, where: str) -> CodecConfig:
     import yaml
 
+    if not isinstance(xp_cfg, str):
+        raise ModelFormatError(f"{where}: xp.cfg must be the YAML text of the training config")
     try:
         root = yaml.safe_load(xp_cfg)
-    except yaml.YAMLError as e:
-        raise ModelFormatError(f"{where}: xp.cfg is not valid YAML ({str(e).splitlines()[0]})") from None
+    except (yaml.YAMLError, RecursionError) as e:
+        raise ModelFormatError(f"{where}: xp.cfg is not valid YAML ({str(e).splitlines()[0][:120]})") from None
+    if not isinstance(root, dict):
+        raise ModelFormatError(f"{where}: xp.cfg is not a YAML mapping")
     get = lambda node, key, default=None: _resolve(node, (node or {}).get(key, default), root)  # noqa: E731
     if get(root, "compression_model", "encodec") != "encodec":
         raise ModelFormatError(f"{where}: compression_model is {get(root, 'compression_model')!r}; only encodec "
                                "is supported")
     sea, rvq, enc = root.get("seanet") or {}, root.get("rvq") or {}, root.get("encodec") or {}
-    if not sea or not rvq:
+    if not all(isinstance(x, dict) for x in (sea, rvq, enc)) or not sea or not rvq:
         raise ModelFormatError(f"{where}: xp.cfg lacks the 'seanet' or 'rvq' section")
     if get(enc, "renormalize", False):
         raise ModelFormatError(f"{where}: renormalizing Encodec models are not supported yet")
+    if get(root, "sample_rate") is None:
+        raise ModelFormatError(f"{where}: xp.cfg has no sample_rate")
     dec = sea.get("decoder") or {}
-    return CodecConfig(
-        sample_rate=int(get(root, "sample_rate")), channels=int(get(root, "channels", 1)),
-        dimension=int(get(sea, "dimension", 128)), n_filters=int(get(sea, "n_filters", 32)),
-        ratios=tuple(get(sea, "ratios", [8, 5, 4, 2])), n_residual_layers=int(get(sea, "n_residual_layers", 1)),
-        kernel_size=int(get(sea, "kernel_size", 7)), last_kernel_size=int(get(sea, "last_kernel_size", 7)),
-        residual_kernel_size=int(get(sea, "residual_kernel_size", 3)),
-        dilation_base=int(get(sea, "dilation_base", 2)), compress=int(get(sea, "compress", 2)),
-        lstm_layers=int(get(sea, "lstm", 2)), causal=bool(get(sea, "causal", get(enc, "causal", False))),
-        pad_mode=str(get(sea, "pad_mode", "constant")), true_skip=bool(get(sea, "true_skip", True)),
-        trim_right_ratio=float(get(dec, "trim_right_ratio", 1.0)), n_q=int(get(rvq, "n_q", 8)),
-        bins=int(get(rvq, "bins", 1024)))
+    return _codec_config(where, "xp.cfg", dict(
+        sample_rate=get(root, "sample_rate"), channels=get(root, "channels", 1),
+        dimension=get(sea, "dimension", 128), n_filters=get(sea, "n_filters", 32),
+        ratios=get(sea, "ratios", [8, 5, 4, 2]), n_residual_layers=get(sea, "n_residual_layers", 1),
+        kernel_size=get(sea, "kernel_size", 7), last_kernel_size=get(sea, "last_kernel_size", 7),
+        residual_kernel_size=get(sea, "residual_kernel_size", 3),
+        dilation_base=get(sea, "dilation_base", 2), compress=get(sea, "compress", 2),
+        lstm_layers=get(sea, "lstm", 2), causal=get(sea, "causal", get(enc, "causal", False)),
+        pad_mode=get(sea, "pad_mode", "constant"), true_skip=get(sea, "true_skip", True),
+        trim_right_ratio=get(dec if isinstance(dec, dict) else {}, "trim_right_ratio", 1.0),
+        n_q=get(rvq, "n_q", 8), bins=get(rvq, "bins", 1024)))
+
+
+def _codec_config(where: str, what: str, fields: dict) -> CodecConfig:
+    """Validate a source's codec settings (types and ranges) through the one schema."""
+    try:
+        return CodecConfig.from_dict(fields)
+    except ModelFormatError as e:
+        raise ModelFormatError(f"{where}: {what}: {e}") from None
 
 
 def hf_config(cfg: dict, n_q: int, where: str) -> CodecConfig:
+    if not isinstance(cfg, dict):
+        raise ModelFormatError(f"{where}: config.json is not a JSON object")
     if cfg.get("model_type") not in (None, "encodec"):
         raise ModelFormatError(f"{where}: config.json model_type is {cfg.get('model_type')!r}, expected 'encodec'")
     if cfg.get("normalize"):
         raise ModelFormatError(f"{where}: normalizing (48 kHz-style) Encodec models are not supported yet")
     if cfg.get("norm_type", "weight_norm") != "weight_norm":
         raise ModelFormatError(f"{where}: norm_type {cfg.get('norm_type')!r} not supported (weight_norm only)")
-    dim = int(cfg.get("hidden_size", 128))
-    if int(cfg.get("codebook_dim") or dim) != dim:
+    dim = cfg.get("hidden_size", 128)
+    if (cfg.get("codebook_dim") or dim) != dim:
         raise ModelFormatError(f"{where}: codebook_dim != hidden_size (projected codebooks) not supported")
-    return CodecConfig(
-        sample_rate=int(cfg.get("sampling_rate", 24000)), channels=int(cfg.get("audio_channels", 1)),
-        dimension=dim, n_filters=int(cfg.get("num_filters", 32)),
-        ratios=tuple(cfg.get("upsampling_ratios", [8, 5, 4, 2])),
-        n_residual_layers=int(cfg.get("num_residual_layers", 1)), kernel_size=int(cfg.get("kernel_size", 7)),
-        last_kernel_size=int(cfg.get("last_kernel_size", 7)),
-        residual_kernel_size=int(cfg.get("residual_kernel_size", 3)),
-        dilation_base=int(cfg.get("dilation_growth_rate", 2)), compress=int(cfg.get("compress", 2)),
-        lstm_layers=int(cfg.get("num_lstm_layers", 2)), causal=bool(cfg.get("use_causal_conv", True)),
-        pad_mode=str(cfg.get("pad_mode", "reflect")), true_skip=not cfg.get("use_conv_shortcut", True),
-        trim_right_ratio=float(cfg.get("trim_right_ratio", 1.0)), n_q=n_q,
-        bins=int(cfg.get("codebook_size", 1024)))
+    return _codec_config(where, "config.json", dict(
+        sample_rate=cfg.get("sampling_rate", 24000), channels=cfg.get("audio_channels", 1),
+        dimension=dim, n_filters=cfg.get("num_filters", 32), ratios=cfg.get("upsampling_ratios", [8, 5, 4, 2]),
+        n_residual_layers=cfg.get("num_residual_layers", 1), kernel_size=cfg.get("kernel_size", 7),
+        last_kernel_size=cfg.get("last_kernel_size", 7), residual_kernel_size=cfg.get("residual_kernel_size", 3),
+        dilation_base=cfg.get("dilation_growth_rate", 2), compress=cfg.get("compress", 2),
+        lstm_layers=cfg.get("num_lstm_layers", 2), causal=cfg.get("use_causal_conv", True),
+        pad_mode=cfg.get("pad_mode", "reflect"), true_skip=not cfg.get("use_conv_shortcut", True),
+        trim_right_ratio=cfg.get("trim_right_ratio", 1.0), n_q=n_q, bins=cfg.get("codebook_size", 1024)))
 
 
 def encodec_th_config(state: dict[str, torch.Tensor], n_q: int, where: str) -> CodecConfig:
     """The `encodec` package ships no config with its .th files: the 24 kHz mono model's is known."""
     first = state.get("encoder.model.0.conv.conv.weight_v")
-    if first is None:
+    if not isinstance(first, torch.Tensor) or first.dim() != 3:
         raise ModelFormatError(f"{where}: not an encodec package state dict (no encoder.model.0 weight)")
     if first.shape[1] != 1:
         raise ModelFormatError(f"{where}: the encodec 48 kHz stereo model (normalised, chunked) is not "
                                "supported yet; the 24 kHz mono model is")
-    return CodecConfig(sample_rate=24000, channels=1, dimension=128, n_filters=32, ratios=(8, 5, 4, 2),
-                       causal=True, pad_mode="reflect", true_skip=False, n_q=n_q, bins=1024)
+    return _codec_config(where, "state dict", dict(sample_rate=24000, channels=1, dimension=128, n_filters=32,
+                                                   ratios=[8, 5, 4, 2], causal=True, pad_mode="reflect",
+                                                   true_skip=False, n_q=n_q, bins=1024))
 
 
 def _n_q(state: dict) -> int:
-    levels = {int(m.group(1)) for k in state if (m := _CODEBOOK.match(k))}
+    if not isinstance(state, dict):
+        raise ModelFormatError(f"the codec weights are a {type(state).__name__}, expected a state dict")
+    levels = {int(m.group(1)) for k in state if isinstance(k, str) and (m := _CODEBOOK.match(k))}
     if not levels:
         raise ModelFormatError("no quantizer codebooks (quantizer...layers.{k}...embed) in the codec weights")
     return max(levels) + 1
@@ -218,6 +242,8 @@ def convert_codec(src: str | Path, fmt: str | None = None) -> tuple[CodecConfig,
             if not (isinstance(obj, dict) and "best_state" in obj and "xp.cfg" in obj):
                 raise ModelFormatError(f"{src}: not an audiocraft export (needs 'best_state' and 'xp.cfg')")
             state = obj["best_state"]
+            if not isinstance(state, dict):
+                raise ModelFormatError(f"{src}: best_state is a {type(state).__name__}, expected a state dict")
             state = state.get("model", state) if isinstance(state.get("model"), dict) else state
             cfg = audiocraft_config(obj["xp.cfg"], where)
         else:
@@ -227,4 +253,31 @@ def convert_codec(src: str | Path, fmt: str | None = None) -> tuple[CodecConfig,
             cfg = encodec_th_config(state, _n_q(state), where)
     weights = normalise_state(state, where)
     check_codec_weights(weights, expected_codec_shapes(cfg), where)
+    check_finite(weights, where, "codec tensor")
     return cfg, weights
+
+
+def load_codec_any(src: str | Path):
+    """A ready engine ``Codec`` from an engine model directory or any convertible codec source,
+    with a fingerprint of its weights (keys token caches to the codec that made them)."""
+    import hashlib
+
+    from ..engine.codec import Codec, load_codec
+    from ..engine.config import ModelConfig
+
+    src = Path(src)
+    cfg_file = src / "config.json"
+    if src.is_dir() and cfg_file.is_file() and "stemgen" in cfg_file.read_text(errors="replace")[:4096]:
+        mc = ModelConfig.load(src)
+        if mc.codec is None or not mc.weights.get("codec"):
+            raise ModelFormatError(f"{src}: this model directory has no codec")
+        cfg = CodecConfig.from_dict(mc.codec)
+        codec = load_codec(src / mc.weights["codec"], cfg)
+    else:
+        cfg, weights = convert_codec(src)
+        codec = Codec(cfg, {k: v.float() for k, v in weights.items()})
+    h = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode())
+    for k in sorted(codec.w):
+        h.update(k.encode())
+        h.update(codec.w[k].detach().float().contiguous().numpy().tobytes())
+    return codec, h.hexdigest()[:16]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..engine.config import LMConfig, ModelFormatError, check_shapes
+from ..engine.config import LMConfig, ModelFormatError, check_finite, check_shapes
 from ..train.config import StemGenConfig
 from ..train.model import StemGenLM
 
@@ -55,8 +55,9 @@ def load_lm_source(path: str | Path, fmt: str | None = None) -> tuple[StemGenCon
     ck = _read_pickle(path)
     if not (isinstance(ck, dict) and isinstance(ck.get("config"), dict) and isinstance(ck.get("model"), dict)):
         raise ModelFormatError(f"{path}: not a training checkpoint (needs dict keys 'config' and 'model')")
+    from ..engine.schema import TRAIN_SPEC, check
     try:
-        cfg = StemGenConfig.from_dict(ck["config"])
+        cfg = StemGenConfig.from_dict(check(ck["config"], TRAIN_SPEC, f"{path}: config"))
     except (TypeError, ValueError) as e:
         raise ModelFormatError(f"{path}: config: {e}") from None
     state = ck["model"]
@@ -70,6 +71,7 @@ def load_lm_source(path: str | Path, fmt: str | None = None) -> tuple[StemGenCon
         t = state[k]
         if not t.is_floating_point():
             raise ModelFormatError(f"{path}: tensor {k!r} has dtype {t.dtype}, expected a float type")
+    check_finite(state, str(path))
     return cfg, state
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..engine.config import CONFIG_FILE, ModelConfig, ModelFormatError
-from ..engine.fileutil import atomic_dir
+from ..engine.config import CONFIG_FILE, ModelConfig, ModelFormatError, check_finite
+from ..engine.fileutil import atomic_dir, default_permissions
 
 
 def write_model_dir(out: str | Path, config: ModelConfig, weights: dict[str, dict[str, torch.Tensor]],
@@ -25,7 +25,9 @@ def write_model_dir(out: str | Path, config: ModelConfig, weights: dict[str, dic
             fname = config.weights.get(part)
             if fname is None:
                 raise ModelFormatError(f"config names no weight file for {part!r}")
+            check_finite(state, f"{part} weights")
             save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / fname),
                       metadata={"format": "stemgen-engine", "part": part})
+            default_permissions(tmp / fname)  # safetensors creates 0600 files; one policy: the umask's
         (tmp / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     return out

@@ -1,0 +1,165 @@
+"""One validation layer for untrusted configuration documents (config.json, checkpoint configs,
+codec configs): every field's JSON type and range is checked here, before any code uses it, so a
+hostile or broken file ends in one ``ModelFormatError`` line and never in a traceback, a huge
+allocation or a division by zero.
+
+A spec maps a field name to a ``Field``; ``check(doc, spec, where)`` returns the validated dict.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import ModelFormatError
+
+MAX_CONFIG_BYTES = 1 << 20     # a config.json is a few KB; larger is not a config
+
+
+@dataclass(frozen=True)
+class Field:
+    kind: str                  # int | float | bool | str | ints | strs | name | dict | any
+    lo: float | None = None
+    hi: float | None = None
+    required: bool = True
+    nullable: bool = False
+    max_len: int = 4096        # lists and strings
+    choices: tuple = ()
+
+
+# Sizes: generous for real models (the paper's LM is d 1024 x 20 layers, MusicGen's codec 64 filters),
+# small enough that a config can never ask for more memory than a machine has.
+LM_SPEC = {
+    "d_model": Field("int", 2, 16384), "n_heads": Field("int", 1, 256), "n_layers": Field("int", 0, 256),
+    "n_q": Field("int", 1, 64), "codebook_size": Field("int", 2, 1 << 16), "n_channels": Field("int", 1, 16),
+    "cond_sizes": Field("ints", 1, 1 << 20, max_len=16), "ffn_hidden": Field("int", 1, 1 << 16),
+    "rope_theta": Field("float", 1.0, 1e9, required=False), "norm_eps": Field("float", 0.0, 1.0, required=False),
+}
+CODEC_SPEC = {
+    "sample_rate": Field("int", 1000, 384000), "channels": Field("int", 1, 8), "dimension": Field("int", 1, 4096),
+    "n_filters": Field("int", 1, 1024), "ratios": Field("ints", 1, 64, max_len=8),
+    "n_residual_layers": Field("int", 0, 8), "kernel_size": Field("int", 1, 64),
+    "last_kernel_size": Field("int", 1, 64), "residual_kernel_size": Field("int", 1, 64),
+    "dilation_base": Field("int", 1, 8), "compress": Field("int", 1, 64), "lstm_layers": Field("int", 0, 8),
+    "causal": Field("bool"), "pad_mode": Field("str", choices=("constant", "reflect", "replicate")),
+    "true_skip": Field("bool"), "trim_right_ratio": Field("float", 0.0, 1.0), "n_q": Field("int", 1, 64),
+    "bins": Field("int", 2, 1 << 16),
+}
+SAMPLING_SPEC = {
+    "steps": Field("ints", 1, 100000, max_len=64, required=False),
+    "guidance": Field("str", choices=("multi", "single", "none"), required=False),
+    "cfg_context": Field("float", -1e3, 1e3, required=False), "cfg_instrument": Field("float", -1e3, 1e3, required=False),
+    "cfg_scale": Field("float", -1e3, 1e3, required=False), "temperature": Field("float", 0.0, 1e3, required=False),
+    "top_k": Field("int", 0, 1 << 16, required=False), "top_p": Field("float", 0.0, 1.0, required=False),
+    "w_confidence": Field("float", -1e3, 1e3, required=False), "w_causal": Field("float", -1e3, 1e3, required=False),
+    "w_random": Field("float", -1e3, 1e3, required=False), "seed": Field("int", 0, (1 << 63) - 1, required=False),
+}
+MODEL_SPEC = {
+    "format": Field("str"), "format_version": Field("int", 0, 1 << 20), "lm": Field("dict"),
+    "codec": Field("dict", required=False, nullable=True), "instruments": Field("strs", max_len=1 << 20),
+    "sampling": Field("dict", required=False, nullable=True),
+    "dtype": Field("str", choices=("float32", "bfloat16", "float16"), required=False),
+    "weights": Field("dict", required=False, nullable=True), "untrained": Field("bool", required=False),
+}
+# a stemgen.train checkpoint's "config" (train.config.StemGenConfig), read by `stemgen convert`
+TRAIN_SPEC = {
+    "d_model": LM_SPEC["d_model"], "n_heads": LM_SPEC["n_heads"], "n_layers": LM_SPEC["n_layers"],
+    "n_q": LM_SPEC["n_q"], "codebook_size": LM_SPEC["codebook_size"], "n_channels": LM_SPEC["n_channels"],
+    "instruments": Field("strs", max_len=1 << 20), "extra_cond_sizes": Field("ints", 1, 1 << 20, max_len=15, required=False),
+    "ffn_hidden": Field("int", 1, 1 << 16, required=False, nullable=True),
+    "ffn_multiple_of": Field("int", 1, 1 << 16, required=False), "rope_theta": LM_SPEC["rope_theta"],
+    "norm_eps": LM_SPEC["norm_eps"], "cond_dropout": Field("float", 0.0, 1.0, required=False),
+}
+WEIGHTS_SPEC = {"lm": Field("name"), "codec": Field("name", required=False, nullable=True)}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_value(v, f: Field, where: str):
+    def bad(what: str):
+        raise ModelFormatError(f"{where}: {what}")
+
+    def number(x, integral: bool):
+        if integral and not _is_int(x):
+            bad(f"must be an integer, got {json.dumps(x)[:40]}")
+        if not integral and not (_is_int(x) or isinstance(x, float)):
+            bad(f"must be a number, got {json.dumps(x)[:40]}")
+        if isinstance(x, float) and not math.isfinite(x):
+            bad(f"must be finite, got {x}")
+        if f.lo is not None and x < f.lo or f.hi is not None and x > f.hi:
+            bad(f"{x} is out of range [{f.lo:g}, {f.hi:g}]")
+        return x
+
+    if f.kind == "int":
+        return number(v, True)
+    if f.kind == "float":
+        return float(number(v, False))
+    if f.kind == "bool":
+        if not isinstance(v, bool):
+            bad(f"must be true or false, got {json.dumps(v)[:40]}")
+        return v
+    if f.kind in ("str", "name"):
+        if not isinstance(v, str) or not v or len(v) > f.max_len:
+            bad(f"must be a non-empty string (at most {f.max_len} characters)")
+        if f.choices and v not in f.choices:
+            bad(f"{v!r} is not one of {', '.join(f.choices)}")
+        if f.kind == "name" and (v in (".", "..") or "/" in v or "\\" in v or "\0" in v or Path(v).is_absolute()):
+            bad(f"{v!r} must be a plain file name inside the model directory (no folders, no '..')")
+        return v
+    if f.kind in ("ints", "strs"):
+        if isinstance(v, list) and not v and f.kind == "ints" and not f.required:
+            return []
+        if not isinstance(v, list) or not v or len(v) > f.max_len:
+            bad(f"must be a non-empty list of at most {f.max_len} items")
+        item = Field("int" if f.kind == "ints" else "str", f.lo, f.hi, max_len=256)
+        return [_check_value(x, item, f"{where}[{i}]") for i, x in enumerate(v)]
+    if f.kind == "dict":
+        if not isinstance(v, dict):
+            bad(f"must be an object, got {type(v).__name__}")
+        return v
+    return v
+
+
+def check(doc, spec: dict[str, Field], where: str, allow_unknown: bool = False) -> dict:
+    """Validate ``doc`` (a parsed JSON object) against ``spec``; returns a new dict of the known fields."""
+    if not isinstance(doc, dict):
+        raise ModelFormatError(f"{where}: must be an object, got {type(doc).__name__}")
+    if not allow_unknown:
+        unknown = sorted(str(k) for k in doc if k not in spec)
+        if unknown:
+            raise ModelFormatError(f"{where}: unknown field(s) {', '.join(unknown)[:200]}")
+    out = {}
+    for name, f in spec.items():
+        if name not in doc:
+            if f.required:
+                raise ModelFormatError(f"{where}: missing field {name!r}")
+            continue
+        v = doc[name]
+        if v is None:
+            if not f.nullable:
+                raise ModelFormatError(f"{where}.{name}: must not be null")
+            out[name] = None
+            continue
+        out[name] = _check_value(v, f, f"{where}.{name}")
+    return out
+
+
+def load_json(path: str | Path, limit: int = MAX_CONFIG_BYTES):
+    """Parse a JSON file of bounded size; any failure is one ModelFormatError line."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > limit:
+            raise ModelFormatError(f"{path}: {size} bytes is too large for a config file (at most {limit})")
+        return json.loads(path.read_bytes())
+    except ModelFormatError:
+        raise
+    except RecursionError:
+        raise ModelFormatError(f"{path}: nested too deeply to be a config file") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ModelFormatError(f"{path}: not valid JSON ({str(e)[:120]})") from None
+    except OSError as e:
+        raise ModelFormatError(f"{path}: cannot be read ({e.strerror or e})") from None

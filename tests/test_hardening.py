@@ -1,0 +1,350 @@
+"""Hostile files, bad requests and faults (issue: hardening): one `error:` line, the right exit
+code, no file created or changed; the service keeps serving everyone else."""
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from stemgen.cli import app
+from stemgen.engine import Engine
+from stemgen.engine.errors import StemGenError
+from stemgen.train import StemGenConfig, save_checkpoint
+
+from helpers import random_train_model, tiny_model_dir
+
+runner = CliRunner()
+FAST = ["--steps", "2,1,1,1"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("m"))
+
+
+def wav(path, seconds=1.0, sr=16000):
+    t = np.arange(int(sr * seconds)) / sr
+    sf.write(path, 0.3 * np.sin(2 * np.pi * 220 * t), sr)
+    return path
+
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def one_line_error(res, *needles, code=1):
+    assert res.exit_code == code, (res.exit_code, res.output)
+    err = res.stderr.strip()
+    assert err.startswith("error:") and len(err.splitlines()) == 1, err
+    assert "Traceback" not in res.output
+    for n in needles:
+        assert n in err, (n, err)
+
+
+def edit_config(model, tmp_path, edit):
+    bad = tmp_path / "bad"
+    shutil.copytree(model, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg = edit(cfg)
+    (bad / "config.json").write_text(cfg if isinstance(cfg, str) else json.dumps(cfg))
+    return bad
+
+
+def _set(path, value):
+    def edit(cfg):
+        node = cfg
+        for k in path[:-1]:
+            node = node[k]
+        node[path[-1]] = value
+        return cfg
+    return edit
+
+
+CONFIG_CASES = [
+    (lambda c: [], "must be an object"),
+    (_set(["lm"], None), "lm"),
+    (_set(["lm", "d_model"], "256"), "d_model: must be an integer"),
+    (_set(["lm", "n_heads"], 0), "n_heads: 0 is out of range"),
+    (_set(["weights", "lm"], None), "weights.lm"),
+    (_set(["instruments"], [1, 2, 3]), "instruments[0]"),
+    (_set(["sampling"], [1]), "sampling"),
+    (_set(["sampling"], {"cfg_context": "x"}), "cfg_context"),
+    (lambda c: "[" * 100000 + "]" * 100000, "nested too deeply"),
+    (_set(["lm", "n_layers"], 10 ** 9), "n_layers: 1000000000 is out of range"),
+    (_set(["codec", "n_q"], 10 ** 9), "n_q"),
+    (_set(["codec", "lstm_layers"], 10 ** 8), "lstm_layers"),
+    (_set(["codec", "sample_rate"], 10 ** 9), "sample_rate"),
+    (_set(["weights", "lm"], "/etc/passwd"), "plain file name"),
+    (_set(["weights", "codec"], "../codec.safetensors"), "plain file name"),
+    (_set(["lm", "rope_theta"], float("nan")), "rope_theta"),
+]
+
+
+@pytest.mark.parametrize("edit, needle", CONFIG_CASES)
+def test_hostile_config_one_line_for_info_and_generate(model, tmp_path, edit, needle):
+    bad = edit_config(model, tmp_path, edit)
+    before = snapshot(bad)
+    one_line_error(runner.invoke(app, ["info", str(bad)]), needle)
+    ctx = wav(tmp_path / "c.wav")
+    res = runner.invoke(app, ["generate", str(ctx), "-i", "bass", "--out", str(tmp_path / "o.wav"), "--model",
+                              str(bad), *FAST])
+    one_line_error(res, needle)
+    assert not (tmp_path / "o.wav").exists() and snapshot(bad) == before
+
+
+def test_nan_weights_rejected_at_convert_and_load(model, tmp_path):
+    cfg = StemGenConfig(d_model=32, n_heads=2, n_layers=1, codebook_size=16, ffn_multiple_of=16)
+    lm = random_train_model(cfg)
+    with torch.no_grad():
+        lm.layers[0].attn.wq.weight[3, 5] = float("nan")
+    save_checkpoint(lm, tmp_path / "nan.pt")
+    res = runner.invoke(app, ["convert", "--lm", str(tmp_path / "nan.pt"), "--out", str(tmp_path / "out")])
+    one_line_error(res, "layers.0.attn.wq.weight", "NaN")
+    assert not (tmp_path / "out").exists()
+    bad = tmp_path / "bad"
+    shutil.copytree(model, bad)
+    w = load_file(bad / "lm.safetensors")
+    w["norm"][0] = float("inf")
+    save_file(w, bad / "lm.safetensors")
+    res = runner.invoke(app, ["generate", str(wav(tmp_path / "c.wav")), "-i", "bass", "--out",
+                              str(tmp_path / "o.wav"), "--model", str(bad), *FAST])
+    one_line_error(res, "'norm'", "NaN or infinite")
+
+
+def test_training_checkpoint_with_huge_sizes(tmp_path):
+    cfg = StemGenConfig(d_model=32, n_heads=2, n_layers=1, codebook_size=16, ffn_multiple_of=16)
+    lm = random_train_model(cfg)
+    save_checkpoint(lm, tmp_path / "a.pt")
+    ck = torch.load(tmp_path / "a.pt", weights_only=True)
+    for field, value, needle in (("n_layers", 10 ** 9, "n_layers"), ("extra_cond_sizes", [-3], "extra_cond_sizes"),
+                                 ("d_model", "32", "d_model")):
+        ck2 = {**ck, "config": {**ck["config"], field: value}}
+        torch.save(ck2, tmp_path / "b.pt")
+        res = runner.invoke(app, ["convert", "--lm", str(tmp_path / "b.pt"), "--out", str(tmp_path / "out")])
+        one_line_error(res, needle)
+        assert not (tmp_path / "out").exists()
+
+
+AUDIOCRAFT_CFG = "sample_rate: 32000\nseanet: {n_filters: 4, dimension: 16, ratios: [8, 5, 4, 4], lstm: 1}\n" \
+                 "rvq: {n_q: 4, bins: 32}\n"
+
+
+@pytest.mark.parametrize("obj, needle", [
+    ({"best_state": [1, 2], "xp.cfg": AUDIOCRAFT_CFG}, "best_state is a list"),
+    ({"best_state": {3: torch.zeros(2)}, "xp.cfg": AUDIOCRAFT_CFG}, "not a tensor name"),
+    ({"best_state": {}, "xp.cfg": 5}, "xp.cfg must be the YAML text"),
+    ({"best_state": {}, "xp.cfg": "seanet: {n_filters: 4}\nrvq: {n_q: 4}\n"}, "no sample_rate"),
+    ({"best_state": {"encoder.model.0.conv.conv.weight_g": torch.ones(4, 1, 1),
+                     "encoder.model.0.conv.conv.weight_v": torch.ones(5, 1, 7)}, "xp.cfg": AUDIOCRAFT_CFG},
+     "does not match weight_v"),
+])
+def test_malformed_codec_sources(tmp_path, obj, needle):
+    from stemgen.weights_convert.codec import convert_codec
+
+    src = tmp_path / "compression_state_dict.bin"
+    torch.save(obj, src)
+    with pytest.raises(StemGenError, match=needle):
+        convert_codec(src)
+
+
+def test_markup_in_user_text_is_printed_verbatim(model, tmp_path):
+    res = runner.invoke(app, ["generate", str(tmp_path / "no[/]such.wav"), "-i", "bass", "--out",
+                              str(tmp_path / "o.wav"), "--model", str(model)])
+    one_line_error(res, "no[/]such.wav")
+    res = runner.invoke(app, ["generate", str(wav(tmp_path / "c.wav")), "-i", "[/]", "--out", str(tmp_path / "o.wav"),
+                              "--model", str(model), *FAST])
+    one_line_error(res, "'[/]'", "[/]x")
+
+
+def test_audio_header_limits(model, tmp_path):
+    low = tmp_path / "low.wav"
+    sf.write(low, np.zeros(100), 100)  # 100 Hz: would expand 320x when resampled
+    res = runner.invoke(app, ["generate", str(low), "-i", "bass", "--out", str(tmp_path / "o.wav"), "--model",
+                              str(model), *FAST])
+    one_line_error(res, "sample rate 100 Hz")
+    long = wav(tmp_path / "long.wav", seconds=3.0)
+    res = runner.invoke(app, ["generate", str(long), "-i", "bass", "--out", str(tmp_path / "o.wav"), "--model",
+                              str(model), *FAST], env={"STEMGEN_MAX_SECONDS": "2"})
+    one_line_error(res, "longer than the 2 s limit", "STEMGEN_MAX_SECONDS")
+    assert not (tmp_path / "o.wav").exists()
+
+
+def test_output_collisions_and_formats(model, tmp_path):
+    ctx = wav(tmp_path / "c.wav")
+    before = ctx.read_bytes()
+    base = ["generate", str(ctx), "-i", "bass", "--model", str(model), *FAST]
+    one_line_error(runner.invoke(app, [*base, "--out", str(ctx)]), "is also the input")
+    one_line_error(runner.invoke(app, [*base, "--out", str(tmp_path / "s.wav"), "--mix", str(ctx)]), "is also the input")
+    one_line_error(runner.invoke(app, [*base, "--out", str(tmp_path / "x.wav"), "--mix", str(tmp_path / "x.wav")]),
+                   "another output")
+    one_line_error(runner.invoke(app, [*base, "--out", str(tmp_path / "x.xyz")]), "cannot write .xyz")
+    assert ctx.read_bytes() == before and not (tmp_path / "x.wav").exists()
+    res = runner.invoke(app, [*base, "--out", str(tmp_path / "s.flac")])
+    assert res.exit_code == 0, res.output
+    assert sf.info(tmp_path / "s.flac").format == "FLAC"
+
+
+def test_read_only_output_folder_fails_before_the_work(model, tmp_path, monkeypatch):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    if os.geteuid() == 0:  # root may write anywhere: make the permission check see what a user would
+        import stemgen.engine.audio as audio
+        real = os.access
+        monkeypatch.setattr(audio.os, "access", lambda p, m: False if str(p) == str(ro) else real(p, m))
+    import stemgen.engine.api as api
+    monkeypatch.setattr(api.Engine, "generate_from_context", lambda *a, **k: pytest.fail("generated first"))
+    try:
+        res = runner.invoke(app, ["generate", str(wav(tmp_path / "c.wav")), "-i", "bass", "--out", str(ro / "o.wav"),
+                                  "--model", str(model), *FAST])
+        one_line_error(res, "not writable")
+    finally:
+        ro.chmod(stat.S_IRWXU)
+
+
+def test_output_set_is_all_or_nothing(tmp_path, monkeypatch):
+    """A failure while writing the second file of a set leaves none of them."""
+    import soundfile
+
+    from stemgen.engine.audio import write_audio_set
+
+    real = soundfile.write
+    calls = []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(*a, **k)
+
+    monkeypatch.setattr(soundfile, "write", flaky)
+    x = np.zeros((1, 100), np.float32)
+    with pytest.raises(StemGenError, match="No space left on device"):
+        write_audio_set([(tmp_path / "a.wav", x, 8000), (tmp_path / "b.wav", x, 8000)])
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("opt, needle", [(["--temperature", "nan"], "temperature"), (["--variations", "0"], "variations"),
+                                         (["--top-k", str(2 ** 40)], "top_k")])
+def test_bad_options_one_line(model, tmp_path, opt, needle):
+    res = runner.invoke(app, ["generate", str(wav(tmp_path / "c.wav")), "-i", "bass", "--out", str(tmp_path / "o.wav"),
+                              "--model", str(model), *FAST, *opt])
+    one_line_error(res, needle)
+
+
+# --- the service ---------------------------------------------------------------------------------
+
+def ctx_codes(engine, T, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, engine.config.lm.codebook_size, (1, engine.config.lm.n_q, T), generator=g)
+
+
+def test_service_isolates_bad_requests_and_callbacks(model):
+    engine = Engine.from_pretrained(model, device="cpu", dtype="float32")
+    steps = (2, 1, 1, 1)
+    solo = {i: engine.generate_tokens(ctx_codes(engine, 10 + i, i), "bass", steps=steps, seed=i) for i in range(32)}
+
+    def slow(level, step, n):
+        time.sleep(0.2)
+
+    def raiser(kind):
+        def cb(level, step, n):
+            raise kind("from a callback")
+        return cb
+
+    special = {3: dict(top_k=2 ** 64), 5: dict(seed=1.5), 7: dict(progress=raiser(SystemExit)),
+               9: dict(progress=raiser(KeyboardInterrupt)), 11: dict(progress=raiser(ValueError)),
+               13: dict(progress=slow)}
+    handles = {}
+
+    def client(ids):
+        for i in ids:
+            kw = {"steps": steps, "seed": i, **special.get(i, {})}
+            handles[i] = engine.submit(ctx_codes(engine, 10 + i, i), "bass", **kw)
+
+    threads = [threading.Thread(target=client, args=(range(k, 32, 4),)) for k in range(4)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, h in handles.items():
+        if i in (3, 5, 7, 9, 11):
+            with pytest.raises(StemGenError):
+                h.result(timeout=120)
+        else:
+            assert torch.equal(h.result(timeout=120), solo[i]), i
+    # the slow callback (5 calls x 0.2 s) ran beside the scheduler, not inside it
+    assert handles[13].done()
+    engine.close()
+    assert time.perf_counter() - t0 < 60
+
+
+def test_service_lifecycle(model):
+    engine = Engine.from_pretrained(model, device="cpu", dtype="float32")
+    with engine:
+        h = engine.submit(ctx_codes(engine, 50, 0), "bass", steps=(50, 50, 50, 50))
+    assert h.done()  # draining close waited for it
+    h1 = engine.submit(ctx_codes(engine, 50, 1), "bass", steps=(400, 400, 400, 400))
+    engine.close(cancel=True)
+    with pytest.raises(Exception) as e:
+        h1.result(timeout=10)
+    assert type(e.value).__name__ == "CancelledError"
+    service = engine.service
+    service.close()
+    late = service.submit.__self__.failed(RuntimeError("x"))  # noqa: F841 (handle type check below)
+    from stemgen.engine.scheduler import Request
+    req = Request(engine.config.lm, ctx_codes(engine, 5, 0), torch.tensor([0]), engine.sampling(steps=(1, 1, 1, 1)))
+    with pytest.raises(StemGenError, match="closed"):
+        service.submit(req).result(timeout=1)
+
+
+def test_generate_tokens_raises_the_callback_error(model):
+    engine = Engine.from_pretrained(model, device="cpu", dtype="float32")
+
+    def boom(level, step, n):
+        raise RuntimeError("stop")
+
+    with pytest.raises(StemGenError, match="callback raised RuntimeError: stop"):
+        engine.generate_tokens(ctx_codes(engine, 8, 0), "bass", steps=(2, 1, 1, 1), progress=boom)
+    with pytest.raises(StemGenError, match="integer codes"):
+        engine.generate_tokens(ctx_codes(engine, 8, 0).float(), "bass", steps=(2, 1, 1, 1))
+
+
+def test_interpreter_exit_with_requests_in_flight(model, tmp_path):
+    script = tmp_path / "exit.py"
+    script.write_text(
+        "import torch\n"
+        "from stemgen.engine import Engine\n"
+        f"e = Engine.from_pretrained({str(model)!r}, device='cpu', dtype='float32')\n"
+        "hs = [e.submit(torch.zeros(1, 4, 200, dtype=torch.long), 'bass', steps=(500, 500, 500, 500), seed=i)"
+        " for i in range(4)]\n"
+        "print('submitted', flush=True)\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "submitted" in r.stdout and "terminate called" not in r.stderr
+
+
+def test_info_rejects_what_generate_rejects_and_convert_uses_umask(model, tmp_path):
+    bad = edit_config(model, tmp_path, _set(["lm", "d_model"], 33))
+    one_line_error(runner.invoke(app, ["info", str(bad)]))
+    cfg = StemGenConfig(d_model=32, n_heads=2, n_layers=1, codebook_size=16, ffn_multiple_of=16)
+    save_checkpoint(random_train_model(cfg), tmp_path / "a.pt")
+    old = os.umask(0o022)
+    try:
+        assert runner.invoke(app, ["convert", "--lm", str(tmp_path / "a.pt"), "--out", str(tmp_path / "o")]).exit_code == 0
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "o").iterdir()}
+    assert set(modes.values()) == {0o644}, modes
