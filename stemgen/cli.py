@@ -19,14 +19,20 @@ console = Console(soft_wrap=True)
 err_console = Console(stderr=True)
 
 
+def _say(label: str, style: str, msg: str) -> None:
+    """One line on stderr; the message is plain text, never read as markup (paths may hold '[')."""
+    from rich.text import Text
+    err_console.print(Text.assemble((label, style), " ", str(msg)), highlight=False, soft_wrap=True)
+
+
 def fail(msg: str, code: int = 1):
-    err_console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    _say("error:", "bold red", msg)
     raise typer.Exit(code)
 
 
 class _ConsoleWarnings(logging.Handler):
     def emit(self, record):
-        err_console.print(f"[yellow]warning:[/] {record.getMessage()}", highlight=False, soft_wrap=True)
+        _say("warning:", "yellow", record.getMessage())
 
 
 def _route_warnings():
@@ -44,11 +50,13 @@ def run_guarded(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except (ModelFormatError, ValueError, FileNotFoundError) as e:
         fail(str(e))
+    except OSError as e:
+        fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "))
 
 
 @app.command()
 def info(model_dir: Optional[Path] = typer.Argument(None, help="engine model directory (made by `stemgen convert`); "
-                                                    "'demo' for the demo model; omit for backends only"),
+                                                    "'demo' or 'random' for the built-in models; omit for backends only"),
          device: str = typer.Option("auto", help="device to report backends for: auto, cpu, cuda"),
          as_json: bool = typer.Option(False, "--json", help="print machine-readable JSON")):
     """Show a model directory's config, size, dtype and the backends that would run it."""
@@ -66,9 +74,8 @@ def info(model_dir: Optional[Path] = typer.Argument(None, help="engine model dir
             t.add_row(k, v)
         console.print(t)
         return
-    if str(model_dir) == "demo":
-        from .engine.demo import ensure_demo_model
-        model_dir = run_guarded(ensure_demo_model, log=lambda m: err_console.print(m, highlight=False))
+    if model_dir is not None:
+        model_dir = run_guarded(_model_dir, str(model_dir))
 
     def gather():
         cfg = ModelConfig.load(model_dir)
@@ -169,8 +176,10 @@ def _numbered(path: Path, i: int, n: int) -> Path:
 def generate(
     context: Path = typer.Argument(..., help="context audio (wav, flac, ogg, mp3): the music the stem must fit"),
     instrument: str = typer.Option(..., "--instrument", "-i", help="instrument of the new stem (see `stemgen info`)"),
-    out: Path = typer.Option(..., "--out", "-o", help="output stem WAV"),
-    model: str = typer.Option("demo", "--model", "-m", help="model directory, or 'demo' (random weights: noise)"),
+    out: Path = typer.Option(..., "--out", "-o", help="output stem (.wav; .flac, .ogg, .mp3 where libsndfile "
+                             "writes them)"),
+    model: str = typer.Option("demo", "--model", "-m", help="model directory, 'demo' (the trained toy-band model) "
+                              "or 'random' (random weights: noise)"),
     mix: Optional[Path] = typer.Option(None, "--mix", help="also write context + stem here"),
     seed: int = typer.Option(0, "--seed", help="random seed (same seed, same output)"),
     steps: Optional[str] = typer.Option(None, "--steps", help="decoding steps per level, e.g. 128,64,32,32, or a "
@@ -183,7 +192,7 @@ def generate(
     temperature: Optional[float] = typer.Option(None, "--temperature", help="sampling temperature (0: greedy)"),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="keep the k most likely codes (0: off)"),
     top_p: Optional[float] = typer.Option(None, "--top-p", help="nucleus sampling mass (1.0: off)"),
-    variations: int = typer.Option(1, "--variations", "-n", min=1, help="stems to generate (seeds seed, seed+1, ...)"),
+    variations: int = typer.Option(1, "--variations", "-n", help="stems to generate (seeds seed, seed+1, ...)"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16, float16 (default: bf16 on GPU)"),
     cuda_graphs: Optional[bool] = typer.Option(None, "--cuda-graphs/--no-cuda-graphs",
@@ -197,21 +206,20 @@ def generate(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .engine import Engine
-    from .engine.audio import SUBTYPES, AudioError, check_output_path, read_audio, write_wav
+    from .engine.audio import SUBTYPES, AudioError, check_distinct, check_output_path, read_audio, write_audio_set
 
     _route_warnings()
 
     def prepare():
         if bits not in SUBTYPES:
             raise AudioError(f"--bits must be 16, 24 or float, got {bits!r}")
-        outs = [check_output_path(_numbered(out, i, variations)) for i in range(variations)]
-        mixes = [check_output_path(_numbered(mix, i, variations)) for i in range(variations)] if mix else []
+        if not 1 <= variations <= 64:
+            raise AudioError(f"--variations must be between 1 and 64, got {variations}")
+        outs = [check_output_path(_numbered(out, i, variations), bits) for i in range(variations)]
+        mixes = [check_output_path(_numbered(mix, i, variations), bits) for i in range(variations)] if mix else []
+        check_distinct([context], outs + mixes)
         audio, sr = read_audio(context)
-        if model == "demo":
-            from .engine.demo import ensure_demo_model
-            model_dir = ensure_demo_model(log=lambda m: err_console.print(m, highlight=False))
-        else:
-            model_dir = Path(model)
+        model_dir = _model_dir(model)
         engine = Engine.from_pretrained(model_dir, device=device, dtype=dtype, cuda_graphs=cuda_graphs)
         engine.instrument_id(instrument)
         sampling = engine.sampling(seed=seed, steps=_parse_steps(steps), guidance=guidance, cfg_context=cfg_context,
@@ -224,8 +232,8 @@ def generate(
 
     engine, sampling, x, ctx, outs, mixes = run_guarded(prepare)
     if engine.config.untrained:
-        err_console.print("[bold yellow]note:[/] this model's weights are untrained (random): the audio is noise. "
-                          "Pass --model DIR with a converted trained model for music.", highlight=False)
+        _say("note:", "bold yellow", "this model's weights are untrained (random): the audio is noise. "
+             "Use --model demo (the trained toy-band model) or a converted trained model for music.")
     duration = x.shape[1] / engine.codec.cfg.sample_rate
     total = sum(sampling.steps) * variations
     t0 = time.perf_counter()
@@ -236,13 +244,14 @@ def generate(
                               progress=lambda q, t, n: bar.advance(task),
                               **dataclasses.asdict(sampling))
     wall = time.perf_counter() - t0
+    items = []
     for i, res in enumerate(results):
-        run_guarded(write_wav, outs[i], res.stem, res.sample_rate, bits)
+        items.append((outs[i], res.stem, res.sample_rate))
         if res.gain < 1.0:
-            err_console.print(f"note: stem scaled by {res.gain:.3f} to avoid clipping", highlight=False)
+            err_console.print(f"note: stem scaled by {res.gain:.3f} to avoid clipping", highlight=False, markup=False)
         if mixes:
-            m, _ = res.mix()
-            run_guarded(write_wav, mixes[i], m, res.sample_rate, bits)
+            items.append((mixes[i], res.mix()[0], res.sample_rate))
+    run_guarded(write_audio_set, items, bits)  # all files or none
     written = ", ".join(str(p) for p in outs + mixes)
     console.print(f"wrote {written}: {duration:.2f} s of audio x {variations} in {wall:.2f} s "
                   f"(real-time factor {wall / (duration * variations):.2f}, "
@@ -336,6 +345,139 @@ def make_corpus_cmd(out: Path = typer.Argument(..., help="output folder (new or 
         task = bar.add_task("rendering", total=songs)
         path = run_guarded(make_corpus, out, songs, seed, sr, progress=lambda i, n: bar.update(task, completed=i))
     console.print(f"wrote {songs} songs to {path}")
+
+
+def _model_dir(model: str) -> Path:
+    """'demo' -> the packaged trained demo model; 'random' -> the random-weights model (built and
+    cached on first use); else the path."""
+    if model == "random":
+        from .random_model import ensure_random_model
+        return ensure_random_model(log=lambda m: err_console.print(m, highlight=False, markup=False))
+    from .engine.models import resolve_model
+    return resolve_model(model)
+
+
+def _train_logger():
+    """Plain log lines (one per call) on stderr; used when stderr is not a terminal."""
+    return lambda msg: err_console.print(msg, highlight=False, markup=False, soft_wrap=True)
+
+
+@app.command("train-codec")
+def train_codec_cmd(corpus: Path = typer.Argument(..., help="Slakh2100-layout corpus (e.g. from `stemgen make-corpus`)"),
+                    out: Path = typer.Option(..., "--out", help="run folder: last.pt (resumable), metrics.jsonl, "
+                                             "compression_state_dict.bin (the export)"),
+                    steps: int = typer.Option(1400, "--steps"),
+                    batch_size: int = typer.Option(8, "--batch-size"),
+                    lr: float = typer.Option(1e-3, "--lr"),
+                    n_filters: int = typer.Option(16, "--n-filters", help="SEANet width (MusicGen's codec: 64)"),
+                    dimension: int = typer.Option(64, "--dimension", help="latent / codebook dimension"),
+                    bins: int = typer.Option(512, "--bins", help="codes per RVQ level"),
+                    n_q: int = typer.Option(4, "--n-q", help="RVQ levels"),
+                    songs: int = typer.Option(0, "--songs", help="use the first N tracks (0: all)"),
+                    seed: int = typer.Option(0, "--seed"),
+                    threads: int = typer.Option(0, "--threads", help="CPU threads (0: torch's default)")):
+    """Train a small Encodec (SEANet + RVQ, 50 frames/s) on a corpus; resumes from OUT/last.pt.
+    The export converts with `stemgen convert --codec OUT/compression_state_dict.bin`."""
+    from .train.codec import CodecTrainConfig, train_codec
+
+    cfg = CodecTrainConfig(steps=steps, batch_size=batch_size, lr=lr, n_filters=n_filters, dimension=dimension,
+                           bins=bins, n_q=n_q, songs=songs, seed=seed, warmup=min(50, steps))
+    path = run_guarded(train_codec, corpus, out, cfg, log=_train_logger(), threads=threads or None)
+    console.print(f"wrote {path}")
+
+
+@app.command("train")
+def train_cmd(corpus: Path = typer.Argument(..., help="Slakh2100-layout corpus (toy-band or real Slakh2100)"),
+              codec: Path = typer.Option(..., "--codec", help="codec: an engine model directory or any source "
+                                         "`stemgen convert --codec` reads (e.g. a train-codec export)"),
+              out: Path = typer.Option(..., "--out", help="run folder: last.pt (resumable), model.pt (final), "
+                                       "metrics.jsonl, loss.png; tokens cached in OUT/tokens unless --cache"),
+              cache: Optional[Path] = typer.Option(None, "--cache", help="token cache folder (reused if it matches)"),
+              preset_name: str = typer.Option("small", "--preset", help="model preset: paper, small, tiny"),
+              d_model: Optional[int] = typer.Option(None, "--d-model"),
+              n_layers: Optional[int] = typer.Option(None, "--n-layers"),
+              n_heads: Optional[int] = typer.Option(None, "--n-heads"),
+              frames: int = typer.Option(500, "--frames", help="crop length in codec frames (training window)"),
+              batch_size: int = typer.Option(16, "--batch-size", help="pairs per step (per process)"),
+              steps: int = typer.Option(2000, "--steps"),
+              lr: float = typer.Option(1e-3, "--lr"),
+              warmup: int = typer.Option(100, "--warmup"),
+              decay_every: int = typer.Option(1000, "--decay-every", help="steps per x decay-rate of the lr"),
+              decay_rate: float = typer.Option(0.3, "--decay-rate"),
+              val_songs: int = typer.Option(8, "--val-songs", help="held-out tracks (the corpus' last ones)"),
+              contexts: str = typer.Option("all", "--contexts", help="context mixes to tokenise: all (every subset "
+                                           "of the other stems) or rest (one other stem, or all of them)"),
+              val_every: int = typer.Option(200, "--val-every"),
+              seed: int = typer.Option(0, "--seed"),
+              autocast: str = typer.Option("auto", "--autocast", help="auto (bf16 where native), bf16 or off"),
+              device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+              threads: int = typer.Option(0, "--threads", help="CPU threads (0: torch's default)")):
+    """Train the StemGen LM (SPEC 5); resumes exactly from OUT/last.pt. Works under torchrun (DDP).
+    Convert the result: `stemgen convert --lm OUT/model.pt --codec CODEC --out MODEL_DIR`."""
+    import torch
+
+    from .engine.api import pick_device
+    from .train.data import tokenize_corpus
+    from .train.trainer import TrainConfig, train_lm
+    from .weights_convert.codec import load_codec_any
+
+    if threads:
+        torch.set_num_threads(threads)
+    overrides = {k: v for k, v in dict(d_model=d_model, n_layers=n_layers, n_heads=n_heads).items() if v is not None}
+    if autocast not in ("auto", "bf16", "off"):
+        fail(f"--autocast {autocast!r}: use auto, bf16 or off")
+
+    def work():
+        cdc, codec_key = load_codec_any(codec)
+        overrides.setdefault("codebook_size", cdc.cfg.bins)
+        overrides.setdefault("n_q", cdc.cfg.n_q)
+        log = _train_logger()
+        cache_dir = tokenize_corpus(corpus, cdc, codec_key, cache or out / "tokens", contexts=contexts, log=log)
+        cfg = TrainConfig(preset=preset_name, model=overrides, frames=frames, batch_size=batch_size, steps=steps,
+                          lr=lr, warmup=warmup, decay_every=decay_every, decay_rate=decay_rate, val_songs=val_songs,
+                          val_every=val_every, seed=seed, autocast=autocast)
+        if sys.stderr.isatty():
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            with Progress(TextColumn("training"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                          TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=err_console) as bar:
+                task = bar.add_task("train", total=steps, info="")
+                return train_lm(cache_dir, out, cfg, device=str(pick_device(device)), log=log,
+                                progress=lambda i, n, loss, rate: bar.update(
+                                    task, completed=i, info=f"loss {loss:.3f} | {rate:.0f} frames/s"))
+        return train_lm(cache_dir, out, cfg, device=str(pick_device(device)), log=log)
+
+    path = run_guarded(work)
+    console.print(f"wrote {path}")
+
+
+@app.command("table3")
+def table3_cmd(model: str = typer.Option("demo", "--model", "-m", help="model directory or 'demo'"),
+               corpus: Path = typer.Option(..., "--corpus", help="held-out toy-band corpus (a seed never trained on)"),
+               out: Path = typer.Option(..., "--out", help="folder for the stems, per-song scores and the table"),
+               songs: int = typer.Option(40, "--songs"),
+               seconds: float = typer.Option(10.0, "--seconds", help="context length (the model's training window)"),
+               steps: Optional[str] = typer.Option("magnet", "--steps", help="steps per level or a preset"),
+               seed: int = typer.Option(0, "--seed")):
+    """The paper's Table 3 at toy scale: naive / paper settings / deaf (another song's context) / codec
+    ceiling, scored against each song's ground truth (chord roots, beat grid, tempo), MIRDD and FAD."""
+    from .engine import Engine
+    from .evaluation.listening import markdown_table, run_table3
+
+    def work():
+        engine = Engine.from_pretrained(_model_dir(model), device="cpu", dtype="float32")
+        try:
+            res = run_table3(engine, corpus, out, songs=songs, seconds=seconds, steps=_parse_steps(steps),
+                             seed=seed, log=_train_logger())
+        finally:
+            engine.close()
+        from .engine.fileutil import atomic_write_text
+        atomic_write_text(out / "table3.json", json.dumps(res, indent=1))
+        atomic_write_text(out / "table3.md", markdown_table(res["table"]) + "\n")
+        return res
+
+    res = run_guarded(work)
+    console.print(markdown_table(res["table"]), markup=False, highlight=False)
 
 
 @app.command("export-pairs")

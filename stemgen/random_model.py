@@ -1,7 +1,7 @@
-"""The default `--model demo`: a small randomly initialised model of the real architecture
-(StemGen LM + 32 kHz Encodec), built from a fixed seed and cached in the engine format.
-Its weights are untrained: what it generates is noise. It exists so that the whole pipeline
-runs on a fresh machine before a trained checkpoint is at hand."""
+"""`--model random`: a small randomly initialised model of the real architecture (StemGen LM +
+the 32 kHz MusicGen Encodec), built from a fixed seed and cached in the engine format. Its weights
+are untrained: what it generates is noise. Tests and benchmarks use it (the real codec's shapes and
+cost); for music use the trained demo model (`--model demo`, the default) or your own."""
 from __future__ import annotations
 
 import math
@@ -10,12 +10,15 @@ from pathlib import Path
 
 import torch
 
-from .codec import Codec, CodecConfig, expected_codec_shapes
-from .config import CODEC_WEIGHTS, ModelConfig, ModelFormatError
+from .engine.codec import Codec, CodecConfig, expected_codec_shapes
+from .engine.config import CODEC_WEIGHTS, ModelConfig, ModelFormatError
+from .train import StemGenLM, preset
+from .weights_convert.lm import convert_train_state, engine_lm_config
+from .weights_convert.writer import write_model_dir
 
-DEMO_VERSION = 1
-DEMO_SEED = 1234
-DEMO_LM = dict(d_model=256, n_heads=4, n_layers=4)  # the real token layout, a CPU-friendly size
+RANDOM_VERSION = 1
+RANDOM_SEED = 1234
+RANDOM_LM = dict(d_model=256, n_heads=4, n_layers=4)  # the real token layout, a CPU-friendly size
 
 
 def cache_root() -> Path:
@@ -24,8 +27,8 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "stemgen"
 
 
-def demo_dir() -> Path:
-    return cache_root() / f"demo-v{DEMO_VERSION}"
+def random_dir() -> Path:
+    return cache_root() / f"random-v{RANDOM_VERSION}"
 
 
 def random_codec_weights(cfg: CodecConfig, seed: int) -> dict[str, torch.Tensor]:
@@ -51,24 +54,20 @@ def random_codec_weights(cfg: CodecConfig, seed: int) -> dict[str, torch.Tensor]
     return w
 
 
-def ensure_demo_model(log=print) -> Path:
-    """Return the cached demo model directory, building it first if needed."""
-    from ..train import StemGenLM, preset
-    from ..weights_convert.lm import convert_train_state, engine_lm_config
-    from ..weights_convert.writer import write_model_dir
-
-    out = demo_dir()
+def ensure_random_model(log=print) -> Path:
+    """Return the cached random model directory, building it first if needed."""
+    out = random_dir()
     if (out / "config.json").is_file():
         return out
-    log(f"building the demo model (random weights, seed {DEMO_SEED}) in {out} ...")
+    log(f"building the random-weights model (seed {RANDOM_SEED}) in {out} ...")
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(DEMO_SEED)
-    cfg = preset("paper", **DEMO_LM)
+    torch.manual_seed(RANDOM_SEED)
+    cfg = preset("paper", **RANDOM_LM)
     lm = StemGenLM(cfg)
     codec_cfg = CodecConfig()
     config = ModelConfig(lm=engine_lm_config(cfg), instruments=list(cfg.instruments), codec=codec_cfg.to_dict(),
                          weights={"lm": "lm.safetensors", "codec": CODEC_WEIGHTS}, untrained=True)
-    weights = {"lm": convert_train_state(cfg, lm.state_dict()), "codec": random_codec_weights(codec_cfg, DEMO_SEED)}
+    weights = {"lm": convert_train_state(cfg, lm.state_dict()), "codec": random_codec_weights(codec_cfg, RANDOM_SEED)}
     try:
         write_model_dir(out, config, weights)
     except ModelFormatError:

@@ -1,4 +1,4 @@
-"""`stemgen generate` end to end on the demo model (random weights), and its bad-input errors."""
+"""`stemgen generate` end to end on the random-weights model, and its bad-input errors."""
 import hashlib
 import json
 
@@ -8,7 +8,7 @@ import soundfile as sf
 from typer.testing import CliRunner
 
 from stemgen.cli import app
-from stemgen.engine.demo import DEMO_VERSION
+from stemgen.random_model import RANDOM_VERSION
 from stemgen.train import StemGenConfig, save_checkpoint
 
 from helpers import random_train_model
@@ -35,7 +35,8 @@ def stereo_wav(path, seconds=5.0, sr=44100, scale=0.3):
 
 
 def gen(*args):
-    return runner.invoke(app, ["generate", *map(str, args)])
+    """`stemgen generate` on the random-weights model (later options win: --model MODEL overrides)."""
+    return runner.invoke(app, ["generate", "--model", "random", *map(str, args)])
 
 
 def digest(path):
@@ -48,7 +49,7 @@ def test_generate_stereo_44k_context(tmp_path, cache):
     res = gen(ctx, "--instrument", "drums", "--out", out, "--mix", mix, "--seed", 3, *FAST)
     assert res.exit_code == 0, res.output
     assert "untrained" in res.stderr and "real-time factor" in res.stdout
-    assert (cache / f"demo-v{DEMO_VERSION}" / "config.json").is_file()
+    assert (cache / f"random-v{RANDOM_VERSION}" / "config.json").is_file()
     for p in (out, mix):
         info = sf.info(p)
         assert info.samplerate == 32000 and info.channels == 1
@@ -141,7 +142,7 @@ def test_model_without_codec(tmp_path):
 
 
 def test_convert_with_codec_makes_a_complete_model(tmp_path, cache):
-    """convert --lm --codec -> a model dir that `generate` runs (codec from the demo's random weights,
+    """convert --lm --codec -> a model dir that `generate` runs (codec from the random model's weights,
     saved as an encodec-package-style .th is covered in test_codec; here the HF folder path)."""
     import torch
     from transformers import EncodecConfig, EncodecModel
@@ -181,9 +182,9 @@ def test_python_api_generate_audio_and_tokens(cache):
     import torch
 
     from stemgen.engine import Engine
-    from stemgen.engine.demo import ensure_demo_model
+    from stemgen.random_model import ensure_random_model
 
-    eng = Engine.from_pretrained(ensure_demo_model(log=lambda m: None), device="cpu")
+    eng = Engine.from_pretrained(ensure_random_model(log=lambda m: None), device="cpu")
     sr = 44100
     audio = np.random.default_rng(0).standard_normal((2, sr // 2)).astype(np.float32) * 0.1
     res = eng.generate(audio, "bass", sample_rate=sr, seed=1, steps=(2, 1, 1, 1))
@@ -211,9 +212,9 @@ def test_submit_audio_from_threads_matches_generate(cache):
     import threading
 
     from stemgen.engine import Engine
-    from stemgen.engine.demo import ensure_demo_model
+    from stemgen.random_model import ensure_random_model
 
-    eng = Engine.from_pretrained(ensure_demo_model(log=lambda m: None), device="cpu")
+    eng = Engine.from_pretrained(ensure_random_model(log=lambda m: None), device="cpu")
     sr = 22050
     rng = np.random.default_rng(1)
     clips = [rng.standard_normal((1, sr // 2 + 97 * i)).astype(np.float32) * 0.1 for i in range(4)]

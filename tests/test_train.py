@@ -1,0 +1,145 @@
+"""`stemgen train` / `train-codec`: pairs as SPEC 5, exact resume, DDP, bad inputs, export -> convert."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from stemgen.cli import app
+from stemgen.engine.codec import Codec, CodecConfig
+from stemgen.random_model import random_codec_weights
+from stemgen.evaluation.corpus import make_corpus
+from stemgen.train.data import PairSampler, TokenCorpus, tokenize_corpus
+from stemgen.train.loop import TrainError
+from stemgen.train.trainer import TrainConfig, train_lm
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+TINY_CODEC = CodecConfig(n_filters=4, dimension=16, bins=64, lstm_layers=1)
+TINY_LM = dict(d_model=32, n_heads=2, n_layers=1, ffn_multiple_of=32)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_corpus(tmp_path_factory.mktemp("c") / "toy", songs=3, seed=5, sr=32000)
+
+
+@pytest.fixture(scope="module")
+def cache(corpus, tmp_path_factory):
+    codec = Codec(TINY_CODEC, random_codec_weights(TINY_CODEC, 0))
+    return tokenize_corpus(corpus, codec, "tiny-codec", tmp_path_factory.mktemp("t") / "tokens", log=lambda m: None)
+
+
+def tiny_cfg(**kw):
+    return TrainConfig(preset="tiny", model=TINY_LM, frames=40, batch_size=3, val_songs=1, val_every=4,
+                       val_batches=1, ckpt_every=2, warmup=2, **kw)
+
+
+def test_pairs_follow_spec5(cache):
+    corpus = TokenCorpus(cache)
+    item = corpus.items[0]
+    assert item["classes"] == ["Drums", "Bass", "Synth Pad", "Synth Lead"]
+    assert len(item["subsets"]) == 15                      # every non-empty subset of 4 stems
+    sampler = PairSampler(corpus, ["bass", "drums", "synth_lead", "synth_pad"], frames=40)
+    rng = np.random.default_rng(0)
+    tok, inst = sampler.sample(64, rng)
+    assert tok.shape == (64, 2, 4, 40) and inst.min() >= 0 and inst.max() <= 3
+    # the target channel is one stem's codes, the context a mix that never contains the target
+    for k, e in enumerate(corpus.items):
+        for t, ctxs in enumerate(e["contexts_of"]):
+            assert ctxs and all(t not in c for c in ctxs)
+            assert len(ctxs) == 7                          # subsets of the 3 other stems
+
+
+def test_rest_contexts_tokenise_fewer_mixes(corpus, tmp_path):
+    codec = Codec(TINY_CODEC, random_codec_weights(TINY_CODEC, 0))
+    c = TokenCorpus(tokenize_corpus(corpus, codec, "k", tmp_path / "t", contexts="rest", log=lambda m: None))
+    assert len(c.items[0]["subsets"]) == 8
+    assert sorted(map(len, c.items[0]["contexts_of"])) == [4, 4, 4, 4]   # 3 single others + all others
+
+
+def losses(run):
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
+            if '"loss"' in line]
+
+
+def test_resume_is_exact(cache, tmp_path):
+    train_lm(cache, tmp_path / "straight", tiny_cfg(steps=6), log=lambda m: None, every=1)
+    train_lm(cache, tmp_path / "split", tiny_cfg(steps=3), log=lambda m: None, every=1)
+    # resuming extends the run: same loss curve and the same final weights as the straight run
+    train_lm(cache, tmp_path / "split", tiny_cfg(steps=6), log=lambda m: None, every=1)
+    assert losses(tmp_path / "straight") == losses(tmp_path / "split")
+    a = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "split" / "model.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # a run with another seed differs (the comparison can fail)
+    train_lm(cache, tmp_path / "other", tiny_cfg(steps=3, seed=1), log=lambda m: None, every=1)
+    assert losses(tmp_path / "other")[:3] != losses(tmp_path / "straight")[:3]
+    assert (tmp_path / "straight" / "loss.png").stat().st_size > 1000
+
+
+def test_checkpoint_converts_and_runs(cache, tmp_path):
+    from stemgen.weights_convert import convert_train_checkpoint
+
+    final = train_lm(cache, tmp_path / "run", tiny_cfg(steps=2), log=lambda m: None)
+    cfg, instruments, state = convert_train_checkpoint(final)
+    assert instruments == ["bass", "drums", "synth_lead", "synth_pad"] and cfg.codebook_size == 64
+
+
+def test_bad_checkpoint_and_cache_one_line(cache, corpus, tmp_path):
+    run = tmp_path / "run"
+    train_lm(cache, run, tiny_cfg(steps=2), log=lambda m: None)
+    with pytest.raises(TrainError, match="other settings.*lr"):
+        train_lm(cache, run, tiny_cfg(steps=4, lr=5e-4), log=lambda m: None)
+    (run / "last.pt").write_bytes(b"\x80\x02garbage" * 10)
+    with pytest.raises(TrainError, match="not a readable checkpoint"):
+        train_lm(cache, run, tiny_cfg(steps=4), log=lambda m: None)
+    with pytest.raises(TrainError, match="not a readable token cache"):
+        TokenCorpus(tmp_path)
+    res = CliRunner().invoke(app, ["train", str(tmp_path / "nope"), "--codec", str(tmp_path), "--out",
+                                   str(tmp_path / "x")])
+    assert res.exit_code == 1 and res.output.count("\n") == 1 and "error:" in res.output, res.output
+
+
+def test_train_codec_export_converts(corpus, tmp_path):
+    pytest.importorskip("auraloss")
+    from stemgen.train.codec import CodecTrainConfig, train_codec
+    from stemgen.weights_convert.codec import load_codec_any
+
+    cfg = CodecTrainConfig(steps=2, batch_size=2, n_filters=4, dimension=16, bins=32, segment_s=0.25, warmup=1)
+    path = train_codec(corpus, tmp_path / "c", cfg, log=lambda m: None, every=1, ckpt_every=1)
+    codec, key = load_codec_any(path)
+    x = torch.randn(1, 1, 3200) * 0.1
+    codes = codec.encode(x)
+    assert codes.shape == (1, 4, 5) and int(codes.max()) < 32
+    assert codec.decode(codes).shape == (1, 1, 3200)
+    # resuming a finished run does no more steps and exports the same weights
+    again, key2 = load_codec_any(train_codec(corpus, tmp_path / "c", cfg, log=lambda m: None))
+    assert key == key2
+
+
+def test_torchrun_ddp_two_cpu_processes(cache, tmp_path):
+    """The same trainer under torchrun (2 processes, gloo): both ranks train, each on its own data."""
+    script = tmp_path / "ddp.py"
+    script.write_text(
+        "import sys, torch\n"
+        "from stemgen.train.trainer import TrainConfig, train_lm\n"
+        f"cfg = TrainConfig(preset='tiny', model={TINY_LM!r}, frames=40, batch_size=2, steps=2, val_songs=1,"
+        " val_every=100, ckpt_every=100, warmup=1)\n"
+        "train_lm(sys.argv[1], sys.argv[2], cfg, log=lambda m: None)\n")
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                        "127.0.0.1", "--master-port", str(port), str(script), str(cache), str(tmp_path / "run")], env=env, capture_output=True,
+                       text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ck = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert ck["config"]["world"] == 2 and len(ck["ranks"]) == 2 and ck["step"] == 2
+    assert ck["ranks"][0]["numpy"] != ck["ranks"][1]["numpy"]

@@ -1,0 +1,275 @@
+"""`stemgen train`: the StemGen LM trained on a Slakh2100-layout corpus (SPEC section 5).
+
+Audio is tokenised once with the codec and cached (``train/data.py``); every step draws SPEC-5
+pairs from the cache, masks them as SoundStorm/StemGen do and drops each conditioning source
+independently (``StemGenLM.training_loss``). AdamW with linear warm-up and exponential decay,
+bf16 autocast where the hardware has native bf16 matrix units, gradient clipping, periodic
+validation on held-out songs (loss and accuracy per level), checkpoints that resume exactly
+(model, optimizer, schedule, data order, every RNG), a loss-curve PNG. Runs unchanged under
+``torchrun`` (DDP; gloo on CPU, NCCL on CUDA).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import StemGenConfig, preset
+from .data import PairSampler, TokenCorpus, instrument_name
+from .loop import TrainError, atomic_torch_save, load_resume
+from .model import StemGenLM
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "small"
+    model: dict = field(default_factory=dict)   # StemGenConfig overrides (d_model, n_layers, ...)
+    frames: int = 500                 # crop length in codec frames (the model's training window)
+    batch_size: int = 16              # per process
+    steps: int = 2000
+    lr: float = 1e-3
+    warmup: int = 100
+    decay_every: int = 1000           # lr *= decay_rate per decay_every steps after warm-up
+    decay_rate: float = 0.3
+    weight_decay: float = 0.01
+    clip: float = 1.0
+    val_songs: int = 8                # held-out tracks (the last ones of the corpus)
+    val_every: int = 200
+    val_batches: int = 4
+    ckpt_every: int = 100
+    seed: int = 0
+    autocast: str = "auto"            # auto | bf16 | off
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    return cfg.decay_rate ** ((step - cfg.warmup) / cfg.decay_every)
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device):
+    """bf16 where matrix units do bf16 natively (CUDA with bf16, CPUs with AMX or AVX512-BF16)."""
+    if cfg.autocast == "off":
+        return None
+    if cfg.autocast == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    cap = torch.backends.cpu.get_cpu_capability()
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    return torch.bfloat16 if ("amx_bf16" in flags or "avx512_bf16" in flags) and "AVX512" in cap else None
+
+
+def masked_batch(tokens, q: torch.Tensor, frac: torch.Tensor, mask_id: int, generator=None):
+    """SPEC-5 masking with given levels q [B] and masked fractions frac [B] -> (input, masked [B, T])."""
+    B, C, Q, T = tokens.shape
+    masked = torch.rand(B, T, generator=generator, device=tokens.device) < frac[:, None]
+    target = tokens[:, -1]
+    levels = torch.arange(Q, device=tokens.device)[None, :, None]
+    hide = (levels > q[:, None, None]) | ((levels == q[:, None, None]) & masked[:, None, :])
+    inp = tokens.clone()
+    inp[:, -1] = torch.where(hide, torch.full_like(target, mask_id), target)
+    return inp, masked
+
+
+@torch.no_grad()
+def validate(model: StemGenLM, batches, amp) -> dict:
+    """Loss and accuracy per level on fixed held-out batches (each level masked at fraction 0.5)."""
+    model.eval()
+    cfg = model.cfg
+    out = {}
+    for q in range(cfg.n_q):
+        nll, correct, count = 0.0, 0, 0
+        for k, (tok, inst) in enumerate(batches):
+            g = torch.Generator(device=tok.device).manual_seed(1000 * q + k)
+            qq = torch.full((tok.shape[0],), q, device=tok.device)
+            inp, masked = masked_batch(tok, qq, torch.full((tok.shape[0],), 0.5, device=tok.device), cfg.mask_id, g)
+            with torch.autocast(tok.device.type, dtype=amp, enabled=amp is not None):
+                logits = model(inp, inst[:, None])[:, q].float()
+            sel, tgt = logits[masked], tok[:, -1, q][masked]
+            nll += float(F.cross_entropy(sel, tgt, reduction="sum"))
+            correct += int((sel.argmax(-1) == tgt).sum())
+            count += int(masked.sum())
+        out[f"val_loss_q{q}"] = nll / max(count, 1)
+        out[f"val_acc_q{q}"] = correct / max(count, 1)
+    out["val_loss"] = sum(out[f"val_loss_q{q}"] for q in range(cfg.n_q)) / cfg.n_q
+    model.train()
+    return out
+
+
+def plot_curves(metrics_path: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    tr = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    va = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if tr:
+        ax.plot(*zip(*tr), label="train loss", lw=1)
+    if va:
+        ax.plot(*zip(*va), "o-", label="validation loss (mean over levels)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = png.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png)
+
+
+class _Dist:
+    """torchrun's environment, or a single process."""
+
+    def __init__(self, device: torch.device):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        if self.world > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def gather(self, obj):
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+
+def train_lm(cache: str | Path, out: str | Path, cfg: TrainConfig, device: str = "cpu", resume: bool = True,
+             log=print, progress=None, every: int = 10) -> Path:
+    """Train (or resume) the LM on a token cache; returns the path of the final checkpoint
+    (``out/model.pt``, a `stemgen.train` checkpoint that `stemgen convert --lm` reads)."""
+    out = Path(out)
+    dev = torch.device(device)
+    dist = _Dist(dev)
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+    corpus_all = TokenCorpus(cache)
+    n = len(corpus_all.entries)
+    if n <= cfg.val_songs:
+        raise TrainError(f"{cache}: {n} tracks; need more than --val-songs {cfg.val_songs} (held out)")
+    instruments = sorted({instrument_name(c) for c in corpus_all.classes()})
+    mcfg = preset(cfg.preset, **{**cfg.model, "instruments": instruments})
+    info = json.loads((Path(cache) / "index.json").read_text())
+    codes_max = max(int(corpus_all.items[k]["codes"].max()) for k in range(len(corpus_all.items)))
+    if codes_max >= mcfg.codebook_size:
+        raise TrainError(f"{cache}: codes up to {codes_max} but the model's codebook_size is "
+                         f"{mcfg.codebook_size}; pass --codebook-size to match the codec")
+    n_q_cache = corpus_all.items[0]["codes"].shape[1]
+    if n_q_cache != mcfg.n_q:
+        raise TrainError(f"{cache}: the codec has {n_q_cache} levels but the model n_q is {mcfg.n_q}")
+    del corpus_all
+    train_set = PairSampler(TokenCorpus(cache, list(range(n - cfg.val_songs))), mcfg.instruments, cfg.frames)
+    val_set = PairSampler(TokenCorpus(cache, list(range(n - cfg.val_songs, n))), mcfg.instruments, cfg.frames)
+    vrng = np.random.default_rng([cfg.seed, 999])
+    val_batches = [tuple(t.to(dev) for t in val_set.sample(cfg.batch_size, vrng)) for _ in range(cfg.val_batches)]
+
+    torch.manual_seed(cfg.seed)
+    model = StemGenLM(mcfg).to(dev)
+    runner = _DDPForward(model) if dist.world > 1 else model
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.dim() >= 2 and "emb" not in name else no_decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+    rng = np.random.default_rng([cfg.seed, dist.rank])
+    gen = torch.Generator(device=dev).manual_seed(cfg.seed * 1000 + dist.rank)
+    step = 0
+    ck = out / "last.pt"
+    run_cfg = {**asdict(cfg), "cache_key": info["key"], "world": dist.world}
+    if resume and ck.is_file():
+        state = load_resume(ck, "lm", run_cfg, log)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step = state["step"]
+        r = state["ranks"][dist.rank]
+        rng.bit_generator.state = r["numpy"]
+        gen.set_state(r["gen"])
+        torch.set_rng_state(r["torch"])
+        if dist.main:
+            log(f"resumed from {ck} at step {step}")
+    amp = autocast_dtype(cfg, dev)
+    if dist.main:
+        params = sum(p.numel() for p in model.parameters())
+        log(f"LM {mcfg.d_model}d x {mcfg.n_layers} layers ({params / 1e6:.1f}M params), instruments "
+            f"{', '.join(mcfg.instruments)}; {len(train_set.targets)} training targets; "
+            f"{'bf16 autocast' if amp else 'fp32'} on {dev}; {dist.world} process(es)")
+    metrics = open(out / "metrics.jsonl", "a") if dist.main else None
+    t0, frames_seen, step0 = time.time(), 0, step
+    model.train()
+    while step < cfg.steps:
+        tok, inst = (t.to(dev) for t in train_set.sample(cfg.batch_size, rng))
+        with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+            loss = StemGenLM.training_loss(runner, tok, inst[:, None], generator=gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        opt.step()
+        sched.step()
+        step += 1
+        frames_seen += tok.shape[0] * tok.shape[-1] * dist.world
+        if not math.isfinite(float(loss)):
+            raise TrainError(f"loss became {float(loss)} at step {step}; lower --lr")
+        if dist.main:
+            rate = frames_seen / (time.time() - t0)
+            if progress:
+                progress(step, cfg.steps, float(loss), rate)
+            if step % every == 0 or step == cfg.steps:
+                metrics.write(json.dumps({"step": step, "loss": float(loss), "grad_norm": float(gnorm),
+                                          "lr": sched.get_last_lr()[0], "frames_per_s": rate}) + "\n")
+                metrics.flush()
+                if not progress:
+                    eta = (cfg.steps - step) / max((step - step0) / (time.time() - t0), 1e-9)
+                    log(f"step {step}/{cfg.steps} loss {float(loss):.3f} lr {sched.get_last_lr()[0]:.2e} "
+                        f"| {rate:.0f} frames/s | eta {eta / 60:.1f} min")
+        if step % cfg.val_every == 0 or step == cfg.steps:
+            if dist.main:
+                v = validate(model, val_batches, amp)
+                metrics.write(json.dumps({"step": step, **v}) + "\n")
+                metrics.flush()
+                log(f"validation at step {step}: loss {v['val_loss']:.3f}; accuracy per level "
+                    + " ".join(f"{v[f'val_acc_q{q}']:.3f}" for q in range(mcfg.n_q)))
+                plot_curves(out / "metrics.jsonl", out / "loss.png")
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            ranks = dist.gather({"numpy": rng.bit_generator.state, "gen": gen.get_state(),
+                                 "torch": torch.get_rng_state()})
+            if dist.main:
+                atomic_torch_save({"kind": "lm", "config": run_cfg, "model": model.state_dict(),
+                                   "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                   "step": step, "ranks": ranks}, ck)
+    final = out / "model.pt"
+    if dist.main:
+        metrics.close()
+        atomic_torch_save({"format": "stemgen-train", "config": mcfg.to_dict(),
+                           "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                           "step": step, "train_config": asdict(cfg)}, final)
+        log(f"LM checkpoint written to {final}")
+    return final
+
+
+class _DDPForward:
+    """Runs StemGenLM.training_loss with its forward call going through DDP (gradients all-reduced)."""
+
+    def __init__(self, model: StemGenLM):
+        self.cfg = model.cfg
+        self.ddp = torch.nn.parallel.DistributedDataParallel(model)
+
+    def __call__(self, inp, cond):
+        return self.ddp(inp, cond)
