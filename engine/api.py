@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import RequestError
 from .models import resolve_model
 from .audio import AudioError, peak_safe, to_format
 from .codec import Codec, CodecConfig, load_codec
@@ -84,6 +85,10 @@ def use_cuda_graphs(lm: StemGenEngineLM, enable: bool | None) -> None:
     lm.graphs = TrunkGraphs(lm) if enable else None
 
 
+def _fold(name: str) -> str:
+    return name.strip().lower().replace(" ", "_").replace("-", "_")
+
+
 @dataclass
 class Generation:
     stem: np.ndarray          # [channels, N] float32 at sample_rate, peak-safe
@@ -133,13 +138,19 @@ class Engine:
 
     def instrument_id(self, instrument: str | int) -> int:
         names = self.config.instruments
-        if isinstance(instrument, int):
+        if isinstance(instrument, int) and not isinstance(instrument, bool):
             if not 0 <= instrument < len(names):
                 raise ValueError(f"instrument id {instrument} out of range 0..{len(names) - 1}")
             return instrument
-        if instrument not in names:
-            raise ValueError(f"unknown instrument {instrument!r}; valid names: {', '.join(names)}")
-        return names.index(instrument)
+        if not isinstance(instrument, str):
+            raise RequestError(f"instrument must be a name or an id, got {type(instrument).__name__}")
+        if instrument in names:
+            return names.index(instrument)
+        key = _fold(instrument)   # case-insensitive; 'Synth Pad' matches 'synth_pad'
+        matches = [i for i, n in enumerate(names) if _fold(n) == key]
+        if len(matches) != 1:
+            raise RequestError(f"unknown instrument {instrument!r}; valid names: {', '.join(names)}")
+        return matches[0]
 
     def sampling(self, **overrides) -> SamplingConfig:
         """The model's default sampling settings with ``overrides`` (None values ignored)."""

@@ -230,8 +230,9 @@ def context_and_stem(track: str | Path, inst_class: str) -> tuple[np.ndarray, np
     """(context = sum of the other stems, the first stem of ``inst_class``, sr), or None if the
     track has no such stem."""
     meta, stems = load_track(track)
+    fold = lambda name: str(name).strip().lower().replace("_", " ")  # noqa: E731 ('bass' matches 'Bass')
     target = next((sid for sid, info in meta["stems"].items()
-                   if info.get("inst_class") == inst_class and sid in stems), None)
+                   if fold(info.get("inst_class")) == fold(inst_class) and sid in stems), None)
     if target is None:
         return None
     sr = stems[target][1]

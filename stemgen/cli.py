@@ -78,7 +78,9 @@ def info(model_dir: Optional[Path] = typer.Argument(None, help="engine model dir
         model_dir = run_guarded(_model_dir, str(model_dir))
 
     def gather():
+        from .engine import Engine
         cfg = ModelConfig.load(model_dir)
+        Engine.from_pretrained(model_dir, device="cpu", dtype="float32")  # the same checks as generate
         n_params = sum(math.prod(s) for s in expected_shapes(cfg.lm).values())
         stored = _stored_dtype(model_dir / cfg.weights["lm"])
         return cfg, n_params, stored, backends(pick_device(device))
@@ -88,7 +90,7 @@ def info(model_dir: Optional[Path] = typer.Argument(None, help="engine model dir
         print(json.dumps({"config": cfg.to_dict(), "lm_parameters": n_params, "stored_dtype": stored,
                           "backends": be}, indent=2))
         return
-    t = Table(title=f"stemgen model: {model_dir}", show_header=False)
+    t = Table(title=f"stemgen model: {model_dir}".replace("[", "\\["), show_header=False)
     lm = cfg.lm
     rows = [("LM", f"d_model {lm.d_model}, {lm.n_heads} heads, {lm.n_layers} layers, ffn {lm.ffn_hidden}"),
             ("tokens", f"Q = {lm.n_q} levels x {lm.codebook_size} codes, {lm.n_channels} channels "
@@ -101,8 +103,9 @@ def info(model_dir: Optional[Path] = typer.Argument(None, help="engine model dir
              json.dumps(cfg.codec)),
             ("sampling", ", ".join(f"{k}={v}" for k, v in cfg.sampling.to_dict().items()))]
     rows += [(f"backend: {k}", v) for k, v in be.items()]
+    from rich.text import Text
     for k, v in rows:
-        t.add_row(k, v)
+        t.add_row(Text(k), Text(str(v)))  # names come from the file: never read as markup
     console.print(t)
 
 
@@ -374,15 +377,30 @@ def train_codec_cmd(corpus: Path = typer.Argument(..., help="Slakh2100-layout co
                     bins: int = typer.Option(512, "--bins", help="codes per RVQ level"),
                     n_q: int = typer.Option(4, "--n-q", help="RVQ levels"),
                     songs: int = typer.Option(0, "--songs", help="use the first N tracks (0: all)"),
+                    warmup: int = typer.Option(50, "--warmup"),
+                    l1_weight: float = typer.Option(0.1, "--l1-weight", help="weight of the waveform L1 term"),
+                    bass_weight: float = typer.Option(0.0, "--bass-weight", help="weight of the bass-band (1 kHz) "
+                                                      "STFT term"),
+                    fft_sizes: str = typer.Option("8192,4096,2048,1024,512,256", "--fft-sizes",
+                                                  help="FFT sizes of the multi-resolution STFT loss"),
+                    init_from: Optional[Path] = typer.Option(None, "--init-from", help="start from another run's "
+                                                             "export or last.pt (a fine-tuning stage)"),
+                    stop_at: Optional[int] = typer.Option(None, "--stop-at", help="stop after this step (the "
+                                                          "schedule still spans --steps)"),
                     seed: int = typer.Option(0, "--seed"),
                     threads: int = typer.Option(0, "--threads", help="CPU threads (0: torch's default)")):
     """Train a small Encodec (SEANet + RVQ, 50 frames/s) on a corpus; resumes from OUT/last.pt.
     The export converts with `stemgen convert --codec OUT/compression_state_dict.bin`."""
     from .train.codec import CodecTrainConfig, train_codec
 
+    try:
+        ffts = [int(n) for n in fft_sizes.split(",")]
+    except ValueError:
+        fail(f"--fft-sizes {fft_sizes!r}: give comma-separated integers, e.g. 2048,1024,512")
     cfg = CodecTrainConfig(steps=steps, batch_size=batch_size, lr=lr, n_filters=n_filters, dimension=dimension,
-                           bins=bins, n_q=n_q, songs=songs, seed=seed, warmup=min(50, steps))
-    path = run_guarded(train_codec, corpus, out, cfg, log=_train_logger(), threads=threads or None)
+                           bins=bins, n_q=n_q, songs=songs, seed=seed, warmup=min(warmup, steps), l1_weight=l1_weight,
+                           bass_weight=bass_weight, fft_sizes=ffts, init_from=str(init_from or ""))
+    path = run_guarded(train_codec, corpus, out, cfg, log=_train_logger(), threads=threads or None, stop_at=stop_at)
     console.print(f"wrote {path}")
 
 

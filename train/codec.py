@@ -114,9 +114,11 @@ def export_codec(model: torch.nn.ModuleDict, cfg: CodecTrainConfig, path: Path) 
 
 
 def train_codec(corpus: str | Path, out: str | Path, cfg: CodecTrainConfig, resume: bool = True,
-                log=print, every: int = 25, ckpt_every: int = 100, threads: int | None = None) -> Path:
+                log=print, every: int = 25, ckpt_every: int = 100, threads: int | None = None,
+                stop_at: int | None = None) -> Path:
     """Train (or resume) a codec; writes ``out/last.pt`` (resumable), ``out/metrics.jsonl`` and
-    ``out/compression_state_dict.bin`` (the export). Returns the export's path."""
+    ``out/compression_state_dict.bin`` (the export). Returns the export's path. ``stop_at``: stop
+    (checkpoint and export) after that step, the schedule still running over ``cfg.steps``."""
     import auraloss
 
     out = Path(out)
@@ -156,7 +158,8 @@ def train_codec(corpus: str | Path, out: str | Path, cfg: CodecTrainConfig, resu
     model.train()
     t0, seen = time.time(), 0
     metrics = open(out / "metrics.jsonl", "a")
-    while step < cfg.steps:
+    end = min(cfg.steps, stop_at or cfg.steps)
+    while step < end:
         x = torch.from_numpy(random_mixes(songs, cfg.batch_size, length, rng))[:, None]
         z = model["encoder"](x)
         q = model["quantizer"](z, fps)
@@ -187,7 +190,7 @@ def train_codec(corpus: str | Path, out: str | Path, cfg: CodecTrainConfig, resu
             eta = (cfg.steps - step) * cfg.batch_size * cfg.segment_s / max(rate, 1e-9)
             log(f"codec step {step}/{cfg.steps} loss {float(loss):.3f} stft {float(rec):.3f} "
                 f"snr {float(snr):.1f} dB | {rate:.1f} audio s/s | eta {eta / 60:.1f} min")
-        if step % ckpt_every == 0 or step == cfg.steps:
+        if step % ckpt_every == 0 or step == end:
             atomic_torch_save({"kind": "codec", "config": asdict(cfg), "model": model.state_dict(),
                                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                                "step": step, "rng": rng_state(rng)}, ck)
