@@ -176,5 +176,45 @@ def run_table3(engine, corpus: str | Path, out: str | Path, songs: int = 40, sec
             summary.update(mirdd_with_context=with_ctx["mirdd"], mirdd_stem=alone["mirdd"], fad_logmel=alone["fad"])
             results.setdefault(inst, {})[setting] = summary
             log(f"{inst} {setting}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
+    import soundfile as sf_read
+
+    first = data[0]["name"]
+    load = lambda kind, inst: sf_read.read(out / kind / inst / f"{first}.wav", dtype="float32")[0]  # noqa: E731
+    spectrogram_figure(out / "spectrograms.png", [
+        ("context (drums + pad + lead)", load("context", "bass"), csr), ("real bass", load("real", "bass"), csr),
+        ("generated bass (paper settings)", load("paper", "bass"), csr),
+        ("generated bass (deaf: another song's context)", load("deaf", "bass"), csr),
+        ("real drums", load("real", "drums"), csr), ("generated drums (paper settings)", load("paper", "drums"), csr)],
+        title=f"held-out song {first}: {data[0]['gt']['key']}, {data[0]['gt']['tempo']:.0f} BPM, "
+              f"chords {' '.join(data[0]['gt']['chords'][:4])}")
     return {"per_song": per_song, "table": results, "songs": len(data), "seconds": seconds,
             "steps": list(steps), "seed": seed}
+
+
+def spectrogram_figure(png: str | Path, rows: list[tuple[str, np.ndarray, int]], title: str = "") -> None:
+    """Log-magnitude spectrograms (0-2 kHz), one row per (label, mono audio, sr)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(rows), 1, figsize=(9, 1.6 * len(rows)), sharex=True)
+    for ax, (label, audio, sr) in zip(np.atleast_1d(axes), rows):
+        x = dsp.prepare(audio, sr)
+        mag = dsp.stft_mag(x)
+        f = np.fft.rfftfreq(dsp.N_FFT, 1 / dsp.SR)
+        keep = f <= 2000
+        db = 20 * np.log10(mag[:, keep].T + 1e-5)
+        ax.imshow(db, origin="lower", aspect="auto", cmap="magma", vmin=db.max() - 80, vmax=db.max(),
+                  extent=(0, len(x) / dsp.SR, 0, 2))
+        ax.set_ylabel("kHz")
+        ax.set_title(label, fontsize=9, loc="left")
+    np.atleast_1d(axes)[-1].set_xlabel("seconds")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    png = Path(png)
+    tmp = png.with_name(f".{png.name}.tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    tmp.replace(png)

@@ -31,7 +31,10 @@ def test_bench_preset_json(tiny_bench):
     for r in rep["results"]:
         for k in ("step_latency_ms", "transformer_passes_per_s", "frames_per_s", "audio_s_per_wall_s", "peak_mb"):
             assert r["engine"][k] > 0 and r["baseline"][k] > 0
-        assert r["speedup_frames_per_s"] > 0
+        # the ratio is the two measured walls' (same frames on both sides), not a free number
+        assert r["speedup_frames_per_s"] == pytest.approx(r["baseline"]["wall_s"] / r["engine"]["wall_s"], rel=1e-9)
+        assert r["engine"]["frames_per_s"] / r["baseline"]["frames_per_s"] == pytest.approx(
+            r["speedup_frames_per_s"], rel=1e-6)
     assert "ratio" in res.stdout
 
 

@@ -3,7 +3,6 @@ import pytest
 import torch
 
 from stemgen import cpp_ext
-from stemgen.engine.model import native_bf16_cpu  # noqa: F401 (import check)
 from stemgen.kernels.embedding import embed_sum_ref
 from stemgen.kernels.rng import uniform
 from stemgen.kernels.sampling import guide_sample_rank_ref

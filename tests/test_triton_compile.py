@@ -28,7 +28,11 @@ def compile_all(*args) -> list[dict]:
 
 def test_every_kernel_compiles_for_sm90_without_spills():
     results = compile_all()
-    assert len(results) >= 13
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("compile_sm90", ROOT / "bench" / "compile_sm90.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert sorted(r["name"] for r in results) == sorted(v.name for v in mod.variants())  # every variant compiled
     for r in results:
         assert r["spill_bytes"] == 0, f"{r['name']}: {r['spill_bytes']} bytes of local memory per thread (spills)"
         assert r["shared_bytes"] <= 227 * 1024 and r["registers"] <= 255, r
