@@ -62,7 +62,7 @@ def variants() -> list[Variant]:
     silu = {"gu_ptr": bf, "out_ptr": bf, "HID": "i32"}
     samp = {"logits_ptr": f32, "w_ptr": f32, "pos_ptr": "*i64", "masked_ptr": "*i8", "tok_ptr": "*i64",
             "prob_ptr": f32, "score_ptr": f32, "M": "i32", "V": "i32", "length": "fp32", "key_sample": "i64",
-            "key_rank": "i64", "inv_temp": "fp32", "w_conf": "fp32", "w_causal": "fp32", "w_rand": "fp32",
+            "key_rank": "i64", "inv_temp": "fp32", "w_confidence": "fp32", "w_causal": "fp32", "w_random": "fp32",
             "top_k": "i32", "top_p": "fp32"}
     # unit strides: the JIT specialises an int argument equal to 1 into a constant
     rope = {k: t for k, t in rope.items() if k not in ("sqd", "skd")}

@@ -15,7 +15,8 @@ from stemgen.bench import _models
 from stemgen.engine.api import pick_device, use_cuda_graphs
 from stemgen.engine.config import SamplingConfig
 from stemgen.engine.model import default_dtype
-from stemgen.engine.scheduler import Request, Scheduler
+from stemgen.engine.request import Request
+from stemgen.engine.runner import Runner, StepLoop
 
 
 def main(argv=None) -> str:
@@ -30,11 +31,11 @@ def main(argv=None) -> str:
 
     device = pick_device(args.device)
     lm, _, _, desc = _models(None, args.config, device, default_dtype(device), False, seed=0)
-    use_cuda_graphs(lm, args.cuda_graphs or None)
+    runner = Runner(lm, graphs=use_cuda_graphs(lm, args.cuda_graphs or None))
     cfg = lm.cfg
     ctx = torch.randint(0, cfg.codebook_size, (cfg.n_channels - 1, cfg.n_q, args.frames))
     sampling = SamplingConfig(steps=(args.steps * 4 + 8,) + (1,) * (cfg.n_q - 1))
-    sched = Scheduler(lm)
+    sched = StepLoop(runner)
     sched.submit(Request(cfg, ctx, torch.zeros(len(cfg.cond_sizes), dtype=torch.long), sampling))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(4):   # warm-up: kernels compiled, caches (and graphs) built
@@ -55,7 +56,7 @@ def main(argv=None) -> str:
     table = prof.key_averages().table(sort_by=key, row_limit=args.rows)
     head = (f"{desc}, {args.frames} frames, multi CFG (3 rows), {str(lm.dtype).replace('torch.', '')} on {device}"
             f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}"
-            f"{', CUDA graphs' if lm.graphs is not None else ''}: {1000 * wall:.2f} ms per step (mean of "
+            f"{', CUDA graphs' if runner.graphs is not None else ''}: {1000 * wall:.2f} ms per step (mean of "
             f"{args.steps}, unprofiled)")
     report = head + "\n" + table
     print(report)

@@ -56,8 +56,8 @@ def embed_sum(tokens, conditions, tok_table, cond_table, cond_offsets) -> torch.
 
 
 def guide_sample_rank(logits, weights, positions, masked, length: int, *, seed: int, level: int, step: int,
-                      temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, w_conf: float = 0.1,
-                      w_causal: float = 0.1, w_rand: float = 1.0):
+                      temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, w_confidence: float = 0.1,
+                      w_causal: float = 0.1, w_random: float = 1.0):
     """Same contract as kernels.sampling.guide_sample_rank_ref."""
     R, M, V = logits.shape
     if weights.shape != (R,) or positions.shape != (M,) or masked.shape != (M,):
@@ -65,8 +65,8 @@ def guide_sample_rank(logits, weights, positions, masked, length: int, *, seed: 
     tok, prob, score = _native.guide_sample_rank(
         _np(logits.float(), torch.float32), _np(weights.float(), torch.float32), _np(positions, torch.int64),
         _np(masked, torch.bool), int(length), step_key(seed, level, step, STREAM_SAMPLE),
-        step_key(seed, level, step, STREAM_RANK), float(temperature), int(top_k), float(top_p), float(w_conf),
-        float(w_causal), float(w_rand))
+        step_key(seed, level, step, STREAM_RANK), float(temperature), int(top_k), float(top_p), float(w_confidence),
+        float(w_causal), float(w_random))
     return torch.from_numpy(tok), torch.from_numpy(prob), torch.from_numpy(score)
 
 

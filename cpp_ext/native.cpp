@@ -139,8 +139,8 @@ static py::tuple guide_sample_rank(py::array_t<float, py::array::c_style> logits
                                    py::array_t<float, py::array::c_style> weights,
                                    py::array_t<i64, py::array::c_style> positions,
                                    py::array_t<bool, py::array::c_style> masked, i64 length, uint32_t key_sample,
-                                   uint32_t key_rank, float temperature, i64 top_k, float top_p, float w_conf,
-                                   float w_causal, float w_rand) {
+                                   uint32_t key_rank, float temperature, i64 top_k, float top_p, float w_confidence,
+                                   float w_causal, float w_random) {
     const i64 R = logits.shape(0), M = logits.shape(1), V = logits.shape(2);
     py::array_t<i64> tokens_out(M);
     py::array_t<float> prob_out(M), score_out(M);
@@ -229,8 +229,8 @@ static py::tuple guide_sample_rank(py::array_t<float, py::array::c_style> logits
                 }
                 tok[m] = best;
                 prob[m] = std::exp(gp[best] - glse);
-                score[m] = w_conf * prob[m] + w_causal * (1.f - static_cast<float>(P[m]) / static_cast<float>(length)) +
-                           w_rand * uniform01(key_rank, static_cast<uint64_t>(P[m]));
+                score[m] = w_confidence * prob[m] + w_causal * (1.f - static_cast<float>(P[m]) / static_cast<float>(length)) +
+                           w_random * uniform01(key_rank, static_cast<uint64_t>(P[m]));
             }
         }
     }

@@ -18,7 +18,8 @@ from .audio import AudioError, peak_safe, to_format
 from .codec import Codec, CodecConfig, load_codec
 from .config import ModelConfig, ModelFormatError, SamplingConfig
 from .model import StemGenEngineLM, default_dtype, load_lm, resolve_dtype
-from .scheduler import Request, run_requests
+from .request import Request
+from .runner import Runner, run_requests
 from .service import GenerationHandle, GenerationService
 
 log = logging.getLogger("stemgen")
@@ -71,8 +72,8 @@ def _triton_status(device: torch.device) -> str:
     return f"triton {triton.__version__}: {use}"
 
 
-def use_cuda_graphs(lm: StemGenEngineLM, enable: bool | None) -> None:
-    """Turn CUDA graphs for the trunk on or off (None: STEMGEN_CUDA_GRAPHS=1 turns them on)."""
+def use_cuda_graphs(lm: StemGenEngineLM, enable: bool | None):
+    """CUDA graphs for the trunk, or None (enable=None: STEMGEN_CUDA_GRAPHS=1 turns them on)."""
     from .graphs import TrunkGraphs
 
     if enable is None:
@@ -82,7 +83,7 @@ def use_cuda_graphs(lm: StemGenEngineLM, enable: bool | None) -> None:
         enable = flag == "1" and lm.device.type == "cuda"
     if enable and lm.device.type != "cuda":
         raise ValueError(f"CUDA graphs need a CUDA device; the model is on {lm.device}: drop --cuda-graphs")
-    lm.graphs = TrunkGraphs(lm) if enable else None
+    return TrunkGraphs(lm) if enable else None
 
 
 def _fold(name: str) -> str:
@@ -104,9 +105,10 @@ class Generation:
 
 class Engine:
     def __init__(self, config: ModelConfig, lm: StemGenEngineLM, codec: Codec | None = None,
-                 model_dir: Path | None = None):
+                 model_dir: Path | None = None, graphs=None):
         self.config = config
         self.lm = lm
+        self.runner = Runner(lm, graphs=graphs)   # executes steps: the LM, its CUDA graphs, the sampling op
         self.codec = codec
         self.model_dir = model_dir
         self.max_frames = 1 << 15      # frames (rows x length) per scheduler step
@@ -125,12 +127,12 @@ class Engine:
         device = pick_device(device)
         dtype = resolve_dtype(dtype) if dtype else default_dtype(device)
         lm = load_lm(model_dir / config.weights["lm"], config.lm, device=device, dtype=dtype)
-        use_cuda_graphs(lm, cuda_graphs)
+        graphs = use_cuda_graphs(lm, cuda_graphs)
         codec = None
         if load_codec_weights and config.codec:
             ccfg = CodecConfig.from_dict(config.codec)
             codec = load_codec(model_dir / config.weights["codec"], ccfg, device=device)
-        return cls(config, lm, codec, model_dir)
+        return cls(config, lm, codec, model_dir, graphs=graphs)
 
     @property
     def instruments(self) -> list[str]:
@@ -164,7 +166,7 @@ class Engine:
         """context [C-1, Q, T] codes -> generated target codes [Q, T] (on the CPU), in this thread."""
         conditions = torch.tensor([self.instrument_id(instrument), *extra_conditions], dtype=torch.int64)
         req = Request(self.config.lm, context, conditions, self.sampling(**sampling), target=target, progress=progress)
-        return run_requests(self.lm, [req], self.max_frames)[0].cpu()
+        return run_requests(self.runner, [req], self.max_frames)[0].cpu()
 
     def submit(self, context: torch.Tensor, instrument: str | int, target: torch.Tensor | None = None,
                extra_conditions: list[int] | tuple[int, ...] = (), progress=None, **sampling) -> GenerationHandle:
@@ -201,7 +203,7 @@ class Engine:
     def service(self) -> GenerationService:
         with _service_lock:
             if self._service is None:
-                self._service = GenerationService(self.lm, max_frames=self.max_frames)
+                self._service = GenerationService(self.runner, max_frames=self.max_frames)
         return self._service
 
     def close(self, cancel: bool = False, timeout: float | None = None) -> None:
@@ -274,7 +276,7 @@ class Engine:
         cond = torch.tensor([self.instrument_id(instrument)], dtype=torch.int64)
         reqs = [Request(self.config.lm, ctx, cond, dataclasses.replace(base, seed=base.seed + i), progress=progress)
                 for i in range(variations)]
-        return [self.decode(tokens.cpu(), x) for tokens in run_requests(self.lm, reqs, self.max_frames)]
+        return [self.decode(tokens.cpu(), x) for tokens in run_requests(self.runner, reqs, self.max_frames)]
 
 
 class AudioHandle:

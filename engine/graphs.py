@@ -71,7 +71,7 @@ class TrunkGraphs:
             seen_before = key == self.last_layout
             self.last_layout = key
             if not seen_before:
-                return self.model._hidden(pairs)
+                return self.model.hidden(pairs)
             g = self._record(key, pairs)
         self.graphs.move_to_end(key)
         for (st, sc), (t, c) in zip(g.inputs, pairs):
@@ -86,9 +86,9 @@ class TrunkGraphs:
             self.graphs.popitem(last=False)
         inputs = [(t.clone(), c.clone()) for t, c in pairs]
         graph = self.backend.new_graph()
-        output = self.backend.record(graph, lambda: self.model._hidden(inputs))
+        output = self.backend.record(graph, lambda: self.model.hidden(inputs))
         max_t = max(t.shape[-1] for t, _ in pairs)
-        g = _Graph(graph, inputs, output, keep=self.model._rope(max_t, output.device))
+        g = _Graph(graph, inputs, output, keep=self.model.rope(max_t, output.device))
         self.graphs[key] = g
         self.recorded += 1
         return g

@@ -65,7 +65,6 @@ class StemGenEngineLM(nn.Module):
         self.register_buffer("cond_offsets", _cond_offsets(cfg), persistent=False)
         self.ops = Ops()  # hot-path implementations; set for the device/dtype at load (engine.backend)
         self._rope_cache: dict = {}
-        self.graphs = None  # engine.graphs.TrunkGraphs when CUDA graphs are on
 
     @property
     def dtype(self) -> torch.dtype:
@@ -75,7 +74,7 @@ class StemGenEngineLM(nn.Module):
     def device(self) -> torch.device:
         return self.norm.device
 
-    def _rope(self, T: int, device):
+    def rope(self, T: int, device):
         """cos, sin [T, head_dim / 2] fp32 for positions 0..T-1, computed in fp64 on ``device`` (no
         host-to-device copy); the last table is kept."""
         key = (T, str(device))
@@ -96,7 +95,7 @@ class StemGenEngineLM(nn.Module):
         if level is not None:
             return self.forward_requests([(tokens, conditions, level, None)])[0]
         B, _, Q, T = tokens.shape
-        x = self._hidden([(tokens, conditions)])
+        x = self.hidden([(tokens, conditions)])
         return torch.einsum("btd,qvd->bqtv", x.view(B, T, -1), self.heads).float()
 
     @torch.inference_mode()
@@ -105,8 +104,11 @@ class StemGenEngineLM(nn.Module):
         (no padding). Each request is (tokens [R, C, Q, T], conditions [R, S], level, positions):
         only head ``level`` is computed, and only at frames ``positions`` (int64 [M]; None: all).
         Returns per request fp32 logits [R, M, V]. Attention never mixes requests."""
-        pairs = [(t, c) for t, c, _, _ in requests]
-        x = self._hidden(pairs) if self.graphs is None else self.graphs.hidden(pairs)
+        return self.level_logits(requests, self.hidden([(t, c) for t, c, _, _ in requests]))
+
+    def level_logits(self, requests: list[tuple], x: torch.Tensor) -> list[torch.Tensor]:
+        """fp32 logits of each request's level head at its positions, from the packed hidden states
+        ``x`` [sum R*T, d] (see forward_requests)."""
         rows, start = [], 0
         for tokens, _, level, positions in requests:
             R, T = tokens.shape[0], tokens.shape[-1]
@@ -122,7 +124,7 @@ class StemGenEngineLM(nn.Module):
                 out[i] = part.view(rows[i].shape[0], rows[i].shape[1], -1)
         return out
 
-    def _hidden(self, requests: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def hidden(self, requests: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Final-norm hidden states [sum R*T, d] of the packed rows of all requests."""
         cfg = self.cfg
         H, dh, d = cfg.n_heads, cfg.head_dim, cfg.d_model
@@ -130,7 +132,7 @@ class StemGenEngineLM(nn.Module):
         xs = [self.ops.embed_sum(t, c, self.tok_emb, self.cond_emb, self.cond_offsets).reshape(-1, d)
               for t, c in requests]
         x = xs[0] if len(xs) == 1 else torch.cat(xs)
-        cos, sin = self._rope(max(T for _, T in segs), x.device)
+        cos, sin = self.rope(max(T for _, T in segs), x.device)
         cu = cu_seqlens(segs, x.device)
         ops, eps = self.ops, cfg.norm_eps
         norms = [n for layer in self.layers for n in (layer.attn_norm, layer.ffn_norm)] + [self.norm]

@@ -19,7 +19,8 @@ from collections import deque
 from concurrent.futures import CancelledError, Future
 
 from .errors import RequestError
-from .scheduler import Request, Scheduler, call_progress
+from .request import Request, call_progress
+from .runner import StepLoop
 
 
 class GenerationHandle:
@@ -73,8 +74,8 @@ class _Callbacks:
 
 
 class GenerationService:
-    def __init__(self, model, max_frames: int = 1 << 15):
-        self.scheduler = Scheduler(model, max_frames)
+    def __init__(self, runner, max_frames: int = 1 << 15):
+        self.loop = StepLoop(runner, max_frames)
         self._cv = threading.Condition()
         self._incoming: deque[tuple[Request, Future]] = deque()
         self._futures: dict[int, Future] = {}
@@ -135,7 +136,7 @@ class GenerationService:
         atexit.unregister(self._atexit)
 
     def _loop(self) -> None:
-        sched = self.scheduler
+        sched = self.loop
         while True:
             with self._cv:
                 while not self._incoming and not sched.has_work and not self._closed:
@@ -156,8 +157,7 @@ class GenerationService:
             try:
                 left = sched.step()
             except Exception as e:  # noqa: BLE001 - the shared forward failed: its requests fail with the cause
-                left = sched.running + list(sched.waiting)
-                sched.running, sched.waiting = [], type(sched.waiting)()
+                left = sched.scheduler.drop_all()
                 for r in left:
                     r.error = r.error or e
             for r in left:

@@ -39,8 +39,8 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 
 def guide_sample_rank_ref(logits: torch.Tensor, weights: torch.Tensor, positions: torch.Tensor,
                           masked: torch.Tensor, length: int, *, seed: int, level: int, step: int,
-                          temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, w_conf: float = 0.1,
-                          w_causal: float = 0.1, w_rand: float = 1.0):
+                          temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, w_confidence: float = 0.1,
+                          w_causal: float = 0.1, w_random: float = 1.0):
     """One request's step over M candidate frames.
 
     logits [R, M, V]: the guidance rows' logits of the level being decoded at frames
@@ -49,7 +49,7 @@ def guide_sample_rank_ref(logits: torch.Tensor, weights: torch.Tensor, positions
 
     Returns (tokens [M] int64, prob [M] fp32, score [M] fp32): the sampled token, its probability
     under the guided distribution (temperature 1, before top-k/top-p), and the causal-bias rank
-    score w_conf * prob + w_causal * (1 - n / length) + w_rand * U(n); skipped frames get token -1,
+    score w_confidence * prob + w_causal * (1 - n / length) + w_random * U(n); skipped frames get token -1,
     prob 0 and score -inf. Noise depends only on (seed, level, step, frame).
     """
     R, M, V = logits.shape
@@ -63,7 +63,7 @@ def guide_sample_rank_ref(logits: torch.Tensor, weights: torch.Tensor, positions
         tokens = (cdf <= (u * cdf[:, -1])[:, None]).sum(-1).clamp(max=V - 1)  # first code with cdf > u*total
     prob = (guided.gather(-1, tokens[:, None])[:, 0] - guided.logsumexp(-1)).exp()
     u_rank = uniform(step_key(seed, level, step, STREAM_RANK), positions)
-    score = w_conf * prob + w_causal * (1.0 - positions.float() / length) + w_rand * u_rank
+    score = w_confidence * prob + w_causal * (1.0 - positions.float() / length) + w_random * u_rank
     tokens = torch.where(masked, tokens, torch.full_like(tokens, -1))
     prob = torch.where(masked, prob, torch.zeros_like(prob))
     score = torch.where(masked, score, torch.full_like(score, -math.inf))

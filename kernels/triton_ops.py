@@ -328,7 +328,7 @@ def _top_k_top_p(z, vm, top_k, top_p, TOP_K: tl.constexpr, TOP_P: tl.constexpr):
 
 @triton.jit
 def _guide_sample_kernel(logits_ptr, w_ptr, pos_ptr, masked_ptr, tok_ptr, prob_ptr, score_ptr, M, V, length,
-                         key_sample, key_rank, inv_temp, w_conf, w_causal, w_rand, top_k, top_p,
+                         key_sample, key_rank, inv_temp, w_confidence, w_causal, w_random, top_k, top_p,
                          R: tl.constexpr, GREEDY: tl.constexpr, BLOCK_V: tl.constexpr, ONE_BLOCK: tl.constexpr,
                          TOP_K: tl.constexpr, TOP_P: tl.constexpr):
     m = tl.program_id(0)
@@ -394,7 +394,7 @@ def _guide_sample_kernel(logits_ptr, w_ptr, pos_ptr, masked_ptr, tok_ptr, prob_p
                 g_best = tl.max(h, 0)
     prob = tl.exp(g_best - glse)
     u_rank = _uniform(key_rank.to(tl.uint32), pos.to(tl.uint32))
-    score = w_conf * prob + w_causal * (1.0 - pos.to(tl.float32) / length) + w_rand * u_rank
+    score = w_confidence * prob + w_causal * (1.0 - pos.to(tl.float32) / length) + w_random * u_rank
     tl.store(tok_ptr + m, tl.where(is_masked, best.to(tl.int64), -1))
     tl.store(prob_ptr + m, tl.where(is_masked, prob, 0.0))
     tl.store(score_ptr + m, tl.where(is_masked, score, float("-inf")))
@@ -411,8 +411,8 @@ def sample_warps(block_v: int, filtering: bool) -> int:
 
 
 def guide_sample_rank(logits, weights, positions, masked, length: int, *, seed: int, level: int, step: int,
-                      temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, w_conf: float = 0.1,
-                      w_causal: float = 0.1, w_rand: float = 1.0):
+                      temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, w_confidence: float = 0.1,
+                      w_causal: float = 0.1, w_random: float = 1.0):
     """Same contract as kernels.sampling.guide_sample_rank_ref. top-k / top-p run in the kernel for
     V <= ONE_BLOCK_MAX_V; beyond, those requests run the reference op (counted in ``fallbacks``)."""
     R, M, V = logits.shape
@@ -421,8 +421,8 @@ def guide_sample_rank(logits, weights, positions, masked, length: int, *, seed: 
     if (use_k or use_p) and not one_block:
         fallbacks["top-k/top-p"] += 1
         return guide_sample_rank_ref(logits, weights, positions, masked, length, seed=seed, level=level, step=step,
-                                     temperature=temperature, top_k=top_k, top_p=top_p, w_conf=w_conf,
-                                     w_causal=w_causal, w_rand=w_rand)
+                                     temperature=temperature, top_k=top_k, top_p=top_p, w_confidence=w_confidence,
+                                     w_causal=w_causal, w_random=w_random)
     dev = logits.device
     tok = torch.empty(M, dtype=torch.int64, device=dev)
     prob = torch.empty(M, dtype=torch.float32, device=dev)
@@ -432,7 +432,7 @@ def guide_sample_rank(logits, weights, positions, masked, length: int, *, seed: 
     _guide_sample_kernel[(M,)](logits.float().contiguous(), weights.float().contiguous(), positions.contiguous(),
                                masked.to(torch.int8).contiguous(), tok, prob, score, M, V, float(length),
                                step_key(seed, level, step, STREAM_SAMPLE), step_key(seed, level, step, STREAM_RANK),
-                               0.0 if greedy else 1.0 / temperature, float(w_conf), float(w_causal), float(w_rand),
+                               0.0 if greedy else 1.0 / temperature, float(w_confidence), float(w_causal), float(w_random),
                                int(top_k), float(top_p), R=R, GREEDY=greedy, BLOCK_V=block_v, ONE_BLOCK=one_block,
                                TOP_K=use_k and not greedy, TOP_P=use_p and not greedy,
                                num_warps=sample_warps(block_v, (use_k or use_p) and not greedy))

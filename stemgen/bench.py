@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from .engine.config import LMConfig, SamplingConfig
-from .engine.scheduler import Request, Scheduler, guidance_rows, masked_after_step
+from .engine.request import Request, guidance_rows, masked_after_step
+from .engine.runner import Runner, StepLoop
 from .kernels.sampling import guide_sample_rank_ref
 
 
@@ -48,8 +49,8 @@ def baseline_generate(model, cfg: LMConfig, contexts: torch.Tensor, conditions: 
                 R = rows[b][0].shape[0]
                 tok, _, score = guide_sample_rank_ref(
                     logits[start: start + R, q], weights[b], positions, masked[b], T, seed=s.seed, level=q, step=t,
-                    temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, w_conf=s.w_confidence,
-                    w_causal=s.w_causal, w_rand=s.w_random)
+                    temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, w_confidence=s.w_confidence,
+                    w_causal=s.w_causal, w_random=s.w_random)
                 start += R
                 keep = score.topk(n_keep).indices
                 tokens[b, q, keep] = tok[keep]
@@ -58,9 +59,11 @@ def baseline_generate(model, cfg: LMConfig, contexts: torch.Tensor, conditions: 
     return tokens, forwards
 
 
-def engine_generate(lm, contexts: torch.Tensor, conditions: torch.Tensor, samplings: list[SamplingConfig],
+def engine_generate(runner, contexts: torch.Tensor, conditions: torch.Tensor, samplings: list[SamplingConfig],
                     max_frames: int = 1 << 20) -> tuple[torch.Tensor, int]:
-    sched = Scheduler(lm, max_frames=max_frames)
+    """The engine's batched step loop (``runner``: an engine.runner.Runner, or an engine LM)."""
+    sched = StepLoop(runner, max_frames=max_frames)
+    lm = sched.runner.model
     reqs = [Request(lm.cfg, contexts[b], conditions[b], s) for b, s in enumerate(samplings)]
     for r in reqs:
         sched.submit(r)
@@ -206,7 +209,7 @@ def run_bench(*, model_dir=None, config_name: str = "small", duration: float = 1
     device = pick_device(device)
     dtype = resolve_dtype(dtype) if dtype else default_dtype(device)
     lm, base, frame_rate, desc = _models(model_dir, config_name, device, dtype, baseline, seed)
-    use_cuda_graphs(lm, cuda_graphs)
+    runner = Runner(lm, graphs=use_cuda_graphs(lm, cuda_graphs))
     cfg = lm.cfg
     if len(steps) != cfg.n_q:
         raise ValueError(f"--steps gives {len(steps)} levels, the model has {cfg.n_q}")
@@ -214,13 +217,13 @@ def run_bench(*, model_dir=None, config_name: str = "small", duration: float = 1
     n_params = sum(p.numel() for p in lm.parameters())
     log(f"bench: {desc}, {n_params / 1e6:.1f}M parameters, {T} frames ({T / frame_rate:.1f} s), steps "
         f"{list(steps)}, guidance {guidance}, engine {str(dtype).replace('torch.', '')} on {device}"
-        f"{' with CUDA graphs' if lm.graphs is not None else ''}, "
+        f"{' with CUDA graphs' if runner.graphs is not None else ''}, "
         f"baseline {'fp32 training-form model' if base is not None else 'off'}")
     # warm-up (allocators, kernels, thread pools) on a short run of each path
     g = torch.Generator().manual_seed(seed)
     warm_ctx = torch.randint(0, cfg.codebook_size, (1, cfg.n_channels - 1, cfg.n_q, min(T, 16)), generator=g)
     warm = [SamplingConfig(steps=(1,) * cfg.n_q, guidance=guidance)]
-    engine_generate(lm, warm_ctx, torch.zeros(1, len(cfg.cond_sizes), dtype=torch.long), warm)
+    engine_generate(runner, warm_ctx, torch.zeros(1, len(cfg.cond_sizes), dtype=torch.long), warm)
     if base is not None:
         baseline_generate(base, cfg, warm_ctx.to(device), torch.zeros(1, len(cfg.cond_sizes), dtype=torch.long,
                                                                       device=device), warm)
@@ -230,7 +233,7 @@ def run_bench(*, model_dir=None, config_name: str = "small", duration: float = 1
         cond = torch.stack([torch.randint(0, n, (B,), generator=g) for n in cfg.cond_sizes], dim=1)
         samplings = [SamplingConfig(steps=steps, guidance=guidance, seed=seed + b) for b in range(B)]
         rows = len(samplings[0].guidance_weights())
-        (tok_e, fw_e), wall_e, mem_e = _timed(lambda: engine_generate(lm, ctx, cond, samplings), device)
+        (tok_e, fw_e), wall_e, mem_e = _timed(lambda: engine_generate(runner, ctx, cond, samplings), device)
         entry = {"batch": B, "engine": RunStats("engine", B, wall_e, fw_e, rows, T, frame_rate, mem_e.mb,
                                                 mem_e.kind).as_dict()}
         if base is not None:
@@ -253,7 +256,7 @@ def run_bench(*, model_dir=None, config_name: str = "small", duration: float = 1
                          "duration_s": T / frame_rate, "steps": list(steps), "guidance": guidance,
                          "engine_dtype": str(dtype).replace("torch.", ""),
                          "baseline_dtype": "float32" if base is not None else None,
-                         "cuda_graphs": lm.graphs is not None,
+                         "cuda_graphs": runner.graphs is not None,
                          "batches": list(batches)},
             "results": results, "saturation": sat}
 

@@ -59,7 +59,7 @@ def test_guide_sample_rank_matches_reference(R, M, V, temperature, top_k, top_p)
     positions = torch.randperm(4 * M, generator=g)[:M]                   # a subset of frames, any order
     masked = torch.rand(M, generator=g) < 0.8
     kw = dict(seed=123, level=2, step=5, temperature=temperature, top_k=top_k, top_p=top_p,
-              w_conf=0.1, w_causal=0.1, w_rand=1.0)
+              w_confidence=0.1, w_causal=0.1, w_random=1.0)
     tr, pr, sr = guide_sample_rank_ref(logits, weights, positions, masked, 4 * M, **kw)
     tc, pc, sc = cpp_ext.guide_sample_rank(logits, weights, positions, masked, 4 * M, **kw)
     assert torch.equal(tr, tc), (tr != tc).sum()

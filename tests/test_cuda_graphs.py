@@ -9,7 +9,8 @@ import torch
 from stemgen.engine import Engine, SamplingConfig
 from stemgen.engine.api import use_cuda_graphs
 from stemgen.engine.graphs import CudaGraphBackend, TrunkGraphs
-from stemgen.engine.scheduler import Request, Scheduler
+from stemgen.engine.request import Request
+from stemgen.engine.runner import Runner, StepLoop
 from stemgen.train import StemGenConfig
 
 from helpers import make_model_dir
@@ -47,9 +48,9 @@ def make_requests(lm, n=4):
     return out
 
 
-def run(lm, reqs, join_every=0):
+def run(lm, reqs, join_every=0, graphs=None):
     """Run with requests joining one by one every ``join_every`` steps (0: all at once)."""
-    sched = Scheduler(lm, head_subset=False)
+    sched = StepLoop(Runner(lm, head_subset=False, graphs=graphs))
     pending = list(reqs)
     step = 0
     while pending or sched.has_work:
@@ -68,10 +69,10 @@ def test_graph_bookkeeping_gives_the_eager_tokens(model_dir, join_every, max_gra
     try:
         lm = eng.lm
         want = run(lm, make_requests(lm), join_every)
-        lm.graphs = TrunkGraphs(lm, max_graphs=max_graphs, backend=EagerStandIn())
-        got = run(lm, make_requests(lm), join_every)
-        assert lm.graphs.recorded >= 1 and lm.graphs.replays > 0
-        assert len(lm.graphs.graphs) <= max_graphs
+        graphs = TrunkGraphs(lm, max_graphs=max_graphs, backend=EagerStandIn())
+        got = run(lm, make_requests(lm), join_every, graphs)
+        assert graphs.recorded >= 1 and graphs.replays > 0
+        assert len(graphs.graphs) <= max_graphs
         for a, b in zip(want, got):
             assert torch.equal(a, b)
     finally:
@@ -93,8 +94,7 @@ def test_stale_inputs_would_be_caught(model_dir):
                     return g.output
                 return super().hidden(pairs)
 
-        lm.graphs = NoCopy(lm, backend=EagerStandIn())
-        got = run(lm, make_requests(lm, 1))
+        got = run(lm, make_requests(lm, 1), graphs=NoCopy(lm, backend=EagerStandIn()))
         assert not torch.equal(want[0], got[0])
     finally:
         eng.close()
@@ -106,8 +106,7 @@ def test_cuda_graphs_need_cuda(model_dir, monkeypatch):
         with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
             use_cuda_graphs(eng.lm, True)
         monkeypatch.setenv("STEMGEN_CUDA_GRAPHS", "1")   # the variable alone leaves the CPU eager
-        use_cuda_graphs(eng.lm, None)
-        assert eng.lm.graphs is None
+        assert use_cuda_graphs(eng.lm, None) is None
         monkeypatch.setenv("STEMGEN_CUDA_GRAPHS", "yes")
         with pytest.raises(ValueError, match="STEMGEN_CUDA_GRAPHS"):
             use_cuda_graphs(eng.lm, None)
@@ -122,9 +121,9 @@ def test_cuda_graphs_equal_eager_on_gpu(model_dir, join_every):
     try:
         lm = eng.lm
         want = run(lm, make_requests(lm), join_every)
-        use_cuda_graphs(lm, True)
-        got = run(lm, make_requests(lm), join_every)
-        assert lm.graphs.recorded >= 1 and lm.graphs.replays > 0
+        graphs = use_cuda_graphs(lm, True)
+        got = run(lm, make_requests(lm), join_every, graphs)
+        assert graphs.recorded >= 1 and graphs.replays > 0
         same = sum(int((a == b).sum()) for a, b in zip(want, got)) / sum(a.numel() for a in want)
         assert same == 1.0, same
     finally:

@@ -303,7 +303,7 @@ def test_service_lifecycle(model):
     service = engine.service
     service.close()
     late = service.submit.__self__.failed(RuntimeError("x"))  # noqa: F841 (handle type check below)
-    from stemgen.engine.scheduler import Request
+    from stemgen.engine.request import Request
     req = Request(engine.config.lm, ctx_codes(engine, 5, 0), torch.tensor([0]), engine.sampling(steps=(1, 1, 1, 1)))
     with pytest.raises(StemGenError, match="closed"):
         service.submit(req).result(timeout=1)

@@ -8,7 +8,8 @@ from scipy import stats
 from stemgen import cpp_ext
 from stemgen.engine.backend import Ops
 from stemgen.engine.config import LMConfig, SamplingConfig
-from stemgen.engine.sampler import generate_tokens, guidance_rows
+from stemgen.engine.request import Request, guidance_rows
+from stemgen.engine.runner import run_requests
 from stemgen.kernels.sampling import guided_logprobs
 from stemgen.train import StemGenConfig
 
@@ -37,6 +38,11 @@ class FakeLM:
             logits = self(tokens, conds, level)
             out.append(logits if positions is None else logits[:, positions])
         return out
+
+
+def generate_tokens(model, context, conditions, sampling, target=None):
+    """One request run to completion (the scheduler with a batch of one)."""
+    return run_requests(model, [Request(model.cfg, context, conditions, sampling, target=target)])[0]
 
 
 def lm_cfg(V=16, Q=4, C=2, cond=(5,)):

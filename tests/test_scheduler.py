@@ -8,7 +8,8 @@ from stemgen.engine.errors import RequestError
 import torch
 
 from stemgen.engine import Engine, SamplingConfig
-from stemgen.engine.scheduler import Request, Scheduler
+from stemgen.engine.request import Request
+from stemgen.engine.runner import StepLoop
 from stemgen.train import StemGenConfig
 
 from helpers import make_model_dir
@@ -46,12 +47,12 @@ def make_request(engine, i, target=None):
 def test_batch_invariance_with_requests_joining(engine):
     """A request's tokens alone == among 7 other different requests that join at different steps
     (CPU fp32: bit-exact; GEMMs are kept in one kernel regime and attention is per request)."""
-    alone = Scheduler(engine.lm)
+    alone = StepLoop(engine.lm)
     probe = make_request(engine, 0)
     alone.submit(probe)
     alone.run()
 
-    sched = Scheduler(engine.lm)
+    sched = StepLoop(engine.lm)
     mine = make_request(engine, 0)
     sched.submit(mine)
     others = [make_request(engine, i) for i in range(1, 8)]
@@ -66,7 +67,7 @@ def test_batch_invariance_with_requests_joining(engine):
     assert torch.equal(mine.tokens, probe.tokens)
     assert len(finished) == 8 and all(r.done for r in finished)
     for i, r in enumerate(others, start=1):   # and each companion equals its own solo run
-        solo = Scheduler(engine.lm)
+        solo = StepLoop(engine.lm)
         ref = make_request(engine, i)
         solo.submit(ref)
         solo.run()
@@ -74,7 +75,7 @@ def test_batch_invariance_with_requests_joining(engine):
 
 
 def test_frame_budget_limits_the_batch(engine):
-    sched = Scheduler(engine.lm, max_frames=3 * 100)
+    sched = StepLoop(engine.lm, max_frames=3 * 100)
     reqs = [Request(engine.config.lm, context(100, i), torch.tensor([0]), SamplingConfig(steps=(2, 1, 1, 1)))
             for i in range(3)]
     for r in reqs:
@@ -91,7 +92,7 @@ def test_partial_target_in_batch(engine):
     hole = torch.zeros(CFG.n_q, T, dtype=torch.bool)
     hole[:, 20:35] = True
     target[hole] = CFG.codebook_size
-    sched = Scheduler(engine.lm)
+    sched = StepLoop(engine.lm)
     req = make_request(engine, 0, target=None)
     inp = Request(engine.config.lm, context(T, 3), torch.tensor([1]), SamplingConfig(steps=(4, 2, 2, 2)),
                   target=target.clone())
@@ -145,7 +146,7 @@ def test_cancel_and_invalid_requests(engine):
         unknown.result(timeout=1)
     for h in queued:
         assert h.result(timeout=120).shape == (CFG.n_q, 30)
-    assert not engine.service.scheduler.running, "cancelled request freed its slot"
+    assert not engine.service.loop.running, "cancelled request freed its slot"
 
 
 def test_broken_callback_fails_only_its_request(engine):

@@ -13,7 +13,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from stemgen.engine import Engine, SamplingConfig
 from stemgen.engine.backend import Ops, triton_ops
-from stemgen.engine.scheduler import Request, Scheduler
+from stemgen.engine.request import Request
+from stemgen.engine.runner import StepLoop
 from stemgen.train import StemGenConfig
 
 from helpers import make_model_dir
@@ -73,7 +74,7 @@ def requests(engine):
     return out
 
 
-def checked_run(sched: Scheduler, reqs) -> list[str]:
+def checked_run(sched: StepLoop, reqs) -> list[str]:
     for r in reqs:
         sched.submit(r)
     sched.step()  # admits every request (and builds the per-layout caches): syncing is allowed here
@@ -87,7 +88,7 @@ def checked_run(sched: Scheduler, reqs) -> list[str]:
 
 def test_gpu_form_step_loop_is_sync_free_reference_ops(engine, monkeypatch):
     monkeypatch.setattr(engine.lm, "ops", Ops())
-    sched = Scheduler(engine.lm, head_subset=False)
+    sched = StepLoop(engine.lm, head_subset=False)
     reqs = requests(engine)
     assert checked_run(sched, reqs) == []
     assert all(r.done for r in reqs)
@@ -98,7 +99,7 @@ def test_gpu_form_step_loop_is_sync_free_triton_ops(engine, monkeypatch):
     pytest.importorskip("triton")
     monkeypatch.setattr(engine.lm, "ops", triton_ops(torch.float32))
     reqs = requests(engine)
-    assert checked_run(Scheduler(engine.lm, head_subset=False), reqs) == []
+    assert checked_run(StepLoop(engine.lm, head_subset=False), reqs) == []
     assert all(r.done for r in reqs)
 
 
@@ -108,7 +109,7 @@ def test_detector_sees_syncs(engine):
         x = torch.arange(5)
         x[x > 2].sum().item()
     assert any("boolean mask" in f for f in det.found) and any("_local_scalar_dense" in f for f in det.found)
-    found = checked_run(Scheduler(engine.lm, head_subset=True), requests(engine))
+    found = checked_run(StepLoop(engine.lm, head_subset=True), requests(engine))
     assert any("nonzero" in f for f in found)
 
 
@@ -120,7 +121,7 @@ def test_cuda_step_loop_has_no_synchronising_call(tmp_path):
     eng = Engine.from_pretrained(d, device="cuda")
     try:
         reqs = requests(eng)
-        sched = Scheduler(eng.lm)
+        sched = StepLoop(eng.lm)
         for r in reqs:
             sched.submit(r)
         sched.step()
@@ -160,7 +161,7 @@ class DevicelessFactories(torch.overrides.TorchFunctionMode):
 
 def test_step_loop_names_the_device_of_every_new_tensor(engine, monkeypatch):
     monkeypatch.setattr(engine.lm, "ops", Ops())
-    sched = Scheduler(engine.lm, head_subset=False)
+    sched = StepLoop(engine.lm, head_subset=False)
     reqs = requests(engine)
     for r in reqs:
         sched.submit(r)

@@ -1,0 +1,93 @@
+"""The runner executes a planned step: it owns the LM, its CUDA graphs and the sampling op.
+
+    scheduler.admit(); active = scheduler.plan()      # engine.scheduler: which requests
+    runner.execute(active)                            # one packed forward, then each one's sampling
+    left = scheduler.retire()
+
+``StepLoop`` ties the two together for callers that run a batch to completion in their own thread
+(``run_requests``); the service (engine.service) runs the same loop on its worker thread.
+A request's tokens depend only on its own inputs and seed: the noise is counter-based, attention
+never mixes requests, and CPU GEMMs are kept in one kernel regime (engine.model.linear).
+"""
+from __future__ import annotations
+
+from .request import Request
+from .scheduler import Scheduler
+
+
+class Runner:
+    def __init__(self, model, head_subset: bool | None = None, graphs=None):
+        self.model = model
+        self.graphs = graphs   # engine.graphs.TrunkGraphs, or None (eager trunk)
+        # compute the head only at still-masked frames: saves GEMM rows on the CPU, but finding
+        # them (nonzero) is a host sync on a GPU, so by default only on the CPU
+        self.head_subset = model.device.type == "cpu" if head_subset is None else head_subset
+
+    @property
+    def device(self):
+        return self.model.device
+
+    def execute(self, active: list[Request]) -> None:
+        """One forward over every active request's guidance rows, then each one's guidance +
+        sampling + ranking; a failure in one request's sampling fails that request alone."""
+        if not active:
+            return
+        inputs = [r.rows(self.head_subset) for r in active]
+        if self.graphs is None:
+            logits = self.model.forward_requests(inputs)
+        else:
+            logits = self.model.level_logits(inputs, self.graphs.hidden([(t, c) for t, c, _, _ in inputs]))
+        sample = self.model.ops.guide_sample_rank
+        for r, lg in zip(active, logits):
+            try:
+                args, kwargs = r.sample_args()
+                tok, _, score = sample(lg, *args, **kwargs)
+                r.commit(tok, score)
+            except Exception as e:  # noqa: BLE001 - one request's failure is its own
+                r.error = e
+
+
+class StepLoop:
+    """A scheduler and a runner stepping together (admit, plan, execute, retire)."""
+
+    def __init__(self, model_or_runner, max_frames: int = 1 << 15, head_subset: bool | None = None):
+        self.runner = model_or_runner if isinstance(model_or_runner, Runner) else Runner(model_or_runner, head_subset)
+        self.scheduler = Scheduler(self.runner.device, max_frames)
+
+    def submit(self, request: Request) -> None:
+        self.scheduler.submit(request)
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    @property
+    def running(self) -> list[Request]:
+        return self.scheduler.running
+
+    @property
+    def waiting(self):
+        return self.scheduler.waiting
+
+    def step(self) -> list[Request]:
+        """Run one step; returns the requests that left the batch (``finished`` is true)."""
+        left = self.scheduler.admit()
+        self.runner.execute(self.scheduler.plan())
+        return left + self.scheduler.retire()
+
+    def run(self) -> None:
+        while self.has_work:
+            self.step()
+
+
+def run_requests(model_or_runner, requests: list[Request], max_frames: int = 1 << 15) -> list:
+    """Run requests to completion as one batch, in this thread -> each one's codes [Q, T]. The first
+    failed request's error is raised (a callback's error included)."""
+    loop = StepLoop(model_or_runner, max_frames=max_frames)
+    for r in requests:
+        loop.submit(r)
+    loop.run()
+    for r in requests:
+        if r.error is not None:
+            raise r.error
+    return [r.tokens for r in requests]
