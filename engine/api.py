@@ -268,11 +268,14 @@ class Engine:
         return self.generate_from_context(x, ctx, instrument, progress=progress, **sampling)[0]
 
     def generate_from_context(self, x: np.ndarray, ctx: torch.Tensor, instrument: str | int, progress=None,
-                              variations: int = 1, **sampling) -> list[Generation]:
+                              variations: int = 1, sampling: SamplingConfig | None = None,
+                              **overrides) -> list[Generation]:
         """Stems for a prepared context (see prepare_context): ``variations`` of them, seeds seed,
-        seed+1, ..., decoded together in one batch (each equals its own single run)."""
+        seed+1, ..., decoded together in one batch (each equals its own single run). ``sampling``:
+        a SamplingConfig (default: the model's), with ``overrides`` by field name."""
         self.require_codec()
-        base = self.sampling(**sampling)
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        base = dataclasses.replace(sampling, **overrides) if sampling is not None else self.sampling(**overrides)
         cond = torch.tensor([self.instrument_id(instrument)], dtype=torch.int64)
         reqs = [Request(self.config.lm, ctx, cond, dataclasses.replace(base, seed=base.seed + i), progress=progress)
                 for i in range(variations)]

@@ -35,6 +35,13 @@ def guidance_rows(context: torch.Tensor, target: torch.Tensor, conditions: torch
     return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
 
 
+def check_steps(steps, n_q: int) -> None:
+    """The one check of a step schedule against the model's levels."""
+    if len(steps) != n_q:
+        raise RequestError(f"steps gives {len(steps)} levels ({list(steps)}), the model has {n_q}: give one "
+                           "step count per level, e.g. --steps " + ",".join(["8"] * n_q))
+
+
 def check_request(context: torch.Tensor, conditions: torch.Tensor, target: torch.Tensor | None,
                   cfg: LMConfig, sampling: SamplingConfig) -> None:
     C, Q, V = cfg.n_channels, cfg.n_q, cfg.codebook_size
@@ -56,9 +63,7 @@ def check_request(context: torch.Tensor, conditions: torch.Tensor, target: torch
             raise RequestError(f"target tokens must have shape [{Q}, {T}], got {list(target.shape)}")
         if ((target < 0) | (target > cfg.mask_id)).any():
             raise RequestError(f"target tokens must be codes in [0, {V}) or MASK ({cfg.mask_id})")
-    if len(sampling.steps) != Q:
-        raise RequestError(f"steps gives {len(sampling.steps)} levels ({list(sampling.steps)}), "
-                         f"the model has {Q}: give one step count per level")
+    check_steps(sampling.steps, Q)
 
 
 _ids = itertools.count()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .engine.config import LMConfig, SamplingConfig
-from .engine.request import Request, guidance_rows, masked_after_step
+from .engine.request import Request, check_steps, guidance_rows, masked_after_step
 from .engine.runner import Runner, StepLoop
 from .kernels.sampling import guide_sample_rank_ref
 
@@ -211,8 +211,7 @@ def run_bench(*, model_dir=None, config_name: str = "small", duration: float = 1
     lm, base, frame_rate, desc = _models(model_dir, config_name, device, dtype, baseline, seed)
     runner = Runner(lm, graphs=use_cuda_graphs(lm, cuda_graphs))
     cfg = lm.cfg
-    if len(steps) != cfg.n_q:
-        raise ValueError(f"--steps gives {len(steps)} levels, the model has {cfg.n_q}")
+    check_steps(steps, cfg.n_q)
     T = max(1, round(duration * frame_rate))
     n_params = sum(p.numel() for p in lm.parameters())
     log(f"bench: {desc}, {n_params / 1e6:.1f}M parameters, {T} frames ({T / frame_rate:.1f} s), steps "

@@ -191,7 +191,12 @@ def generate(
     cfg_context: Optional[float] = typer.Option(None, "--cfg-context", help="multi-source CFG weight of the context"),
     cfg_instrument: Optional[float] = typer.Option(None, "--cfg-instrument", help="multi-source CFG weight of the instrument"),
     cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", help="single-source CFG weight"),
-    causal_bias: Optional[float] = typer.Option(None, "--causal-bias", help="w_s of the causal-bias ranking"),
+    w_causal: Optional[float] = typer.Option(None, "--w-causal", help="causal-bias ranking: weight of the "
+                                             "position term (1 - n/N), paper 0.1; 0 is VampNet-like"),
+    w_confidence: Optional[float] = typer.Option(None, "--w-confidence", help="ranking: weight of the sampled "
+                                                 "token's probability (paper 0.1)"),
+    w_random: Optional[float] = typer.Option(None, "--w-random", help="ranking: weight of the uniform noise "
+                                             "(paper 1.0)"),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="sampling temperature (0: greedy)"),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="keep the k most likely codes (0: off)"),
     top_p: Optional[float] = typer.Option(None, "--top-p", help="nucleus sampling mass (1.0: off)"),
@@ -210,6 +215,7 @@ def generate(
 
     from .engine import Engine
     from .engine.audio import SUBTYPES, AudioError, check_distinct, check_output_path, read_audio, write_audio_set
+    from .engine.request import check_steps
 
     _route_warnings()
 
@@ -226,10 +232,10 @@ def generate(
         engine = Engine.from_pretrained(model_dir, device=device, dtype=dtype, cuda_graphs=cuda_graphs)
         engine.instrument_id(instrument)
         sampling = engine.sampling(seed=seed, steps=_parse_steps(steps), guidance=guidance, cfg_context=cfg_context,
-                                   cfg_instrument=cfg_instrument, cfg_scale=cfg_scale, w_causal=causal_bias,
+                                   cfg_instrument=cfg_instrument, cfg_scale=cfg_scale, w_causal=w_causal,
+                                   w_confidence=w_confidence, w_random=w_random,
                                    temperature=temperature, top_k=top_k, top_p=top_p)
-        if len(sampling.steps) != engine.config.lm.n_q:
-            raise ValueError(f"--steps gives {len(sampling.steps)} levels, the model has {engine.config.lm.n_q}")
+        check_steps(sampling.steps, engine.config.lm.n_q)
         x, ctx = engine.prepare_context(audio, sr)
         return engine, sampling, x, ctx, outs, mixes
 
@@ -245,7 +251,7 @@ def generate(
         task = bar.add_task("decoding", total=total)
         results = run_guarded(engine.generate_from_context, x, ctx, instrument, variations=variations,
                               progress=lambda q, t, n: bar.advance(task),
-                              **dataclasses.asdict(sampling))
+                              sampling=sampling)
     wall = time.perf_counter() - t0
     items = []
     for i, res in enumerate(results):

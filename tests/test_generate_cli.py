@@ -247,3 +247,20 @@ def test_outputs_get_ordinary_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask
+
+
+def test_every_sampling_knob_has_one_cli_name():
+    """One name per knob from the CLI to the kernel: each SamplingConfig field is a --flag of the
+    same name (and the kernel's keyword, see kernels.sampling)."""
+    import dataclasses
+    import inspect
+
+    from stemgen.engine.config import SamplingConfig
+    from stemgen.kernels.sampling import guide_sample_rank_ref
+
+    res = runner.invoke(app, ["generate", "--help"], env={"COLUMNS": "250", "TERMINAL_WIDTH": "250"})
+    kernel_kw = set(inspect.signature(guide_sample_rank_ref).parameters)
+    for f in dataclasses.fields(SamplingConfig):
+        assert f"--{f.name.replace('_', '-')}" in res.stdout, f.name
+        if f.name.startswith("w_") or f.name in ("temperature", "top_k", "top_p", "seed"):
+            assert f.name in kernel_kw, f.name
