@@ -13,6 +13,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .engine.fileutil import atomic_write_text
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="StemGen engine: generate a stem that fits a musical context.")
 console = Console(soft_wrap=True)
@@ -318,9 +320,7 @@ def bench(
     console.print(f"machine: {m.get('gpu') or m['processor']}, {m['cpu_threads']} threads, torch {m['torch']}; "
                   f"engine {st['engine_dtype']}, baseline {st['baseline_dtype'] or 'not run'}", highlight=False)
     if json_path is not None:
-        tmp = json_path.with_name(f".{json_path.name}.tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        tmp.replace(json_path)
+        run_guarded(atomic_write_text, json_path, json.dumps(report, indent=2) + "\n")
 
 
 @app.command("bench-report")
@@ -495,7 +495,6 @@ def table3_cmd(model: str = typer.Option("demo", "--model", "-m", help="model di
                              seed=seed, log=_train_logger())
         finally:
             engine.close()
-        from .engine.fileutil import atomic_write_text
         atomic_write_text(out / "table3.json", json.dumps(res, indent=1))
         atomic_write_text(out / "table3.md", markdown_table(res["table"]) + "\n")
         return res
@@ -573,9 +572,7 @@ def eval_cmd(generated: Path = typer.Option(..., "--generated", help="folder of 
         err_console.print("note: log-mel FAD is for comparing runs with each other, not with published (VGGish) "
                           "FAD figures", highlight=False)
     if json_path is not None:
-        tmp = json_path.with_name(f".{json_path.name}.tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        tmp.replace(json_path)
+        run_guarded(atomic_write_text, json_path, json.dumps(report, indent=2) + "\n")
 
 
 def main():  # pragma: no cover

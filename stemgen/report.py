@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .engine.fileutil import atomic_write_text
+
 from .bench import result_rows
 
 FAST_IMPLS = ("triton", "cpp", "engine")
@@ -95,7 +97,4 @@ def render(paths: list[Path], title: str = "Benchmark results") -> str:
 
 
 def write(paths: list[Path], out: Path, title: str = "Benchmark results") -> None:
-    text = render(paths, title)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(out)
+    atomic_write_text(out, render(paths, title))

@@ -15,7 +15,7 @@ import torch
 
 from ..engine.codec import CodecConfig, check_codec_weights, expected_codec_shapes
 from ..engine.config import ModelFormatError, check_finite
-from .lm import _read_pickle, looks_like_torch_file
+from .lm import read_pickle, looks_like_torch_file
 
 CODEC_FORMATS = ("audiocraft", "hf", "encodec")
 
@@ -187,7 +187,7 @@ def _hf_weights(folder: Path) -> dict:
         except SafetensorError as e:
             raise ModelFormatError(f"{st}: not a readable safetensors file ({e})") from None
     if pt.is_file():
-        return _read_pickle(pt)
+        return read_pickle(pt)
     raise ModelFormatError(f"{folder}: HF Encodec folder has config.json but no model.safetensors or "
                            "pytorch_model.bin")
 
@@ -204,7 +204,7 @@ def detect_codec_format(src: str | Path) -> str:
     if not looks_like_torch_file(src):
         raise ModelFormatError(f"{src}: unknown codec format; supported: audiocraft compression_state_dict.bin, "
                                "a HF Encodec folder, an encodec package .th file")
-    obj = _read_pickle(src)
+    obj = read_pickle(src)
     if isinstance(obj, dict):
         if "pretrained" in obj and "best_state" not in obj:
             raise ModelFormatError(
@@ -237,7 +237,7 @@ def convert_codec(src: str | Path, fmt: str | None = None) -> tuple[CodecConfig,
         state = _hf_weights(src)
         cfg = hf_config(hf_cfg, _n_q(state), where)
     else:
-        obj = _read_pickle(src)
+        obj = read_pickle(src)
         if fmt == "audiocraft":
             if not (isinstance(obj, dict) and "best_state" in obj and "xp.cfg" in obj):
                 raise ModelFormatError(f"{src}: not an audiocraft export (needs 'best_state' and 'xp.cfg')")

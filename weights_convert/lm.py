@@ -13,7 +13,8 @@ from ..train.model import StemGenLM
 LM_FORMATS = ("train",)
 
 
-def _read_pickle(path: Path) -> object:
+def read_pickle(path: Path) -> object:
+    """A user's pickle, read with weights_only=True (no code runs); any failure is one ModelFormatError."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt / foreign files
@@ -38,7 +39,7 @@ def detect_lm_format(path: str | Path) -> str:
     if not looks_like_torch_file(path):
         raise ModelFormatError(f"{path}: unknown LM checkpoint format (not a PyTorch checkpoint); "
                                f"supported: {', '.join(LM_FORMATS)} (a stemgen training checkpoint)")
-    obj = _read_pickle(path)
+    obj = read_pickle(path)
     if isinstance(obj, dict) and "config" in obj and "model" in obj:
         return "train"
     keys = list(obj)[:5] if isinstance(obj, dict) else type(obj).__name__
@@ -52,7 +53,7 @@ def load_lm_source(path: str | Path, fmt: str | None = None) -> tuple[StemGenCon
     fmt = fmt or detect_lm_format(path)
     if fmt not in LM_FORMATS:
         raise ModelFormatError(f"unknown --lm-format {fmt!r}; choose one of {', '.join(LM_FORMATS)}")
-    ck = _read_pickle(path)
+    ck = read_pickle(path)
     if not (isinstance(ck, dict) and isinstance(ck.get("config"), dict) and isinstance(ck.get("model"), dict)):
         raise ModelFormatError(f"{path}: not a training checkpoint (needs dict keys 'config' and 'model')")
     from ..engine.schema import TRAIN_SPEC, check
