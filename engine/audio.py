@@ -12,6 +12,7 @@ from .fileutil import default_permissions
 
 SUBTYPES = {"16": "PCM_16", "24": "PCM_24", "float": "FLOAT"}
 # output container per file extension (libsndfile format name); subtypes per container below
+AUDIO_EXTS = {".wav", ".flac", ".ogg", ".mp3", ".aif", ".aiff"}   # inputs a folder run picks up
 CONTAINERS = {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG", ".mp3": "MP3"}
 # input limits, checked from the file header before any sample is read (README "Limits")
 MIN_SAMPLE_RATE = 4000
@@ -170,3 +171,19 @@ def write_audio_set(items: list[tuple[Path, np.ndarray, int]], bits: str = "16")
 def write_wav(path: str | Path, audio: np.ndarray, sr: int, bits: str = "16") -> Path:
     """Write [C, N] in the format the extension names (.wav by default), atomically."""
     return write_audio_set([(Path(path), audio, sr)], bits)[0]
+
+
+def splice(generated: np.ndarray, take: np.ndarray, keep: np.ndarray, fade: int) -> np.ndarray:
+    """Audio [C, N]: ``take`` where ``keep`` (bool [N]) is true, ``generated`` elsewhere, with
+    linear crossfades of ``fade`` samples centred on every seam."""
+    n = generated.shape[-1]
+    t = np.zeros(n, dtype=np.float32)
+    k = keep[:n].astype(np.float32)
+    m = min(take.shape[-1], n)
+    t[:m] = 1.0
+    w = k * t                                    # weight of the take: 1 kept, 0 generated
+    if fade > 1:
+        w = np.convolve(np.pad(w, (fade // 2, fade - 1 - fade // 2), mode="edge"), np.ones(fade) / fade, "valid")
+    out = generated * (1 - w)
+    out[..., :m] += take[..., :m] * w[:m]
+    return out.astype(np.float32)

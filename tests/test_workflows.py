@@ -1,0 +1,113 @@
+"""Regenerating a region, continuing a take, layering, whole folders: as a user runs them."""
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from typer.testing import CliRunner
+
+from stemgen.cli import app
+from stemgen.engine import Engine
+
+from helpers import tiny_model_dir
+
+runner = CliRunner()
+FAST = ["--steps", "3,2,1,1", "--bits", "float"]
+SR = 32000
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("wf"))
+
+
+def tone(path, seconds, sr=SR, f=220.0):
+    t = np.arange(int(seconds * sr)) / sr
+    sf.write(path, (0.3 * np.sin(2 * np.pi * f * t)).astype(np.float32), sr, subtype="FLOAT")
+    return path
+
+
+def gen(model, *args):
+    return runner.invoke(app, ["generate", "--model", str(model), *map(str, args), *FAST])
+
+
+def test_regenerate_keeps_tokens_outside_the_region(model, tmp_path):
+    engine = Engine.from_pretrained(model, device="cpu", dtype="float32")
+    ctx_audio = np.sin(np.linspace(0, 900, 3 * SR))[None].astype(np.float32) * 0.3
+    take_audio = np.sin(np.linspace(0, 300, 3 * SR))[None].astype(np.float32) * 0.3
+    _, ctx = engine.prepare_context(ctx_audio, SR)
+    _, take = engine.encode(take_audio, SR)
+    target = engine.partial_target(take, ctx.shape[-1], [(1.0, 2.0)])
+    masked = (target == engine.mask_id).all(0)
+    assert masked.sum() == engine.frames(1.0) and masked[engine.frames(1.0)] and not masked[0]
+    out = engine.generate_tokens(ctx, "bass", target=target, steps=(3, 2, 1, 1))
+    assert torch.equal(out[:, ~masked], take[:, ~masked])          # kept frames bit-identical
+    assert not torch.equal(out[:, masked], take[:, masked])        # the region was regenerated
+    # continuation: a shorter take is kept and continued to the context's length
+    short = engine.partial_target(take[:, :50], ctx.shape[-1])
+    cont = engine.generate_tokens(ctx, "bass", target=short, steps=(3, 2, 1, 1))
+    assert torch.equal(cont[:, :50], take[:, :50]) and cont.shape == take.shape
+
+
+def test_regenerate_cli_and_its_errors(model, tmp_path):
+    ctx, take = tone(tmp_path / "ctx.wav", 3.0), tone(tmp_path / "take.wav", 3.0, f=110)
+    out = tmp_path / "new.wav"
+    res = gen(model, ctx, "-i", "bass", "--keep", take, "--regenerate", "1.0:2.0", "--out", out)
+    assert res.exit_code == 0, res.output
+    new, _ = sf.read(out)
+    old, _ = sf.read(take)
+    assert len(new) == len(old)
+    far = np.r_[0:int(0.9 * SR), int(2.1 * SR):len(old)]   # outside the region and its seams: the take itself
+    assert np.allclose(new[far], old[far], atol=1e-6) and not np.allclose(new[SR + 3200:2 * SR - 3200],
+                                                                          old[SR + 3200:2 * SR - 3200], atol=1e-3)
+    for extra, needle in ((["--regenerate", "2:1"], "start < end"), (["--regenerate", "1:2,1.5:2.5"], "overlap"),
+                          (["--regenerate", "2:9"], "ends after"), (["--regenerate", "x"], "START:END")):
+        r = gen(model, ctx, "-i", "bass", "--keep", take, "--out", tmp_path / "e.wav", *extra)
+        assert r.exit_code == 1 and r.stderr.startswith("error:") and needle in r.stderr, r.output
+    tone(tmp_path / "long.wav", 4.0)
+    r = gen(model, ctx, "-i", "bass", "--keep", tmp_path / "long.wav", "--out", tmp_path / "e.wav")
+    assert r.exit_code == 1 and "longer than the context" in r.stderr
+    tone(tmp_path / "t16.wav", 3.0, sr=16000)
+    r = gen(model, ctx, "-i", "bass", "--keep", tmp_path / "t16.wav", "--out", tmp_path / "e.wav")
+    assert r.exit_code == 1 and "16000 Hz" in r.stderr
+    assert not (tmp_path / "e.wav").exists()
+
+
+def test_layering_equals_single_runs_on_the_mix_before(model, tmp_path):
+    ctx = tone(tmp_path / "ctx.wav", 2.0)
+    out = tmp_path / "layers"
+    res = gen(model, ctx, "-i", "drums,bass", "--out", out, "--seed", 5)
+    assert res.exit_code == 0, res.output
+    drums, _ = sf.read(out / "1_drums.wav", dtype="float32")
+    single = tmp_path / "d.wav"
+    assert gen(model, ctx, "-i", "drums", "--out", single, "--seed", 5, "--mix", tmp_path / "m1.wav").exit_code == 0
+    assert np.array_equal(sf.read(single, dtype="float32")[0], drums)
+    bass_alone = tmp_path / "b.wav"
+    assert gen(model, tmp_path / "m1.wav", "-i", "bass", "--out", bass_alone, "--seed", 5).exit_code == 0
+    bass, _ = sf.read(out / "2_bass.wav", dtype="float32")
+    # the mix file is written peak-safe (scaled only if it would clip): equal when it did not clip
+    assert np.allclose(sf.read(bass_alone, dtype="float32")[0], bass, atol=1e-5)
+    assert (out / "mix.wav").is_file()
+
+
+def test_folder_run_equals_single_runs_and_skips_bad_files(model, tmp_path):
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    for i in range(5):
+        tone((src / "sub" if i % 2 else src) / f"c{i}.wav", 0.5 + 0.3 * i, f=110 * (i + 1))
+    (src / "broken.wav").write_bytes(b"not audio")
+    out = tmp_path / "out"
+    res = gen(model, src, "-i", "bass", "--out", out, "--seed", 2)
+    assert res.exit_code == 0, res.output
+    assert "5 of 6 files written" in res.stdout and "broken.wav" in res.stderr
+    for i in range(5):
+        rel = ("sub/" if i % 2 else "") + f"c{i}.wav"
+        single = tmp_path / f"s{i}.wav"
+        assert gen(model, src / rel, "-i", "bass", "--out", single, "--seed", 2).exit_code == 0
+        assert np.array_equal(sf.read(single)[0], sf.read(out / rel)[0]), rel
+    again = gen(model, src, "-i", "bass", "--out", out)
+    assert "0 of 6 files written" in again.stdout and "5 existed" in again.stdout
+    r = gen(model, src, "-i", "bass", "--out", src / "o")
+    assert r.exit_code == 1 and "inside the input folder" in r.stderr
+    (tmp_path / "empty").mkdir()
+    r = gen(model, tmp_path / "empty", "-i", "bass", "--out", tmp_path / "o2")
+    assert r.exit_code == 1 and "no audio files" in r.stderr
