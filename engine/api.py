@@ -313,6 +313,48 @@ class Engine:
             target[:, int(a * fps): max(int(a * fps) + 1, int(round(b * fps)))] = self.mask_id
         return target
 
+    def windows(self, T: int, window: int | None = None, overlap: int | None = None) -> list[tuple[int, int, int]]:
+        """Long-form plan: (start, end, fixed) per window over T frames. ``window`` defaults to the
+        model's training window (config ``window``; none: one window), ``overlap`` to a quarter of
+        it; each window's first ``fixed`` frames continue the previous window's tokens."""
+        window = window or self.config.window or T
+        overlap = window // 4 if overlap is None else overlap
+        if not 0 <= overlap < window:
+            raise RequestError(f"overlap ({overlap} frames) must be smaller than the window ({window} frames)")
+        if T <= window:
+            return [(0, T, 0)]
+        plan, start = [(0, window, 0)], window - overlap
+        while plan[-1][1] < T:
+            end = min(start + window, T)
+            begin = max(0, end - window)            # the last window ends at T, full length
+            plan.append((begin, end, plan[-1][1] - begin))
+            start = end - overlap
+        return plan
+
+    def generate_long(self, x: np.ndarray, ctx: torch.Tensor, instrument: str | int, progress=None,
+                      sampling: SamplingConfig | None = None, target: torch.Tensor | None = None,
+                      window: int | None = None, overlap: int | None = None) -> Generation:
+        """A stem of any length: window by window (see ``windows``), each window seeing its stretch of
+        the context and continuing the previous one's overlap, so attention memory stays bounded
+        by the window; then one decode (the codec works in chunks)."""
+        T = ctx.shape[-1]
+        plan = self.windows(T, window, overlap)
+        if len(plan) == 1:
+            return self.generate_from_context(x, ctx, instrument, progress=progress, sampling=sampling,
+                                              target=target)[0]
+        base = self._sampling(sampling, {})
+        cond = torch.tensor([self.instrument_id(instrument)], dtype=torch.int64)
+        tokens = torch.full((self.config.lm.n_q, T), self.mask_id, dtype=torch.int64) if target is None \
+            else target.clone()
+        for k, (a, b, fixed) in enumerate(plan):
+            part = tokens[:, a:b].clone()
+            if fixed:
+                part[:, :fixed] = tokens[:, a:a + fixed]
+            req = Request(self.config.lm, ctx[..., a:b], cond, dataclasses.replace(base, seed=base.seed + k),
+                          target=part, progress=progress)
+            tokens[:, a:b] = run_requests(self.runner, [req], self.max_frames)[0].cpu()
+        return self.decode(tokens, x)
+
     def generate_from_context(self, x: np.ndarray, ctx: torch.Tensor, instrument: str | int, progress=None,
                               variations: int = 1, sampling: SamplingConfig | None = None,
                               target: torch.Tensor | None = None, **overrides) -> list[Generation]:

@@ -153,6 +153,10 @@ def _pad1d(x, left: int, right: int, mode: str):
     return F.pad(x, (left, right), mode)
 
 
+CHUNK_FRAMES = 1500    # 30 s at 50 frames/s: long audio is encoded / decoded chunk by chunk
+MARGIN_FRAMES = 100    # 2 s of context on each side of a chunk
+
+
 class Codec:
     """Inference-only Encodec: ``encode(audio [B, ch, N]) -> codes [B, Q, T]``, ``decode(codes) -> audio``."""
 
@@ -217,7 +221,18 @@ class Codec:
 
     @torch.inference_mode()
     def encode(self, audio: torch.Tensor) -> torch.Tensor:
-        """audio [B, channels, N] float -> codes [B, n_q, ceil(N / hop)] int64."""
+        """audio [B, channels, N] float -> codes [B, n_q, ceil(N / hop)] int64. Long inputs are
+        encoded in chunks of CHUNK_FRAMES with MARGIN_FRAMES of context on each side (memory bounded
+        by the chunk; codes away from chunk seams are those of one pass)."""
+        hop = self.cfg.hop_length
+        T = -(-audio.shape[-1] // hop)
+        if T > CHUNK_FRAMES + 2 * MARGIN_FRAMES:
+            parts = []
+            for a in range(0, T, CHUNK_FRAMES):
+                b = min(a + CHUNK_FRAMES, T)
+                lo, hi = max(0, a - MARGIN_FRAMES), min(T, b + MARGIN_FRAMES)
+                parts.append(self.encode(audio[..., lo * hop: hi * hop])[..., a - lo: b - lo])
+            return torch.cat(parts, dim=-1)
         z = self._run("encoder", audio.to(self.device, torch.float32))    # [B, D, T]
         B, D, T = z.shape
         codes = rvq_encode_ref(z.transpose(1, 2).reshape(B * T, D), self.codebooks)
@@ -229,6 +244,14 @@ class Codec:
         codes = codes.to(self.device, torch.int64)
         if codes.shape[1] > self.cfg.n_q or (codes < 0).any() or (codes >= self.cfg.bins).any():
             raise ValueError(f"codes must be [B, <= {self.cfg.n_q}, T] with values in [0, {self.cfg.bins})")
+        T, hop = codes.shape[-1], self.cfg.hop_length
+        if T > CHUNK_FRAMES + 2 * MARGIN_FRAMES:   # in chunks, as encode
+            parts = []
+            for a in range(0, T, CHUNK_FRAMES):
+                b = min(a + CHUNK_FRAMES, T)
+                lo, hi = max(0, a - MARGIN_FRAMES), min(T, b + MARGIN_FRAMES)
+                parts.append(self.decode(codes[..., lo:hi])[..., (a - lo) * hop: (b - lo) * hop])
+            return torch.cat(parts, dim=-1)
         z = sum(F.embedding(codes[:, k], self.w[f"quantizer.{k}.embed"]) for k in range(codes.shape[1]))
         return self._run("decoder", z.transpose(1, 2))
 

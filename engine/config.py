@@ -188,6 +188,7 @@ class ModelConfig:
     dtype: str = "float32"
     weights: dict = field(default_factory=lambda: {"lm": LM_WEIGHTS, "codec": None})
     untrained: bool = False  # random weights (the demo model): outputs are noise
+    window: int | None = None  # training window in frames: longer contexts are generated window by window
 
     def __post_init__(self):
         if len(self.instruments) != self.lm.cond_sizes[0]:
@@ -199,7 +200,7 @@ class ModelConfig:
         return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "lm": self.lm.to_dict(),
                 "codec": self.codec, "instruments": list(self.instruments),
                 "sampling": self.sampling.to_dict(), "dtype": self.dtype, "weights": dict(self.weights),
-                "untrained": self.untrained}
+                "untrained": self.untrained, "window": self.window}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -227,7 +228,7 @@ class ModelConfig:
                 raise ModelFormatError("config.json: a codec config but no weights.codec file name")
         return cls(lm=LMConfig.from_dict(d["lm"]), instruments=list(d["instruments"]), sampling=sampling,
                    codec=codec, dtype=d.get("dtype", "float32"), weights=weights,
-                   untrained=bool(d.get("untrained", False)))
+                   untrained=bool(d.get("untrained", False)), window=d.get("window"))
 
     @classmethod
     def load(cls, model_dir: str | Path) -> "ModelConfig":

@@ -61,6 +61,7 @@ MODEL_SPEC = {
     "sampling": Field("dict", required=False, nullable=True),
     "dtype": Field("str", choices=("float32", "bfloat16", "float16"), required=False),
     "weights": Field("dict", required=False, nullable=True), "untrained": Field("bool", required=False),
+    "window": Field("int", 8, 1 << 20, required=False, nullable=True),
 }
 # a stemgen.train checkpoint's "config" (train.config.StemGenConfig), read by `stemgen convert`
 TRAIN_SPEC = {

@@ -191,6 +191,10 @@ def generate(
     regenerate: Optional[str] = typer.Option(None, "--regenerate", help="time ranges of --keep to regenerate, "
                                              "START:END seconds, comma-separated (e.g. 4.0:8.0,12:14)"),
     force: bool = typer.Option(False, "--force", help="folder runs: regenerate outputs that already exist"),
+    window: Optional[float] = typer.Option(None, "--window", help="long contexts: seconds per generation window "
+                                           "(default: the model's training window)"),
+    overlap: Optional[float] = typer.Option(None, "--overlap", help="long contexts: seconds each window continues "
+                                            "from the one before (default: a quarter window)"),
     model: str = typer.Option("demo", "--model", "-m", help="model directory, 'demo' (the trained toy-band model) "
                               "or 'random' (random weights: noise)"),
     mix: Optional[Path] = typer.Option(None, "--mix", help="also write context + stem here"),
@@ -279,7 +283,13 @@ def generate(
     engine, sampling, x, ctx, outs, mixes, context_sr, regions = run_guarded(prepare)
     _note_untrained(engine)
     duration = x.shape[1] / engine.codec.cfg.sample_rate
-    total = sum(sampling.steps) * variations
+    win = engine.frames(window) if window else None
+    ovl = engine.frames(overlap) if overlap is not None else None
+    plan = run_guarded(engine.windows, ctx.shape[-1], win, ovl)
+    if len(plan) > 1:
+        _say("note:", "bold", f"{duration:.1f} s context: {len(plan)} windows of "
+             f"{(plan[0][1] - plan[0][0]) / engine.codec.cfg.frame_rate:.1f} s")
+    total = sum(sampling.steps) * variations * len(plan)
     t0 = time.perf_counter()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err_console, transient=True) as bar:
@@ -288,6 +298,10 @@ def generate(
         if keep is not None:
             results = [run_guarded(edit_take, engine, x, ctx, keep, context_sr, regions, instrument, sampling,
                                    progress=advance)[0]]
+        elif len(plan) > 1:
+            results = [run_guarded(engine.generate_long, x, ctx, instrument, progress=advance,
+                                   sampling=dataclasses.replace(sampling, seed=sampling.seed + i),
+                                   window=win, overlap=ovl) for i in range(variations)]
         else:
             results = run_guarded(engine.generate_from_context, x, ctx, instrument, variations=variations,
                                   progress=advance, sampling=sampling)

@@ -111,3 +111,61 @@ def test_folder_run_equals_single_runs_and_skips_bad_files(model, tmp_path):
     (tmp_path / "empty").mkdir()
     r = gen(model, tmp_path / "empty", "-i", "bass", "--out", tmp_path / "o2")
     assert r.exit_code == 1 and "no audio files" in r.stderr
+
+
+def test_long_form_windows_continue_each_other(model):
+    engine = Engine.from_pretrained(model, device="cpu", dtype="float32")
+    assert engine.windows(100, 40, 10) == [(0, 40, 0), (30, 70, 10), (60, 100, 10)]
+    assert engine.windows(35, 40, 10) == [(0, 35, 0)]
+    assert engine.windows(95, 40, 10)[-1] == (55, 95, 15)     # the last window ends at T, full length
+    with pytest.raises(ValueError, match="overlap"):
+        engine.windows(100, 40, 40)
+    audio = (np.sin(np.linspace(0, 4000, 4 * SR)) * 0.3)[None].astype(np.float32)   # 200 frames
+    x, ctx = engine.prepare_context(audio, SR)
+    seen = []
+    real_run = __import__("stemgen.engine.api", fromlist=["run_requests"]).run_requests
+
+    def spy(runner, reqs, max_frames):
+        seen.append((reqs[0].context.shape[-1], reqs[0].given.clone()))
+        return real_run(runner, reqs, max_frames)
+
+    import stemgen.engine.api as api
+    api.run_requests, saved = spy, api.run_requests
+    try:
+        gen = engine.generate_long(x, ctx, "bass", window=80, overlap=20,
+                                   sampling=engine.sampling(steps=(3, 2, 1, 1)))
+    finally:
+        api.run_requests = saved
+    assert gen.stem.shape == x.shape and gen.tokens.shape == (4, 200)
+    assert all(T <= 80 for T, _ in seen) and len(seen) == 3     # attention never sees more than a window
+    # each window's first overlap frames were fixed to the tokens the previous window produced
+    plan = engine.windows(200, 80, 20)
+    for (a, b, fixed), (_, given) in zip(plan[1:], seen[1:]):
+        assert torch.equal(given[:, :fixed], gen.tokens[:, a:a + fixed])
+        assert (given[:, fixed:] == engine.mask_id).all()
+
+
+def test_codec_chunks_match_one_pass_away_from_seams(model, monkeypatch):
+    import stemgen.engine.codec as codec_mod
+
+    engine = Engine.from_pretrained(model, device="cpu", dtype="float32")
+    audio = torch.from_numpy((np.sin(np.linspace(0, 3000, 6 * SR)) * 0.3).astype(np.float32))[None, None]
+    whole = engine.codec.encode(audio)
+    monkeypatch.setattr(codec_mod, "CHUNK_FRAMES", 60)
+    monkeypatch.setattr(codec_mod, "MARGIN_FRAMES", 40)
+    chunked = engine.codec.encode(audio)
+    assert chunked.shape == whole.shape
+    assert (chunked == whole).all(1).float().mean() >= 0.97
+    dec_chunked = engine.codec.decode(whole)
+    monkeypatch.setattr(codec_mod, "CHUNK_FRAMES", 10 ** 6)
+    dec_whole = engine.codec.decode(whole)
+    assert dec_chunked.shape == dec_whole.shape
+    err = float((dec_chunked - dec_whole).pow(2).mean().sqrt() / dec_whole.pow(2).mean().sqrt())
+    assert err < 0.02, err
+
+
+def test_long_context_cli(model, tmp_path):
+    ctx = tone(tmp_path / "long.wav", 5.0, sr=44100)
+    res = gen(model, ctx, "-i", "bass", "--out", tmp_path / "s.wav", "--window", "2", "--overlap", "0.5")
+    assert res.exit_code == 0, res.output
+    assert "windows of 2.0 s" in res.stderr and sf.info(tmp_path / "s.wav").frames == 5 * SR
