@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import queue
 import threading
+import time
 import weakref
 from collections import deque
 from concurrent.futures import CancelledError, Future
@@ -83,6 +84,8 @@ class GenerationService:
         self._cancel_all = False
         self._thread: threading.Thread | None = None
         self._callbacks: _Callbacks | None = None
+        # running totals for monitoring: steps run, their wall seconds, request-frames stepped
+        self.stats = {"steps": 0, "step_seconds": 0.0, "frames": 0}
         ref = weakref.ref(self)
         self._atexit = lambda: (s := ref()) is not None and s.close(cancel=True, timeout=30)
         atexit.register(self._atexit)
@@ -115,6 +118,11 @@ class GenerationService:
         fut: Future = Future()
         fut.set_exception(error)
         return GenerationHandle(None, fut)
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting or running."""
+        return len(self._incoming) + len(self.loop.waiting) + len(self.loop.running)
 
     def close(self, cancel: bool = False, timeout: float | None = None) -> None:
         """Stop accepting requests; drain the queued and running ones (``cancel=False``) or cancel
@@ -155,7 +163,12 @@ class GenerationService:
                     self._futures[req.id] = fut
                     sched.submit(req)
             try:
+                t0 = time.perf_counter()
+                active = sum(r.T for r in sched.running)
                 left = sched.step()
+                self.stats["steps"] += 1
+                self.stats["step_seconds"] += time.perf_counter() - t0
+                self.stats["frames"] += active
             except Exception as e:  # noqa: BLE001 - the shared forward failed: its requests fail with the cause
                 left = sched.scheduler.drop_all()
                 for r in left:

@@ -464,6 +464,34 @@ def bench_report(files: list[Path] = typer.Argument(..., help="JSON files from `
     console.print(f"wrote {out} from {len(files)} file(s)", highlight=False)
 
 
+@app.command("serve")
+def serve_cmd(model: str = typer.Option("demo", "--model", "-m", help="model directory, 'demo' or 'random'"),
+              host: str = typer.Option("127.0.0.1", "--host"),
+              port: int = typer.Option(8000, "--port"),
+              device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+              dtype: Optional[str] = typer.Option(None, "--dtype"),
+              max_upload_mb: float = typer.Option(50.0, "--max-upload-mb", help="largest accepted upload"),
+              max_seconds: float = typer.Option(600.0, "--max-seconds", help="longest accepted context"),
+              max_sync_seconds: float = typer.Option(30.0, "--max-sync-seconds",
+                                                     help="longest context for POST /v1/generate"),
+              max_jobs: int = typer.Option(64, "--max-jobs", help="jobs in flight (and kept for download)"),
+              job_timeout: float = typer.Option(1800.0, "--job-timeout", help="seconds before a job is cancelled")):
+    """Serve the engine over HTTP (FastAPI + uvicorn): jobs, status, results, cancel, metrics, /docs.
+    Needs the serve extra: pip install -e '.[serve]'."""
+    try:
+        import uvicorn
+
+        from .serve import Limits, create_app, run_server
+    except ImportError as e:
+        fail(f"stemgen serve needs the serve extra ({e.name} is missing): pip install -e '.[serve]'")
+    from .engine import Engine
+
+    engine = run_guarded(lambda: Engine.from_pretrained(_model_dir(model), device=device, dtype=dtype))
+    app_ = create_app(engine, Limits(max_upload_mb=max_upload_mb, max_seconds=max_seconds,
+                                     max_sync_seconds=max_sync_seconds, max_jobs=max_jobs, job_timeout_s=job_timeout))
+    run_server(app_, host, port)
+
+
 @app.command("make-corpus")
 def make_corpus_cmd(out: Path = typer.Argument(..., help="output folder (new or empty)"),
                     songs: int = typer.Option(20, "--songs", help="number of songs"),
