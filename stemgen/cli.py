@@ -492,6 +492,58 @@ def serve_cmd(model: str = typer.Option("demo", "--model", "-m", help="model dir
     run_server(app_, host, port)
 
 
+@app.command("generate-dataset")
+def generate_dataset_cmd(
+    src: Path = typer.Argument(..., help="folder of contexts (recursive) or a .txt list of files"),
+    instrument: str = typer.Option(..., "--instrument", "-i"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder (mirrors the input tree)"),
+    model: str = typer.Option("demo", "--model", "-m"),
+    ray_address: Optional[str] = typer.Option(None, "--ray", help="address of an existing Ray cluster (e.g. "
+                                              "ray://head:10001 or auto); default: Ray on this machine"),
+    workers: int = typer.Option(1, "--workers", help="engine actors (one per GPU, or per CPU group)"),
+    cpus_per_worker: int = typer.Option(1, "--cpus-per-worker"),
+    gpus_per_worker: float = typer.Option(0, "--gpus-per-worker"),
+    batch_size: int = typer.Option(8, "--batch-size", help="contexts per actor batch (share forwards)"),
+    seed: int = typer.Option(0, "--seed"),
+    steps: Optional[str] = typer.Option(None, "--steps"),
+    device: str = typer.Option("cpu", "--device", help="device inside each actor: cpu or cuda"),
+    dtype: Optional[str] = typer.Option(None, "--dtype"),
+    bits: str = typer.Option("16", "--bits"),
+    force: bool = typer.Option(False, "--force", help="regenerate outputs that already exist"),
+):
+    """Generate stems for a dataset of contexts on Ray (local, or --ray ADDRESS): resumable, retried
+    on worker failure. Needs the cluster extra: pip install -e '.[cluster]'."""
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        fail("generate-dataset needs Ray: pip install -e '.[cluster]'")
+    from .dataset import clear_stale_temporaries, generate_dataset
+    from .engine import Engine
+    from .workflows import collect_inputs, folder_outputs
+
+    def prepare():
+        model_dir = _model_dir(model)
+        engine = Engine.from_pretrained(model_dir, device="cpu", load_codec_weights=False)
+        engine.instrument_id(instrument)
+        sampling = engine.sampling(seed=seed, steps=_parse_steps(steps))
+        files = collect_inputs(src)
+        outs = folder_outputs(src, files, out)
+        out.mkdir(parents=True, exist_ok=True)
+        clear_stale_temporaries(out)
+        return str(model_dir), sampling, files, outs
+
+    model_dir, sampling, files, outs = run_guarded(prepare)
+    summary = run_guarded(generate_dataset, files, outs, model_dir, instrument, sampling, address=ray_address,
+                          workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
+                          batch_size=batch_size, device=device, dtype=dtype, bits=bits, force=force,
+                          log=lambda m: _say("warning:", "yellow", m))
+    console.print(f"{summary['written']} of {summary['files']} files written to {out} "
+                  f"({summary['skipped_existing']} existed, {summary['failed']} failed): "
+                  f"{summary['audio_s']:.1f} s of audio in {summary['wall_s']:.1f} s", highlight=False, markup=False)
+    if summary["failed"] and not summary["written"]:
+        raise typer.Exit(1)
+
+
 @app.command("make-corpus")
 def make_corpus_cmd(out: Path = typer.Argument(..., help="output folder (new or empty)"),
                     songs: int = typer.Option(20, "--songs", help="number of songs"),
