@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import ModelFormatError, check_shapes, read_weights
+from .errors import ModelFormatError
+from .tensors import check_shapes, read_weights
 
 
 @dataclass(frozen=True)

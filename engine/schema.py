@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ModelFormatError
+from .errors import ModelFormatError
 
 MAX_CONFIG_BYTES = 1 << 20     # a config.json is a few KB; larger is not a config
 

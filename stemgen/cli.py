@@ -138,6 +138,7 @@ def convert(lm: Path = typer.Option(..., "--lm", help="LM checkpoint (a stemgen 
     from .engine.model import resolve_dtype
     from .weights_convert import convert_train_checkpoint, write_model_dir
     from .weights_convert.codec import convert_codec
+    from .weights_convert.lm import training_window
 
     def work():
         lm_cfg, instruments, lm_state = convert_train_checkpoint(lm, lm_format, resolve_dtype(dtype))
@@ -149,7 +150,8 @@ def convert(lm: Path = typer.Option(..., "--lm", help="LM checkpoint (a stemgen 
                                        f"LM ({lm_cfg.n_q} levels x {lm_cfg.codebook_size} codes)")
         config = ModelConfig(lm=lm_cfg, instruments=instruments, dtype=str(resolve_dtype(dtype)).split(".")[-1],
                              codec=codec_cfg.to_dict() if codec_cfg else None,
-                             weights={"lm": LM_WEIGHTS, "codec": CODEC_WEIGHTS if codec_cfg else None})
+                             weights={"lm": LM_WEIGHTS, "codec": CODEC_WEIGHTS if codec_cfg else None},
+                             window=training_window(lm))
         return write_model_dir(out, config, weights, overwrite=force)
 
     path = run_guarded(work)

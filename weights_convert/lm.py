@@ -128,3 +128,11 @@ def train_state_from_engine(cfg: StemGenConfig, engine: dict[str, torch.Tensor])
                     p + "ffn_norm.weight": engine[p + "ffn_norm"].float(), p + "ffn.w1.weight": w1,
                     p + "ffn.w3.weight": w3, p + "ffn.w2.weight": engine[p + "w2"].float()})
     return out
+
+
+def training_window(path: str | Path) -> int | None:
+    """The crop length (frames) a `stemgen train` checkpoint was trained on, if it says: the engine
+    generates longer contexts window by window."""
+    ck = read_pickle(Path(path))
+    frames = (ck.get("train_config") or {}).get("frames") if isinstance(ck, dict) else None
+    return frames if isinstance(frames, int) and not isinstance(frames, bool) and 8 <= frames <= 1 << 20 else None
