@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from stemgen.bench import _models
+from stemgen.bench import build_models
 from stemgen.engine.api import pick_device, use_cuda_graphs
 from stemgen.engine.config import SamplingConfig
 from stemgen.engine.model import default_dtype
@@ -30,7 +30,7 @@ def main(argv=None) -> str:
     args = ap.parse_args(argv)
 
     device = pick_device(args.device)
-    lm, _, _, desc = _models(None, args.config, device, default_dtype(device), False, seed=0)
+    lm, _, _, desc = build_models(None, args.config, device, default_dtype(device), False, seed=0)
     runner = Runner(lm, graphs=use_cuda_graphs(lm, args.cuda_graphs or None))
     cfg = lm.cfg
     ctx = torch.randint(0, cfg.codebook_size, (cfg.n_channels - 1, cfg.n_q, args.frames))

@@ -4,7 +4,7 @@ Use `stemgen bench` for the full-size figures."""
 import pytest
 import torch
 
-from stemgen.bench import _models, baseline_generate, engine_generate
+from stemgen.bench import baseline_generate, build_models, engine_generate
 from stemgen.engine.config import SamplingConfig
 from stemgen.engine.model import default_dtype
 
@@ -15,7 +15,7 @@ T = 100
 @pytest.fixture(scope="module")
 def models():
     cpu = torch.device("cpu")
-    lm, base, _, _ = _models(None, "tiny", cpu, default_dtype(cpu), True, seed=0)
+    lm, base, _, _ = build_models(None, "tiny", cpu, default_dtype(cpu), True, seed=0)
     return lm, base
 
 

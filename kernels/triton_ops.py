@@ -51,7 +51,7 @@ def _embed_sum_kernel(tok_ptr, cond_ptr, tab_ptr, ctab_ptr, coff_ptr, out_ptr, T
 
 def embed_blocks(dc: int) -> tuple[int, int]:
     """(BLOCK_D, num_warps) for channel width dc: 8 elements per thread, so 16-byte loads of bf16
-    table rows (bench/compile_sm90.py checks)."""
+    table rows (tests/compile_sm90.py checks)."""
     block = min(triton.next_power_of_2(dc), 1024)
     return block, max(1, block // 256)
 
@@ -161,7 +161,7 @@ def _flash_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_ptr, svn, svh, svd, son, soh,
 
 def attention_blocks(dtype: torch.dtype, dh: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) of the flash kernel: tiles that compile for sm_90 without
-    register spills under Triton 3.6 and 3.8 (bench/compile_sm90.py checks): fp32 (ieee dots, no
+    register spills under Triton 3.6 and 3.8 (tests/compile_sm90.py checks): fp32 (ieee dots, no
     tensor cores) needs smaller tiles; head dims over 64 need 8 warps."""
     if dtype == torch.float32:
         return (32, 16, 8) if dh > 64 else (64, 32, 8)
@@ -406,7 +406,7 @@ ONE_BLOCK_MAX_V = 4096   # vocabularies up to this are read once per frame (Enco
 def sample_warps(block_v: int, filtering: bool) -> int:
     """Warps per frame of the sampling kernel: 8 codes per thread (16 with top-k/top-p, whose
     bisection loops reduce over the block 64 times), at least 8 warps (4 filtering); no register
-    spills at any of these for sm_90 (bench/compile_sm90.py)."""
+    spills at any of these for sm_90 (tests/compile_sm90.py)."""
     return min(16, max(4, block_v // 512)) if filtering else min(16, max(8, block_v // 256))
 
 

@@ -154,7 +154,7 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def _models(model_dir, config_name: str, device: torch.device, dtype, baseline: bool, seed: int):
+def build_models(model_dir, config_name: str, device: torch.device, dtype, baseline: bool, seed: int):
     """-> (engine LM, training-form baseline model or None, frame rate, description)."""
     from .engine.config import ModelConfig
     from .engine.model import load_lm, lm_from_state
@@ -208,7 +208,7 @@ def run_bench(*, model_dir=None, config_name: str = "small", duration: float = 1
 
     device = pick_device(device)
     dtype = resolve_dtype(dtype) if dtype else default_dtype(device)
-    lm, base, frame_rate, desc = _models(model_dir, config_name, device, dtype, baseline, seed)
+    lm, base, frame_rate, desc = build_models(model_dir, config_name, device, dtype, baseline, seed)
     runner = Runner(lm, graphs=use_cuda_graphs(lm, cuda_graphs))
     cfg = lm.cfg
     check_steps(steps, cfg.n_q)

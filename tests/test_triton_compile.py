@@ -1,5 +1,5 @@
 """Every Triton kernel compiles for Hopper (sm_90) here, without a GPU (Triton's ahead-of-time
-compiler and bundled ptxas; bench/compile_sm90.py, run in a subprocess since the test session runs
+compiler and bundled ptxas; tests/compile_sm90.py, run in a subprocess since the test session runs
 Triton in interpreter mode): no register spills, shared memory within a block's 227 KB,
 attention's dots on wgmma, 16-byte loads in the memory-bound kernels. The interpreter tests check the arithmetic; this checks that the same
 source lowers to real GPU code at StemGen's shapes. Not a speed figure."""
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(not (BIN / "ptxas").exists() or not (BIN / "cuob
 
 def compile_all(*args) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, str(ROOT / "bench" / "compile_sm90.py"), "--json", *args], cwd=ROOT,
+    res = subprocess.run([sys.executable, str(ROOT / "tests" / "compile_sm90.py"), "--json", *args], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -29,7 +29,7 @@ def compile_all(*args) -> list[dict]:
 def test_every_kernel_compiles_for_sm90_without_spills():
     results = compile_all()
     import importlib.util
-    spec = importlib.util.spec_from_file_location("compile_sm90", ROOT / "bench" / "compile_sm90.py")
+    spec = importlib.util.spec_from_file_location("compile_sm90", ROOT / "tests" / "compile_sm90.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod   # its dataclasses look their module up while being defined
     spec.loader.exec_module(mod)

@@ -6,8 +6,8 @@ the register file without spilling, that attention's dots use Hopper's wgmma (HG
 the memory-bound kernels read 16 bytes per access (LDG.E.128).
 It says nothing about speed.
 
-    python bench/compile_sm90.py [--json]   # table (or JSON) of every variant
-    PYTHONPATH=DIR python bench/compile_sm90.py   # with another Triton installed in DIR (the GPU
+    python tests/compile_sm90.py [--json]   # table (or JSON) of every variant
+    PYTHONPATH=DIR python tests/compile_sm90.py   # with another Triton installed in DIR (the GPU
                                                   # machines have 3.6): pip install --target DIR
 """
 from __future__ import annotations
