@@ -264,3 +264,14 @@ def test_every_sampling_knob_has_one_cli_name():
         assert f"--{f.name.replace('_', '-')}" in res.stdout, f.name
         if f.name.startswith("w_") or f.name in ("temperature", "top_k", "top_p", "seed"):
             assert f.name in kernel_kw, f.name
+
+
+def test_default_model_is_the_trained_demo(tmp_path):
+    ctx = stereo_wav(tmp_path / "ctx.wav", seconds=1.0)
+    res = runner.invoke(app, ["generate", str(ctx), "-i", "Bass", "--out", str(tmp_path / "b.wav"), *FAST])
+    assert res.exit_code == 0, res.output
+    assert "untrained" not in res.stderr and sf.info(tmp_path / "b.wav").frames == 32000
+    info = runner.invoke(app, ["info", "demo", "--json"])
+    cfg = json.loads(info.stdout)["config"]
+    assert cfg["instruments"] == ["bass", "drums", "synth_lead", "synth_pad"] and not cfg["untrained"]
+    assert cfg["window"] == 500 and json.loads(info.stdout)["stored_dtype"] == "F16"
