@@ -24,6 +24,24 @@ from .request import Request, call_progress
 from .runner import StepLoop
 
 
+def _malloc_trim():
+    try:
+        import ctypes
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):   # not glibc: nothing to trim
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Return glibc's cached free heap to the OS. Requests of varied sizes from several threads
+    otherwise leave resident memory at its high-water mark (allocator caching, not a leak)."""
+    if _TRIM is not None:
+        _TRIM(0)
+
+
 class GenerationHandle:
     def __init__(self, request: Request | None, future: Future):
         self.request = request
@@ -147,6 +165,8 @@ class GenerationService:
         sched = self.loop
         while True:
             with self._cv:
+                if not self._incoming and not sched.has_work:
+                    release_free_memory()   # idle: hand the freed activations back to the OS
                 while not self._incoming and not sched.has_work and not self._closed:
                     self._cv.wait()
                 if self._cancel_all:

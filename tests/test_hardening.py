@@ -348,3 +348,20 @@ def test_info_rejects_what_generate_rejects_and_convert_uses_umask(model, tmp_pa
         os.umask(old)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "o").iterdir()}
     assert set(modes.values()) == {0o644}, modes
+
+
+def test_idle_service_returns_freed_memory(model, monkeypatch):
+    """After a burst, the idle worker hands glibc's cached free heap back (malloc_trim): resident
+    memory stays bounded instead of at the burst's high-water mark."""
+    import stemgen.engine.service as service
+
+    calls = []
+    monkeypatch.setattr(service, "release_free_memory", lambda: calls.append(1))
+    engine = Engine.from_pretrained(model, device="cpu", dtype="float32")
+    hs = [engine.submit(ctx_codes(engine, 20 + i, i), "bass", steps=(2, 1, 1, 1)) for i in range(6)]
+    [h.result(timeout=60) for h in hs]
+    t0 = time.time()
+    while not calls and time.time() - t0 < 10:
+        time.sleep(0.01)
+    engine.close()
+    assert calls, "the idle worker did not release memory"
