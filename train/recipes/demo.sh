@@ -29,3 +29,7 @@ stemgen train-codec toy-codec --out codec4 --init-from codec3/last.pt --steps 80
 stemgen train toy-train --codec codec4/compression_state_dict.bin --out lm --contexts rest \
   --preset small --n-layers 4 --frames 500 --batch-size 16 --steps 3000 --lr 1.5e-3 --warmup 100 \
   --decay-every 1000 --decay-rate 0.3 --val-songs 8 --val-every 100 --seed 0 --threads 2
+
+stemgen convert --lm lm/model.pt --codec codec4/compression_state_dict.bin --out demo_model --dtype float16
+# the LM is stored in fp16 by --dtype; the codec was then re-stored in fp16 too (half the size):
+python -c "from safetensors.torch import load_file, save_file; p = 'demo_model/codec.safetensors'; save_file({k: v.half() for k, v in load_file(p).items()}, p, metadata={'format': 'stemgen-engine', 'part': 'codec'})"
