@@ -347,9 +347,7 @@ class Engine:
         tokens = torch.full((self.config.lm.n_q, T), self.mask_id, dtype=torch.int64) if target is None \
             else target.clone()
         for k, (a, b, fixed) in enumerate(plan):
-            part = tokens[:, a:b].clone()
-            if fixed:
-                part[:, :fixed] = tokens[:, a:a + fixed]
+            part = tokens[:, a:b].clone()   # its first `fixed` frames: the previous window's tokens
             req = Request(self.config.lm, ctx[..., a:b], cond, dataclasses.replace(base, seed=base.seed + k),
                           target=part, progress=progress)
             tokens[:, a:b] = run_requests(self.runner, [req], self.max_frames)[0].cpu()

@@ -360,6 +360,17 @@ def _generate_layers(context: Path, instruments: list[str], out: Path, bits: str
                   highlight=False, markup=False)
 
 
+def _report_files(summary: dict, out: Path) -> None:
+    """The closing line of a many-file run (folder mode, generate-dataset); exit 1 if nothing was written
+    because every file failed."""
+    rate = f" ({summary['audio_s_per_s']:.2f}x real time)" if summary.get("audio_s_per_s") else ""
+    console.print(f"{summary['written']} of {summary['files']} files written to {out} "
+                  f"({summary['skipped_existing']} existed, {summary['failed']} failed): "
+                  f"{summary['audio_s']:.1f} s of audio in {summary['wall_s']:.1f} s{rate}", highlight=False, markup=False)
+    if summary["failed"] and not summary["written"]:
+        raise typer.Exit(1)
+
+
 def _generate_folder(src: Path, instruments: list[str], out: Path, force: bool, bits: str, load_engine):
     """CONTEXT = a folder or a .txt list: every file's stem in OUT/, through one batched run."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -387,12 +398,7 @@ def _generate_folder(src: Path, instruments: list[str], out: Path, force: bool, 
                              log=lambda m: _say("warning:", "yellow", m),
                              progress=lambda i, n: bar.update(task, completed=i, total=n))
     engine.close()
-    console.print(f"{summary['written']} of {summary['files']} files written to {out} "
-                  f"({summary['skipped_existing']} existed, {summary['failed']} failed): "
-                  f"{summary['audio_s']:.1f} s of audio in {summary['wall_s']:.1f} s "
-                  f"({summary['audio_s_per_s']:.2f}x real time)", highlight=False, markup=False)
-    if summary["failed"] and not summary["written"]:
-        raise typer.Exit(1)
+    _report_files(summary, out)
 
 
 @app.command()
@@ -539,11 +545,7 @@ def generate_dataset_cmd(
                           workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
                           batch_size=batch_size, device=device, dtype=dtype, bits=bits, force=force,
                           log=lambda m: _say("warning:", "yellow", m))
-    console.print(f"{summary['written']} of {summary['files']} files written to {out} "
-                  f"({summary['skipped_existing']} existed, {summary['failed']} failed): "
-                  f"{summary['audio_s']:.1f} s of audio in {summary['wall_s']:.1f} s", highlight=False, markup=False)
-    if summary["failed"] and not summary["written"]:
-        raise typer.Exit(1)
+    _report_files(summary, out)
 
 
 @app.command("make-corpus")

@@ -33,6 +33,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_up(url: str, seconds: float = 10.0) -> None:
+    """Poll until the server answers 200 at url."""
+    t0 = time.time()
+    while time.time() - t0 < seconds:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"{url} did not come up in {seconds:g} s")
+
+
 def wav_bytes(seconds=1.0, sr=16000, f=220.0) -> bytes:
     t = np.arange(int(seconds * sr)) / sr
     buf = io.BytesIO()
@@ -54,12 +67,7 @@ def server(model):
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            if httpx.get(base + "/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.05)
+    wait_up(base + "/healthz")
     yield base, engine
     srv.should_exit = True
     thread.join(30)
@@ -149,12 +157,7 @@ def test_sigterm_with_jobs_in_flight_exits_cleanly(model):
                              "--dtype", "float32"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(base + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        wait_up(base + "/readyz", seconds=30)
         ids = [submit(base, wav_bytes(2.0), steps="300,300,300,300").json()["id"] for _ in range(3)]
         assert httpx.get(f"{base}/v1/jobs/{ids[0]}").json()["status"] in ("queued", "running")
         proc.send_signal(signal.SIGTERM)
