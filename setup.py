@@ -2,6 +2,7 @@
 `pip install`. If it cannot be built, installation still succeeds and the engine runs the
 PyTorch ops instead (`stemgen info` says which). STEMGEN_NO_NATIVE=1 skips the build;
 STEMGEN_CPU_ARCH sets -march (default: native, since pip builds on the machine that runs it)."""
+import glob
 import os
 
 from setuptools import setup
@@ -12,7 +13,7 @@ if os.environ.get("STEMGEN_NO_NATIVE") != "1":
 
     arch = os.environ.get("STEMGEN_CPU_ARCH", "native")
     ext_modules.append(Pybind11Extension(
-        "stemgen.cpp_ext._native", ["cpp_ext/native.cpp"], cxx_std=17,
+        "stemgen.cpp_ext._native", sorted(glob.glob("cpp_ext/*.cpp")), depends=["cpp_ext/common.h"], cxx_std=17,
         extra_compile_args=["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"] + ([f"-march={arch}"] if arch else []),
         extra_link_args=["-fopenmp"], optional=True))
 

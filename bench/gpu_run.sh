@@ -13,7 +13,7 @@ OUT=${OUT:-bench/gpu-out}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
-tests=(tests/test_triton_kernels.py tests/test_sync_free.py tests/test_cuda_graphs.py tests/test_parity.py
+tests=(tests/test_op_*.py tests/test_backend.py tests/test_sync_free.py tests/test_cuda_graphs.py tests/test_parity.py
        tests/test_scheduler.py)
 if [ "${SMOKE:-0}" = 1 ]; then   # check this script's plumbing on a CPU: tiny shapes, interpreter, no graphs
     export TRITON_INTERPRET=1 STEMGEN_BENCH_SMOKE=1
@@ -44,7 +44,7 @@ PY
 # 1. correctness on the real hardware: kernels vs references (bf16 attention included), sync-free loop
 step tests $py -m pytest -q -rs "${tests[@]}"
 # 2. kernels vs their references and torch SDPA at StemGen shapes
-step kernels $py -m pytest -q bench/test_kernels_bench.py --benchmark-json "$OUT/gpu-kernels.json" \
+step kernels $py -m pytest -q bench/test_ops_bench.py --benchmark-json "$OUT/gpu-kernels.json" \
     --benchmark-columns=mean,median,min,rounds
 # 3. the paper config, 20 s, steps 128,64,32,32, multi-source CFG: engine vs baseline at batch 1
 step paper $py -m stemgen bench --batch 1 "${size[@]}" --json "$OUT/gpu-paper-20s.json"

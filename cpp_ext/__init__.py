@@ -112,7 +112,7 @@ def add_rms_norm(x, delta, weight, eps):
 
 
 def silu_mul(gate_up) -> torch.Tensor:
-    """Same contract as kernels.norm.silu_mul_ref ([N, 2h] -> silu(gate) * up [N, h])."""
+    """Same contract as kernels.swiglu.silu_mul_ref ([N, 2h] -> silu(gate) * up [N, h])."""
     dt = _float_dtype("silu_mul", gate_up)
     fn = _native.silu_mul_bf16 if dt == torch.bfloat16 else _native.silu_mul_f32
     return _torch(fn(_np(gate_up, dt), dt == torch.bfloat16), dt)

@@ -41,6 +41,7 @@ def pick_device(device: str | torch.device | None) -> torch.device:
 def backends(device: torch.device, dtype: torch.dtype | None = None) -> dict[str, str]:
     """What runs where (reported by `stemgen info`)."""
     from .. import cpp_ext
+    from ..kernels import OPS
     from .backend import select_ops
 
     default = default_dtype(device)
@@ -49,10 +50,7 @@ def backends(device: torch.device, dtype: torch.dtype | None = None) -> dict[str
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "LM dtype (default)": str(default).replace("torch.", "")
         + (" (CPU has native bf16)" if device.type == "cpu" and default == torch.bfloat16 else ""),
-        "embedding-sum": ops.names["embedding-sum"],
-        "attention": ops.names["attention"],
-        "guidance+sampling": ops.names["guidance+sampling"],
-        "norms, SwiGLU": ops.names["norms, SwiGLU"],
+        **{op.title: ops.names[op.name] for op in OPS.values()},
         "codec": "PyTorch (engine.codec, fp32; RVQ encode as a GEMM: faster here than the C++ op)",
         "C++ extension": cpp_ext.status(),
         "triton": _triton_status(device),

@@ -1,101 +1,82 @@
-"""Which implementation runs each hot-path op. Chosen once per model from its device and dtype:
-Triton kernels on CUDA, the C++ extension on the CPU when it is built, the PyTorch reference ops
-otherwise. STEMGEN_BACKEND=reference forces the reference ops everywhere (=cpp / =triton force
-those; triton on the CPU needs TRITON_INTERPRET=1).
-`stemgen info` reports the choice; a CPU run without the extension says so once."""
+"""Which implementation runs each hot-path op. Chosen once per model from its device and dtype,
+op by op from the table in stemgen.kernels (each op's reference and fast variants): Triton
+kernels on CUDA, the C++ extension on the CPU when it is built, the PyTorch reference otherwise
+or where a variant does not take the model's dtype. STEMGEN_BACKEND=reference forces the
+reference ops everywhere (=cpp / =triton force those; triton on the CPU needs TRITON_INTERPRET=1).
+`stemgen info` reports the choice per op; a CPU run without the extension says so once."""
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
-from ..kernels.attention import attention_ref
-from ..kernels.embedding import embed_sum_ref
-from ..kernels.norm import add_rms_norm_ref, rms_norm_ref, silu_mul_ref
-from ..kernels.sampling import guide_sample_rank_ref
+from ..kernels import OPS
 
 log = logging.getLogger("stemgen")
 _warned = False
 
 
-@dataclass
 class Ops:
-    embed_sum: Callable = embed_sum_ref
-    guide_sample_rank: Callable = guide_sample_rank_ref
-    attention: Callable = attention_ref
-    rms_norm: Callable = rms_norm_ref
-    add_rms_norm: Callable = add_rms_norm_ref
-    silu_mul: Callable = silu_mul_ref
-    names: dict = field(default_factory=lambda: {
-        "embedding-sum": "PyTorch reference", "guidance+sampling": "PyTorch reference",
-        "attention": "RoPE + torch scaled_dot_product_attention per request (PyTorch reference)",
-        "norms, SwiGLU": "PyTorch reference"})
+    """One implementation per op of the table (attributes named as the ops, e.g. ``ops.attention``),
+    the reference unless given; ``names[op]`` says which runs (for `stemgen info`)."""
+
+    def __init__(self, **chosen):
+        unknown = set(chosen) - set(OPS)
+        if unknown:
+            raise TypeError(f"unknown ops: {', '.join(sorted(unknown))} (the table has {', '.join(OPS)})")
+        self.names = {}
+        for op in OPS.values():
+            setattr(self, op.name, chosen.get(op.name, op.reference))
+            self.names[op.name] = op.reference_label if op.name not in chosen else "given"
+
+
+def backend_ops(backend: str, dtype: torch.dtype) -> Ops:
+    """Every op's ``backend`` variant where it has one that the engine runs for ``dtype``."""
+    ops = Ops()
+    for op in OPS.values():
+        variant = op.variants.get(backend)
+        if variant is None:
+            continue
+        why_not = variant.why_not(dtype)
+        if why_not:
+            ops.names[op.name] = f"{op.reference_label} ({why_not})"
+        else:
+            setattr(ops, op.name, variant.load())
+            ops.names[op.name] = variant.label
+    return ops
 
 
 def triton_ops(dtype: torch.dtype) -> Ops:
     """The Triton kernels (CUDA; on the CPU only under TRITON_INTERPRET=1, for tests)."""
-    from ..kernels import triton_ops as K
-
-    ops = Ops(embed_sum=K.embed_sum, attention=K.attention, guide_sample_rank=K.guide_sample_rank,
-              rms_norm=K.rms_norm, add_rms_norm=K.add_rms_norm, silu_mul=K.silu_mul)
-    ops.names = {"embedding-sum": "Triton", "attention": "Triton (RoPE kernel + flash-style kernel, packed)",
-                 "guidance+sampling": "Triton (top-k/top-p included up to 4096 codes; larger: PyTorch reference)",
-                 "norms, SwiGLU": "Triton (fused residual add + RMSNorm, fused silu * up)"}
-    return ops
+    return backend_ops("triton", dtype)
 
 
 _selfcheck: dict[tuple, str | None] = {}
 
 
-def triton_selfcheck(device: torch.device, dtype: torch.dtype) -> str | None:
-    """Compile and run each Triton kernel once on small shapes on ``device`` and compare it with its
-    reference. Returns None if all agree, else what failed. Cached per (device, dtype)."""
-    key = (str(device), dtype)
-    if key in _selfcheck:
-        return _selfcheck[key]
-    from ..kernels import triton_ops as K
+def selfcheck(backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Run each op's ``backend`` variant once on small shapes on ``device`` (for Triton: compile
+    it) and compare it with the reference. None if all agree, else what failed. Cached."""
+    key = (backend, str(device), dtype)
+    if key not in _selfcheck:
+        problem = None
+        try:
+            for op in OPS.values():
+                variant = op.variants.get(backend)
+                if variant is not None and op.selfcheck is not None and variant.accepts(dtype):
+                    problem = op.selfcheck(variant.load(), device, dtype)
+                    if problem:
+                        break
+        except Exception as e:  # compilation or launch failure
+            text = str(e).strip()
+            problem = f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}"
+        _selfcheck[key] = problem
+    return _selfcheck[key]
 
-    problem = None
-    try:
-        g = torch.Generator().manual_seed(0)
-        tok = torch.randint(0, 10, (2, 2, 4, 5), generator=g).to(device)
-        cond = torch.randint(0, 3, (2, 1), generator=g).to(device)
-        tab, ctab = torch.randn(40, 16, generator=g).to(device, dtype), torch.randn(4, 16, generator=g).to(device, dtype)
-        off = torch.zeros(1, dtype=torch.long, device=device)
-        tol = 1e-4 if dtype == torch.float32 else 3e-2
-        if not torch.allclose(K.embed_sum(tok, cond, tab, ctab, off).float(),
-                              embed_sum_ref(tok, cond, tab, ctab, off).float(), rtol=tol, atol=tol):
-            problem = "embedding-sum differs from its reference"
-        q, k, v = torch.randn(3, 2 * 7 + 3, 2, 32, generator=g).to(device, dtype).unbind(0)
-        ang = torch.outer(torch.arange(7.0), torch.rand(16, generator=g)).to(device)
-        segs = [(2, 7), (1, 3)]
-        a = K.attention(q, k, v, segs, ang.cos(), ang.sin()).float()
-        b = attention_ref(q.float(), k.float(), v.float(), segs, ang.cos(), ang.sin()).float()
-        if problem is None and (a - b).abs().max() > 5 * tol * max(1.0, float(b.abs().max())):
-            problem = "attention differs from its reference"
-        x, dx = torch.randn(2, 5, 40, generator=g).to(device, dtype).unbind(0)
-        w = torch.rand(40, generator=g).to(device, dtype)
-        x_new, h = K.add_rms_norm(x, dx, w, 1e-5)
-        x_ref, h_ref = add_rms_norm_ref(x, dx, w, 1e-5)
-        if problem is None and not (torch.allclose(x_new.float(), x_ref.float(), rtol=tol, atol=tol)
-                                    and torch.allclose(h.float(), h_ref.float(), rtol=5 * tol, atol=5 * tol)):
-            problem = "residual add + RMSNorm differs from its reference"
-        if problem is None and not torch.allclose(K.silu_mul(x).float(), silu_mul_ref(x).float(), rtol=5 * tol,
-                                                  atol=5 * tol):
-            problem = "silu * up differs from its reference"
-        logits = torch.randn(3, 6, 50, generator=g).to(device)
-        args = (logits, torch.tensor([1.5, 1.0, -1.5], device=device), torch.arange(6, device=device),
-                torch.ones(6, dtype=torch.bool, device=device), 6)
-        if problem is None and not torch.equal(K.guide_sample_rank(*args, seed=1, level=0, step=0)[0],
-                                               guide_sample_rank_ref(*args, seed=1, level=0, step=0)[0]):
-            problem = "guidance+sampling picks other tokens than its reference"
-    except Exception as e:  # compilation or launch failure
-        problem = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
-    _selfcheck[key] = problem
-    return problem
+
+def triton_selfcheck(device: torch.device, dtype: torch.dtype) -> str | None:
+    return selfcheck("triton", device, dtype)
 
 
 def select_ops(device: torch.device, dtype: torch.dtype) -> Ops:
@@ -107,7 +88,7 @@ def select_ops(device: torch.device, dtype: torch.dtype) -> Ops:
         return Ops()
     if device.type == "cuda" or choice == "triton":
         try:
-            ops = triton_ops(dtype)
+            import triton  # noqa: F401
         except ImportError as e:
             if choice == "triton":
                 raise RuntimeError(f"STEMGEN_BACKEND=triton but Triton is unavailable: {e}") from None
@@ -115,7 +96,7 @@ def select_ops(device: torch.device, dtype: torch.dtype) -> Ops:
             return Ops()
         problem = triton_selfcheck(device, dtype)
         if problem is None:
-            return ops
+            return triton_ops(dtype)
         if choice == "triton":
             raise RuntimeError(f"STEMGEN_BACKEND=triton but the Triton kernels failed their self-check: {problem}")
         log.warning("Triton kernels failed their self-check on %s (%s): using the PyTorch reference ops", device,
@@ -135,16 +116,4 @@ def select_ops(device: torch.device, dtype: torch.dtype) -> Ops:
                         cpp_ext.status())
             _warned = True
         return Ops()
-    ops = Ops(guide_sample_rank=cpp_ext.guide_sample_rank)
-    ops.names["guidance+sampling"] = "C++ (cpp_ext)"
-    if dtype in (torch.float32, torch.bfloat16):
-        ops.embed_sum = cpp_ext.embed_sum
-        ops.names["embedding-sum"] = "C++ (cpp_ext)"
-    else:
-        ops.names["embedding-sum"] = f"PyTorch reference (C++ op takes fp32/bf16, not {dtype})"
-    if dtype == torch.bfloat16:
-        ops.rms_norm, ops.add_rms_norm, ops.silu_mul = cpp_ext.rms_norm, cpp_ext.add_rms_norm, cpp_ext.silu_mul
-        ops.names["norms, SwiGLU"] = "C++ (cpp_ext: fused residual add + RMSNorm, fused silu * up)"
-    else:  # fp32 keeps PyTorch's own sums, so the engine's tokens equal the fp32 training-form model's
-        ops.names["norms, SwiGLU"] = "PyTorch reference (fp32: bit-for-bit the training-form model's norms)"
-    return ops
+    return backend_ops("cpp", dtype)

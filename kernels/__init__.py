@@ -1,2 +1,6 @@
-"""Hot-path ops of a StemGen step. Each op has a PyTorch reference here; fast variants
-(Triton on CUDA, C++ on the CPU) live beside their reference and are checked against it."""
+"""Hot-path ops of a StemGen step, one module per op: the PyTorch reference and the registration
+of its fast variants (C++ on the CPU, Triton on CUDA; the Triton code in <op>_triton.py beside
+it). `OPS` is the table every other part reads (kernels.registry)."""
+# each module registers its op; this order (the order of a step) is the order `stemgen info` shows
+from . import embedding, attention, norm, swiglu, sampling  # noqa: F401, I001
+from .registry import OPS  # noqa: F401

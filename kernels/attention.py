@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .registry import Op, Variant, register
+
 
 def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE on [N, H, Dh] with cos/sin [N, Dh/2] (fp32 maths)."""
@@ -50,3 +52,21 @@ def attention_ref(q, k, v, segments: list[tuple[int, int]], cos: torch.Tensor, s
         outs.append(F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2).reshape(R * T, H * dh))
         start += R * T
     return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+def _selfcheck(fn, device, dtype) -> str | None:
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(3, 2 * 7 + 3, 2, 32, generator=g).to(device, dtype).unbind(0)
+    ang = torch.outer(torch.arange(7.0), torch.rand(16, generator=g)).to(device)
+    segs = [(2, 7), (1, 3)]
+    a = fn(q, k, v, segs, ang.cos(), ang.sin()).float()
+    b = attention_ref(q.float(), k.float(), v.float(), segs, ang.cos(), ang.sin()).float()
+    tol = 5 * (1e-4 if dtype == torch.float32 else 3e-2)
+    return None if (a - b).abs().max() <= tol * max(1.0, float(b.abs().max())) else \
+        "attention differs from its reference"
+
+
+OP = register(
+    Op("attention", "attention", attention_ref, selfcheck=_selfcheck,
+       reference_label="RoPE + torch scaled_dot_product_attention per request (PyTorch reference)"),
+    Variant("triton", ".attention_triton:attention", "Triton (RoPE kernel + flash-style kernel, packed)"))

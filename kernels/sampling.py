@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from .registry import Op, Variant, register
 from .rng import STREAM_RANK, STREAM_SAMPLE, step_key, uniform
 
 
@@ -68,3 +69,19 @@ def guide_sample_rank_ref(logits: torch.Tensor, weights: torch.Tensor, positions
     prob = torch.where(masked, prob, torch.zeros_like(prob))
     score = torch.where(masked, score, torch.full_like(score, -math.inf))
     return tokens, prob, score
+
+
+def _selfcheck(fn, device, dtype) -> str | None:
+    logits = torch.randn(3, 6, 50, generator=torch.Generator().manual_seed(0)).to(device)
+    args = (logits, torch.tensor([1.5, 1.0, -1.5], device=device), torch.arange(6, device=device),
+            torch.ones(6, dtype=torch.bool, device=device), 6)
+    if not torch.equal(fn(*args, seed=1, level=0, step=0)[0], guide_sample_rank_ref(*args, seed=1, level=0, step=0)[0]):
+        return "guidance+sampling picks other tokens than its reference"
+    return None
+
+
+OP = register(
+    Op("guide_sample_rank", "guidance+sampling", guide_sample_rank_ref, selfcheck=_selfcheck),
+    Variant("cpp", "..cpp_ext:guide_sample_rank", "C++ (cpp_ext)"),
+    Variant("triton", ".sampling_triton:guide_sample_rank",
+            "Triton (top-k/top-p included up to 4096 codes; larger: PyTorch reference)"))

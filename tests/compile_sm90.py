@@ -26,7 +26,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from stemgen.kernels import triton_ops as K
+from stemgen.kernels import attention_triton, embedding_triton, norm_triton, sampling_triton, swiglu_triton
 
 P16 = [["tt.divisibility", 16]]   # pointers the runtime sees 16-byte aligned (fresh torch tensors are)
 
@@ -68,28 +68,28 @@ def variants() -> list[Variant]:
     rope = {k: t for k, t in rope.items() if k not in ("sqd", "skd")}
     flash = {k: t for k, t in flash.items() if k not in ("svd", "sod")}
     strides = ("sqn", "sqh", "skn", "skh", "HALF", "DH")
-    block, warps = K.embed_blocks(512)
-    out = [Variant("embed-sum bf16 C2 Q4 d512/ch", K._embed_sum_kernel, emb,
+    block, warps = embedding_triton.embed_blocks(512)
+    out = [Variant("embed-sum bf16 C2 Q4 d512/ch", embedding_triton._embed_sum_kernel, emb,
                    dict(C=2, Q=4, S=1, BLOCK_D=block), num_warps=warps, div16=("DC",), wide=True),
-           Variant("rope q,k bf16 dh64", K._rope_qk_kernel, rope, dict(BLOCK=32, HALF_P=32, sqd=1, skd=1),
+           Variant("rope q,k bf16 dh64", attention_triton._rope_qk_kernel, rope, dict(BLOCK=32, HALF_P=32, sqd=1, skd=1),
                    div16=strides, wide=True),
-           Variant("rope q,k bf16 dh128", K._rope_qk_kernel, rope, dict(BLOCK=32, HALF_P=64, sqd=1, skd=1),
+           Variant("rope q,k bf16 dh128", attention_triton._rope_qk_kernel, rope, dict(BLOCK=32, HALF_P=64, sqd=1, skd=1),
                    div16=strides, wide=True)]
-    for dh in (64, 128):   # the tiles and warps the wrapper picks (K.attention_blocks)
-        bm, bn, warps = K.attention_blocks(torch.bfloat16, dh)
-        out.append(Variant(f"flash attention bf16 dh{dh}", K._flash_kernel, flash,
+    for dh in (64, 128):   # the tiles and warps the wrapper picks (attention_triton.attention_blocks)
+        bm, bn, warps = attention_triton.attention_blocks(torch.bfloat16, dh)
+        out.append(Variant(f"flash attention bf16 dh{dh}", attention_triton._flash_kernel, flash,
                            dict(BLOCK_M=bm, BLOCK_N=bn, DH_P=dh, IEEE=False, svd=1, sod=1), num_warps=warps,
                            wgmma=True, div16=("svn", "svh", "son", "soh", "DH")))
     for dh in (64, 128):
-        bm, bn, warps = K.attention_blocks(torch.float32, dh)
-        out.append(Variant(f"flash attention fp32 dh{dh} (ieee)", K._flash_kernel,
+        bm, bn, warps = attention_triton.attention_blocks(torch.float32, dh)
+        out.append(Variant(f"flash attention fp32 dh{dh} (ieee)", attention_triton._flash_kernel,
                            {**flash, **{k: f32 for k in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}},
                            dict(BLOCK_M=bm, BLOCK_N=bn, DH_P=dh, IEEE=True, svd=1, sod=1), num_warps=warps,
                            div16=("svn", "svh", "son", "soh", "DH")))
     for delta in (False, True):
-        out.append(Variant(f"rms-norm bf16 d1024{' + residual add' if delta else ''}", K._rms_norm_kernel, norm,
+        out.append(Variant(f"rms-norm bf16 d1024{' + residual add' if delta else ''}", norm_triton._rms_norm_kernel, norm,
                            dict(HAS_DELTA=delta, BLOCK_D=1024), div16=("D",), wide=True))
-    out.append(Variant("silu * up bf16 h2816", K._silu_mul_kernel, silu, dict(BLOCK=1024), div16=("HID",),
+    out.append(Variant("silu * up bf16 h2816", swiglu_triton._silu_mul_kernel, silu, dict(BLOCK=1024), div16=("HID",),
                        wide=True))
     for label, c in [
             ("guide+sample R3 V2048", dict(R=3, GREEDY=False, BLOCK_V=2048, ONE_BLOCK=True, TOP_K=False,
@@ -102,8 +102,8 @@ def variants() -> list[Variant]:
                                                   TOP_P=False)),
             ("guide+sample R3 V8192 blockwise", dict(R=3, GREEDY=False, BLOCK_V=1024, ONE_BLOCK=False,
                                                      TOP_K=False, TOP_P=False))]:
-        warps = K.sample_warps(c["BLOCK_V"], c["TOP_K"] or c["TOP_P"])   # as the wrapper picks
-        out.append(Variant(label, K._guide_sample_kernel, samp, c, num_warps=warps, div16=("V",),
+        warps = sampling_triton.sample_warps(c["BLOCK_V"], c["TOP_K"] or c["TOP_P"])   # as the wrapper picks
+        out.append(Variant(label, sampling_triton._guide_sample_kernel, samp, c, num_warps=warps, div16=("V",),
                            wide=c["ONE_BLOCK"]))
     return out
 

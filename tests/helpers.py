@@ -68,3 +68,36 @@ def tiny_model_dir(tmp: Path, name: str = "tiny", seed: int = 0) -> Path:
                          weights={"lm": LM_WEIGHTS, "codec": CODEC_WEIGHTS})
     return write_model_dir(tmp / name, config, {"lm": convert_train_state(cfg, lm.state_dict()),
                                                 "codec": random_codec_weights(codec_cfg, seed)})
+
+
+def backend_missing(backend: str) -> str | None:
+    """Why a fast backend cannot run in this test process, or None."""
+    if backend == "cpp":
+        from stemgen import cpp_ext
+        return None if cpp_ext.available() else f"C++ extension {cpp_ext.status()}"
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return f"Triton not installed ({e})"
+    import os
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return "Triton needs CUDA or TRITON_INTERPRET=1"
+    return None
+
+
+def variants(op_name: str, dtypes=(torch.float32,)):
+    """pytest params (fn, dtype), one per fast variant of the op in the kernels table and dtype it
+    takes, ids like ``cpp-bfloat16``; a backend absent here is a skip that says why."""
+    import pytest
+
+    from stemgen.kernels import OPS
+
+    params = []
+    for backend, variant in OPS[op_name].variants.items():
+        missing = backend_missing(backend)
+        for dtype in dtypes:
+            if variant.accepts(dtype):
+                fn = None if missing else variant.load()
+                params.append(pytest.param(fn, dtype, id=f"{backend}-{str(dtype).replace('torch.', '')}",
+                                           marks=[pytest.mark.skipif(missing is not None, reason=missing or "")]))
+    return params

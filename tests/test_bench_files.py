@@ -1,5 +1,5 @@
-"""The GPU benchmark file must not rot while no GPU runs it: its groups run here once each on tiny
-shapes under the Triton interpreter (timings disabled, so nothing here is a speed figure)."""
+"""The op benchmark file's Triton groups must not rot while no GPU runs them: they run here once each
+on tiny shapes under the Triton interpreter (timings disabled, so nothing here is a speed figure)."""
 import os
 import subprocess
 import sys
@@ -15,11 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_kernel_bench_file_runs_on_tiny_shapes():
     env = dict(os.environ, STEMGEN_BENCH_SMOKE="1", TRITON_INTERPRET="1")
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
-                          str(ROOT / "bench" / "test_kernels_bench.py")], cwd=ROOT, env=env, capture_output=True,
+                          str(ROOT / "bench" / "test_ops_bench.py")], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     collected = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider",
-                                str(ROOT / "bench" / "test_kernels_bench.py")], cwd=ROOT, env=env,
+                                str(ROOT / "bench" / "test_ops_bench.py")], cwd=ROOT, env=env,
                                capture_output=True, text=True, timeout=600).stdout
     n = sum(1 for line in collected.splitlines() if "::" in line)
     assert n > 0 and f"{n} passed" in res.stdout and "skipped" not in res.stdout, res.stdout[-1000:]

@@ -1,0 +1,27 @@
+"""SwiGLU's elementwise step: silu(gate) * up, on the feed-forward's fused gate|up projection.
+The fast variants read gate and up once and write the product once (PyTorch: three kernels)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .norm import FP32_KEEPS_REFERENCE
+from .registry import Op, Variant, close, register
+
+
+def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
+    """[N, 2h] (gate | up) -> silu(gate) * up [N, h]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def _selfcheck(fn, device, dtype) -> str | None:
+    x = torch.randn(5, 40, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    return None if close(fn(x), silu_mul_ref(x), dtype, loose=5) else "silu * up differs from its reference"
+
+
+OP = register(
+    Op("silu_mul", "SwiGLU (silu * up)", silu_mul_ref, selfcheck=_selfcheck),
+    Variant("cpp", "..cpp_ext:silu_mul", "C++ (cpp_ext, fused)", dtypes=(torch.float32, torch.bfloat16),
+            declined=FP32_KEEPS_REFERENCE),
+    Variant("triton", ".swiglu_triton:silu_mul", "Triton (fused)"))
