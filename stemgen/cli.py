@@ -14,6 +14,8 @@ from rich.console import Console
 from rich.table import Table
 
 from .engine.fileutil import atomic_write_text
+from .weights_convert.formats import describe as describe_formats
+from .weights_convert.formats import formats
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="StemGen engine: generate a stem that fits a musical context.")
@@ -124,13 +126,13 @@ def _stored_dtype(path: Path) -> str:
 
 
 @app.command()
-def convert(lm: Path = typer.Option(..., "--lm", help="LM checkpoint (a stemgen training checkpoint)"),
+def convert(lm: Path = typer.Option(..., "--lm", help=f"LM checkpoint: {describe_formats('lm')}"),
             out: Path = typer.Option(..., "--out", help="output model directory (must not exist unless --force)"),
-            codec: Optional[Path] = typer.Option(None, "--codec", help="codec: audiocraft compression_state_dict.bin, "
-                                                 "a HF Encodec folder, or an encodec package .th"),
-            lm_format: Optional[str] = typer.Option(None, "--lm-format", help="override format detection: train"),
-            codec_format: Optional[str] = typer.Option(None, "--codec-format",
-                                                       help="override detection: audiocraft, hf, encodec"),
+            codec: Optional[Path] = typer.Option(None, "--codec", help=f"codec: {describe_formats('codec')}"),
+            lm_format: Optional[str] = typer.Option(None, "--lm-format", help="override format detection: "
+                                                    + ", ".join(f.name for f in formats('lm'))),
+            codec_format: Optional[str] = typer.Option(None, "--codec-format", help="override format detection: "
+                                                       + ", ".join(f.name for f in formats('codec'))),
             dtype: str = typer.Option("float32", help="stored weight dtype: float32, bfloat16, float16"),
             force: bool = typer.Option(False, "--force", help="replace an existing output directory")):
     """Convert checkpoints into one engine model directory (config.json + safetensors)."""

@@ -159,3 +159,16 @@ def test_info_without_model_reports_backends():
     assert res.exit_code == 0, res.output
     be = json.loads(res.stdout)["backends"]
     assert be["device"] == "cpu" and "C++ extension" in be and "guidance+sampling" in be
+
+
+def test_format_table_drives_detection_choices_and_help():
+    """One table of formats: every row's detector and reader resolve, `convert --help` lists each,
+    and an unknown --codec-format names the table's choices."""
+    from stemgen.weights_convert.formats import FORMATS, get
+
+    res = CliRunner().invoke(app, ["convert", "--help"], env={"COLUMNS": "300"})
+    for f in FORMATS:
+        assert callable(f.fn("detect")) and callable(f.fn("read"))
+        assert f.name in res.output
+    with pytest.raises(ModelFormatError, match="choose one of audiocraft, hf, encodec"):
+        get("codec", "wav")

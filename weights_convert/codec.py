@@ -15,9 +15,7 @@ import torch
 
 from ..engine.codec import CodecConfig, check_codec_weights, expected_codec_shapes
 from ..engine.config import ModelFormatError, check_finite
-from .lm import read_pickle, looks_like_torch_file
-
-CODEC_FORMATS = ("audiocraft", "hf", "encodec")
+from .lm import read_pickle
 
 # {encoder,decoder}.{model|layers}.{i}.[block.j.|shortcut.]{conv.conv|convtr.convtr|conv}.{param}
 _CONV = re.compile(r"^(encoder|decoder)\.(?:model|layers)\.(\d+)\.(?:(block\.\d+|shortcut)\.)?"
@@ -192,65 +190,66 @@ def _hf_weights(folder: Path) -> dict:
                            "pytorch_model.bin")
 
 
-def detect_codec_format(src: str | Path) -> str:
-    src = Path(src)
-    if not src.exists():
-        raise ModelFormatError(f"{src}: no such file or folder")
-    if src.is_dir():
-        if (src / "config.json").is_file():
-            return "hf"
+def is_hf(src: Path, load) -> bool:
+    if src.is_dir() and not (src / "config.json").is_file():
         raise ModelFormatError(f"{src}: folder without config.json; a HF Encodec model folder "
                                "(e.g. facebook/encodec_32khz) holds config.json + model.safetensors")
-    if not looks_like_torch_file(src):
-        raise ModelFormatError(f"{src}: unknown codec format; supported: audiocraft compression_state_dict.bin, "
-                               "a HF Encodec folder, an encodec package .th file")
+    return src.is_dir()
+
+
+def is_audiocraft(src: Path, load) -> bool:
+    obj = load()
+    if isinstance(obj, dict) and "pretrained" in obj and "best_state" not in obj:
+        raise ModelFormatError(
+            f"{src}: this compression_state_dict.bin holds no weights, only a pointer to the pretrained model "
+            f"{obj['pretrained']!r}; pass that model's HF folder instead (config.json + model.safetensors, "
+            f"e.g. a local copy of {obj['pretrained']})")
+    return isinstance(obj, dict) and "best_state" in obj and "xp.cfg" in obj
+
+
+def is_encodec(src: Path, load) -> bool:
+    obj = load()
+    if isinstance(obj, dict) and any(str(k).startswith("encoder.layers.") for k in obj):
+        raise ModelFormatError(f"{src}: a bare HF Encodec state dict; pass its folder with config.json")
+    return isinstance(obj, dict) and any(str(k).startswith("encoder.model.") for k in obj)
+
+
+def read_hf(src: Path) -> tuple[CodecConfig, dict]:
+    if not src.is_dir():
+        raise ModelFormatError(f"{src}: --codec-format hf takes the model folder")
+    try:
+        hf_cfg = json.loads((src / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelFormatError(f"{src / 'config.json'}: unreadable ({e})") from None
+    state = _hf_weights(src)
+    return hf_config(hf_cfg, _n_q(state), str(src)), state
+
+
+def read_audiocraft(src: Path) -> tuple[CodecConfig, dict]:
     obj = read_pickle(src)
-    if isinstance(obj, dict):
-        if "pretrained" in obj and "best_state" not in obj:
-            raise ModelFormatError(
-                f"{src}: this compression_state_dict.bin holds no weights, only a pointer to the pretrained model "
-                f"{obj['pretrained']!r}; pass that model's HF folder instead (config.json + model.safetensors, "
-                f"e.g. a local copy of {obj['pretrained']})")
-        if "best_state" in obj and "xp.cfg" in obj:
-            return "audiocraft"
-        if any(str(k).startswith("encoder.model.") for k in obj):
-            return "encodec"
-        if any(str(k).startswith("encoder.layers.") for k in obj):
-            raise ModelFormatError(f"{src}: a bare HF Encodec state dict; pass its folder with config.json")
-    raise ModelFormatError(f"{src}: unknown codec format; supported: {', '.join(CODEC_FORMATS)}")
+    if not (isinstance(obj, dict) and "best_state" in obj and "xp.cfg" in obj):
+        raise ModelFormatError(f"{src}: not an audiocraft export (needs 'best_state' and 'xp.cfg')")
+    state = obj["best_state"]
+    if not isinstance(state, dict):
+        raise ModelFormatError(f"{src}: best_state is a {type(state).__name__}, expected a state dict")
+    state = state.get("model", state) if isinstance(state.get("model"), dict) else state
+    return audiocraft_config(obj["xp.cfg"], str(src)), state
+
+
+def read_encodec(src: Path) -> tuple[CodecConfig, dict]:
+    state = read_pickle(src)
+    if not isinstance(state, dict):
+        raise ModelFormatError(f"{src}: not a state dict")
+    return encodec_th_config(state, _n_q(state), str(src)), state
 
 
 def convert_codec(src: str | Path, fmt: str | None = None) -> tuple[CodecConfig, dict[str, torch.Tensor]]:
-    """-> (engine codec config, engine codec tensors), validated against the config."""
-    src = Path(src)
-    fmt = fmt or detect_codec_format(src)
-    if fmt not in CODEC_FORMATS:
-        raise ModelFormatError(f"unknown --codec-format {fmt!r}; choose one of {', '.join(CODEC_FORMATS)}")
+    """-> (engine codec config, engine codec tensors), validated against the config. ``fmt`` one of
+    the codec formats of weights_convert.formats (detected from the content if None)."""
+    from .formats import read
+
+    cfg, state = read("codec", src, fmt)
     where = str(src)
-    if fmt == "hf":
-        if not src.is_dir():
-            raise ModelFormatError(f"{src}: --codec-format hf takes the model folder")
-        try:
-            hf_cfg = json.loads((src / "config.json").read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ModelFormatError(f"{src / 'config.json'}: unreadable ({e})") from None
-        state = _hf_weights(src)
-        cfg = hf_config(hf_cfg, _n_q(state), where)
-    else:
-        obj = read_pickle(src)
-        if fmt == "audiocraft":
-            if not (isinstance(obj, dict) and "best_state" in obj and "xp.cfg" in obj):
-                raise ModelFormatError(f"{src}: not an audiocraft export (needs 'best_state' and 'xp.cfg')")
-            state = obj["best_state"]
-            if not isinstance(state, dict):
-                raise ModelFormatError(f"{src}: best_state is a {type(state).__name__}, expected a state dict")
-            state = state.get("model", state) if isinstance(state.get("model"), dict) else state
-            cfg = audiocraft_config(obj["xp.cfg"], where)
-        else:
-            if not isinstance(obj, dict):
-                raise ModelFormatError(f"{src}: not a state dict")
-            state = obj
-            cfg = encodec_th_config(state, _n_q(state), where)
     weights = normalise_state(state, where)
     check_codec_weights(weights, expected_codec_shapes(cfg), where)
     check_finite(weights, where, "codec tensor")

@@ -10,9 +10,6 @@ from ..engine.config import LMConfig, ModelFormatError, check_finite, check_shap
 from ..train.config import StemGenConfig
 from ..train.model import StemGenLM
 
-LM_FORMATS = ("train",)
-
-
 def read_pickle(path: Path) -> object:
     """A user's pickle, read with weights_only=True (no code runs); any failure is one ModelFormatError."""
     try:
@@ -30,29 +27,23 @@ def looks_like_torch_file(path: Path) -> bool:
     return head == b"PK\x03\x04" or head[:1] == b"\x80"
 
 
-def detect_lm_format(path: str | Path) -> str:
-    path = Path(path)
-    if not path.exists():
-        raise ModelFormatError(f"{path}: no such file")
+def is_train(path: Path, load) -> bool:
+    """Detector of the "train" format (weights_convert.formats)."""
     if path.is_dir():
         raise ModelFormatError(f"{path}: is a directory; --lm takes a checkpoint file")
-    if not looks_like_torch_file(path):
-        raise ModelFormatError(f"{path}: unknown LM checkpoint format (not a PyTorch checkpoint); "
-                               f"supported: {', '.join(LM_FORMATS)} (a stemgen training checkpoint)")
-    obj = read_pickle(path)
-    if isinstance(obj, dict) and "config" in obj and "model" in obj:
-        return "train"
-    keys = list(obj)[:5] if isinstance(obj, dict) else type(obj).__name__
-    raise ModelFormatError(f"{path}: unknown LM checkpoint format (top-level {keys}); supported: "
-                           f"{', '.join(LM_FORMATS)} (a dict with 'config' and 'model' from stemgen.train)")
+    obj = load()
+    return isinstance(obj, dict) and "config" in obj and "model" in obj
 
 
 def load_lm_source(path: str | Path, fmt: str | None = None) -> tuple[StemGenConfig, dict[str, torch.Tensor]]:
-    """Read and validate a source checkpoint: returns its config and state dict."""
-    path = Path(path)
-    fmt = fmt or detect_lm_format(path)
-    if fmt not in LM_FORMATS:
-        raise ModelFormatError(f"unknown --lm-format {fmt!r}; choose one of {', '.join(LM_FORMATS)}")
+    """Read and validate a source LM checkpoint (format ``fmt``, detected if None): its config and
+    state dict."""
+    from .formats import read
+    return read("lm", path, fmt)
+
+
+def read_train(path: Path) -> tuple[StemGenConfig, dict[str, torch.Tensor]]:
+    """Reader of the "train" format: config validated by the schema, tensors by shape and value."""
     ck = read_pickle(path)
     if not (isinstance(ck, dict) and isinstance(ck.get("config"), dict) and isinstance(ck.get("model"), dict)):
         raise ModelFormatError(f"{path}: not a training checkpoint (needs dict keys 'config' and 'model')")
