@@ -11,34 +11,74 @@ never mixes requests, and CPU GEMMs are kept in one kernel regime (engine.model.
 """
 from __future__ import annotations
 
+import os
+
 from .request import Request
 from .scheduler import Scheduler
 
 
+def cpu_chunk_rows() -> int:
+    """Rows (frames x guidance rows) per forward on the CPU: a larger batch runs in chunks of whole
+    requests, so each forward's activations stay near cache size and a batch never runs slower
+    per frame than one request (STEMGEN_CPU_CHUNK_ROWS; 0 = one forward for the whole batch)."""
+    text = os.environ.get("STEMGEN_CPU_CHUNK_ROWS", str(DEFAULT_CPU_CHUNK_ROWS))
+    if not text.isdigit():
+        raise ValueError(f"STEMGEN_CPU_CHUNK_ROWS={text!r}: a whole number of rows (0 = no chunking)")
+    return int(text)
+
+
+DEFAULT_CPU_CHUNK_ROWS = 3072
+
+
+def chunks(active: list[Request], sizes: list[int], limit: int) -> list[list[int]]:
+    """Indices of ``active`` in order, grouped so each group's rows total <= limit (a request
+    larger than the limit runs alone); limit 0: one group."""
+    if not limit:
+        return [list(range(len(active)))]
+    out, rows = [[]], 0
+    for i, n in enumerate(sizes):
+        if out[-1] and rows + n > limit:
+            out.append([])
+            rows = 0
+        out[-1].append(i)
+        rows += n
+    return out
+
+
 class Runner:
-    def __init__(self, model, head_subset: bool | None = None, graphs=None):
+    def __init__(self, model, head_subset: bool | None = None, graphs=None, chunk_rows: int | None = None):
         self.model = model
         self.graphs = graphs   # engine.graphs.TrunkGraphs, or None (eager trunk)
         # compute the head only at still-masked frames: saves GEMM rows on the CPU, but finding
         # them (nonzero) is a host sync on a GPU, so by default only on the CPU
         self.head_subset = model.device.type == "cpu" if head_subset is None else head_subset
+        # on the CPU a large batch runs in chunks of requests (cpu_chunk_rows); on a GPU one forward
+        on_cpu = model.device.type == "cpu" and graphs is None
+        self.chunk_rows = (cpu_chunk_rows() if on_cpu else 0) if chunk_rows is None else chunk_rows
 
     @property
     def device(self):
         return self.model.device
 
     def execute(self, active: list[Request]) -> None:
-        """One forward over every active request's guidance rows, then each one's guidance +
-        sampling + ranking; a failure in one request's sampling fails that request alone."""
+        """The active requests' guidance rows through the LM (one packed forward, or a few on the
+        CPU: see cpu_chunk_rows), then each one's guidance + sampling + ranking; a failure in one
+        request's sampling fails that request alone."""
         if not active:
             return
         inputs = [r.rows(self.head_subset) for r in active]
-        if self.graphs is None:
-            logits = self.model.forward_requests(inputs)
-        else:
-            logits = self.model.level_logits(inputs, self.graphs.hidden([(t, c) for t, c, _, _ in inputs]))
+        sizes = [t.shape[0] * t.shape[-1] for t, _, _, _ in inputs]
+        for group in chunks(active, sizes, self.chunk_rows):
+            part = [inputs[i] for i in group]
+            if self.graphs is None:
+                logits = self.model.forward_requests(part)
+            else:
+                logits = self.model.level_logits(part, self.graphs.hidden([(t, c) for t, c, _, _ in part]))
+            self._sample([active[i] for i in group], logits)
+
+    def _sample(self, requests: list[Request], logits: list) -> None:
         sample = self.model.ops.guide_sample_rank
-        for r, lg in zip(active, logits):
+        for r, lg in zip(requests, logits):
             try:
                 args, kwargs = r.sample_args()
                 tok, _, score = sample(lg, *args, **kwargs)

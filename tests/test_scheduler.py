@@ -9,7 +9,7 @@ import torch
 
 from stemgen.engine import Engine, SamplingConfig
 from stemgen.engine.request import Request
-from stemgen.engine.runner import StepLoop
+from stemgen.engine.runner import Runner, StepLoop, chunks
 from stemgen.train import StemGenConfig
 
 from helpers import make_model_dir
@@ -72,6 +72,28 @@ def test_batch_invariance_with_requests_joining(engine):
         solo.submit(ref)
         solo.run()
         assert torch.equal(r.tokens, ref.tokens), i
+
+
+def test_cpu_chunks_group_whole_requests_in_order():
+    assert chunks([0] * 5, [300, 300, 900, 100, 2000], 1000) == [[0, 1], [2, 3], [4]]
+    assert chunks([0] * 3, [300, 300, 900], 0) == [[0, 1, 2]]
+
+
+@pytest.mark.parametrize("chunk_rows", [0, 1, 300])
+def test_chunked_forwards_give_the_same_tokens(engine, chunk_rows):
+    """The CPU runs a large batch in chunks of requests (Runner.chunk_rows): one forward for all,
+    one per request, or a few per step give bit-identical tokens (fp32)."""
+    want = None
+    for rows in (chunk_rows, 10 ** 6):
+        loop = StepLoop(Runner(engine.lm, chunk_rows=rows))
+        reqs = [make_request(engine, i) for i in range(6)]
+        for r in reqs:
+            loop.submit(r)
+        loop.run()
+        got = [r.tokens for r in reqs]
+        if want is None:
+            want = got
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
 
 
 def test_frame_budget_limits_the_batch(engine):
