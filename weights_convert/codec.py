@@ -15,7 +15,8 @@ import torch
 
 from ..engine.codec import CodecConfig, check_codec_weights, expected_codec_shapes
 from ..engine.config import ModelFormatError, check_finite
-from .lm import read_pickle
+from .formats import read
+from .pickles import read_pickle
 
 # {encoder,decoder}.{model|layers}.{i}.[block.j.|shortcut.]{conv.conv|convtr.convtr|conv}.{param}
 _CONV = re.compile(r"^(encoder|decoder)\.(?:model|layers)\.(\d+)\.(?:(block\.\d+|shortcut)\.)?"
@@ -246,8 +247,6 @@ def read_encodec(src: Path) -> tuple[CodecConfig, dict]:
 def convert_codec(src: str | Path, fmt: str | None = None) -> tuple[CodecConfig, dict[str, torch.Tensor]]:
     """-> (engine codec config, engine codec tensors), validated against the config. ``fmt`` one of
     the codec formats of weights_convert.formats (detected from the content if None)."""
-    from .formats import read
-
     cfg, state = read("codec", src, fmt)
     where = str(src)
     weights = normalise_state(state, where)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..engine.errors import ModelFormatError
+from .pickles import looks_like_torch_file, read_pickle
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,6 @@ def get(kind: str, name: str) -> Format:
 
 def detect(kind: str, path: str | Path) -> Format:
     """The format of ``path`` from its content (each detector may raise a more specific hint)."""
-    from .lm import looks_like_torch_file, read_pickle
-
     path = Path(path)
     if not path.exists():
         raise ModelFormatError(f"{path}: no such file or folder")

@@ -9,23 +9,8 @@ import torch
 from ..engine.config import LMConfig, ModelFormatError, check_finite, check_shapes
 from ..train.config import StemGenConfig
 from ..train.model import StemGenLM
-
-def read_pickle(path: Path) -> object:
-    """A user's pickle, read with weights_only=True (no code runs); any failure is one ModelFormatError."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for corrupt / foreign files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelFormatError(f"{path}: cannot be read as a PyTorch checkpoint (corrupt, truncated or "
-                               f"another format): {first[:200]}") from None
-
-
-def looks_like_torch_file(path: Path) -> bool:
-    """A torch.save zip container or a legacy pickle, judged from the first bytes."""
-    with open(path, "rb") as fh:
-        head = fh.read(4)
-    return head == b"PK\x03\x04" or head[:1] == b"\x80"
-
+from .formats import read
+from .pickles import read_pickle
 
 def is_train(path: Path, load) -> bool:
     """Detector of the "train" format (weights_convert.formats)."""
@@ -38,7 +23,6 @@ def is_train(path: Path, load) -> bool:
 def load_lm_source(path: str | Path, fmt: str | None = None) -> tuple[StemGenConfig, dict[str, torch.Tensor]]:
     """Read and validate a source LM checkpoint (format ``fmt``, detected if None): its config and
     state dict."""
-    from .formats import read
     return read("lm", path, fmt)
 
 

@@ -1,0 +1,25 @@
+"""Reading users' checkpoint files: pickles with weights_only=True (no code runs), one clear error."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..engine.errors import ModelFormatError
+
+
+def read_pickle(path: Path) -> object:
+    """A user's pickle, read with weights_only=True (no code runs); any failure is one ModelFormatError."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for corrupt / foreign files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelFormatError(f"{path}: cannot be read as a PyTorch checkpoint (corrupt, truncated or "
+                               f"another format): {first[:200]}") from None
+
+
+def looks_like_torch_file(path: Path) -> bool:
+    """A torch.save zip container or a legacy pickle, judged from the first bytes."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    return head == b"PK\x03\x04" or head[:1] == b"\x80"
