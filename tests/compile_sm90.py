@@ -163,10 +163,12 @@ def main(argv=None) -> list[Result]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     ap.add_argument("--probe", action="store_true", help="compile only the spill probe")
+    ap.add_argument("--with-probe", action="store_true", help="compile every kernel and then the spill probe")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: the interpreter does not compile")
-    results = [compile_variant(v) for v in ([spill_probe()] if args.probe else variants())]
+    todo = [spill_probe()] if args.probe else variants() + ([spill_probe()] if args.with_probe else [])
+    results = [compile_variant(v) for v in todo]
     if args.json:
         print(json.dumps([dataclasses.asdict(r) for r in results]))
         return results

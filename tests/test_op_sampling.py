@@ -23,7 +23,7 @@ def guidance_weights(R):
 CASES = [  # R, M, V, temperature, top_k, top_p
     (3, 1, 37, 1.0, 0, 1.0), (3, 7, 50, 0.7, 0, 1.0), (2, 20, 64, 1.3, 0, 1.0), (1, 5, 2048, 1.0, 0, 1.0),
     (3, 9, 33, 0.0, 0, 1.0), (3, 4, 5000, 1.0, 0, 1.0), (2, 3, 5000, 0.0, 0, 1.0), (3, 6, 5000, 0.5, 0, 1.0),
-    (3, 257, 2048, 1.0, 0, 1.0), (3, 40, 64, 1.0, 5, 1.0), (3, 40, 64, 0.8, 0, 0.9), (2, 30, 50, 1.3, 10, 0.5),
+    (3, 65, 2048, 1.0, 0, 1.0), (3, 40, 64, 1.0, 5, 1.0), (3, 40, 64, 0.8, 0, 0.9), (2, 30, 50, 1.3, 10, 0.5),
     (1, 20, 2048, 1.0, 250, 0.95), (3, 25, 37, 1.0, 1, 1.0), (3, 25, 37, 0.7, 0, 0.05), (2, 9, 33, 0.0, 3, 0.5),
     (3, 64, 128, 1.2, 20, 0.8)]
 
@@ -49,14 +49,14 @@ def test_same_tokens_as_reference(fn, dtype, R, M, V, temperature, top_k, top_p)
 def test_distribution_and_batch_independence(fn, dtype):
     """Chi-square on the samples; a frame's token does not depend on which other frames are in the
     call (the noise is a function of (seed, level, step, frame))."""
-    V, M = 6, 3000
+    V, M = 6, 800
     row = torch.tensor([0.5, -0.2, 1.0, 0.0, -1.0, 0.3])
     logits = row.expand(1, M, V).contiguous()
     tok, _, _ = fn(logits, torch.ones(1), torch.arange(M), torch.ones(M, dtype=torch.bool), M, seed=5, level=0, step=0)
     counts = np.bincount(tok.numpy(), minlength=V)
     p = row.double().softmax(-1).numpy()
     assert stats.chisquare(counts, p / p.sum() * M).pvalue > 1e-3
-    sub = torch.tensor([10, 2999, 7, 1500])
+    sub = torch.tensor([10, 799, 7, 400])
     tok_sub, _, _ = fn(logits[:, :4], torch.ones(1), sub, torch.ones(4, dtype=torch.bool), M, seed=5, level=0, step=0)
     assert torch.equal(tok_sub, tok[sub])
 
@@ -64,8 +64,8 @@ def test_distribution_and_batch_independence(fn, dtype):
 @pytest.mark.parametrize("fn,dtype", VARIANTS)
 def test_top_k_top_p_really_filter(fn, dtype):
     """With top-k 1 every frame takes its most likely code; a tiny top-p does the same."""
-    logits = torch.randn(1, 50, 64, generator=torch.Generator().manual_seed(0))
-    args = (logits, torch.ones(1), torch.arange(50), torch.ones(50, dtype=torch.bool), 50)
+    logits = torch.randn(1, 16, 64, generator=torch.Generator().manual_seed(0))
+    args = (logits, torch.ones(1), torch.arange(16), torch.ones(16, dtype=torch.bool), 16)
     for kw in (dict(top_k=1), dict(top_p=1e-6)):
         assert torch.equal(fn(*args, seed=9, level=0, step=0, **kw)[0], logits[0].argmax(-1))
     assert not torch.equal(fn(*args, seed=9, level=0, step=0)[0], logits[0].argmax(-1))
