@@ -17,17 +17,22 @@ from .request import Request
 from .scheduler import Scheduler
 
 
-def cpu_chunk_rows() -> int:
+def cpu_chunk_rows(ffn_hidden: int) -> int:
     """Rows (frames x guidance rows) per forward on the CPU: a larger batch runs in chunks of whole
-    requests, so each forward's activations stay near cache size and a batch never runs slower
-    per frame than one request (STEMGEN_CPU_CHUNK_ROWS; 0 = one forward for the whole batch)."""
-    text = os.environ.get("STEMGEN_CPU_CHUNK_ROWS", str(DEFAULT_CPU_CHUNK_ROWS))
+    requests, so each forward's widest activation (the feed-forward's gate|up, 2 x ffn_hidden fp32
+    per row) stays within CPU_CHUNK_BYTES, near the last-level cache, and a batch runs about as fast
+    per frame as one request. Measured (2-core EPYC, 32 MB L3, small preset, batch 8 x 500 frames x 3
+    rows): 1,786 frames/s at 1,536-6,144 rows per forward, 1,395 at 12,288, 1,353 in one forward.
+    STEMGEN_CPU_CHUNK_ROWS overrides (0 = one forward for the whole batch)."""
+    text = os.environ.get("STEMGEN_CPU_CHUNK_ROWS")
+    if text is None:
+        return max(256, CPU_CHUNK_BYTES // (2 * ffn_hidden * 4))
     if not text.isdigit():
         raise ValueError(f"STEMGEN_CPU_CHUNK_ROWS={text!r}: a whole number of rows (0 = no chunking)")
     return int(text)
 
 
-DEFAULT_CPU_CHUNK_ROWS = 3072
+CPU_CHUNK_BYTES = 24 << 20
 
 
 def chunks(active: list[Request], sizes: list[int], limit: int) -> list[list[int]]:
@@ -54,7 +59,7 @@ class Runner:
         self.head_subset = model.device.type == "cpu" if head_subset is None else head_subset
         # on the CPU a large batch runs in chunks of requests (cpu_chunk_rows); on a GPU one forward
         on_cpu = model.device.type == "cpu" and graphs is None
-        self.chunk_rows = (cpu_chunk_rows() if on_cpu else 0) if chunk_rows is None else chunk_rows
+        self.chunk_rows = (cpu_chunk_rows(model.cfg.ffn_hidden) if on_cpu else 0) if chunk_rows is None else chunk_rows
 
     @property
     def device(self):
