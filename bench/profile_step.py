@@ -29,11 +29,20 @@ CATEGORIES = {"embed_sum": "embedding-sum", "attention": "attention", "rms_norm"
               "linear": "GEMMs (trunk)", "head_logits": "head GEMM"}
 
 
+_inside = []   # the named region running now: a GEMM inside the head's region is the head's
+
+
 def _named(name: str, fn):
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
-        with torch.profiler.record_function(f"region::{name}"):
+        if _inside:
             return fn(*args, **kwargs)
+        _inside.append(name)
+        try:
+            with torch.profiler.record_function(f"region::{name}"):
+                return fn(*args, **kwargs)
+        finally:
+            _inside.pop()
     return wrapped
 
 

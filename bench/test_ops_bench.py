@@ -1,6 +1,6 @@
 """pytest-benchmark: one group per op of the kernels table and shape, every implementation present
 on this device against the op's PyTorch reference, at StemGen shapes (d_model 1024 -> 512 per
-channel, 16 heads of 64, 2 channels, Q 4, 2048 codes, SwiGLU 2 x 2816; bf16; 3 and 24 rows;
+channel, 16 heads of 64, 2 channels, Q 4, 2048 codes, SwiGLU 2 x 2816; the engine's dtype; 3 and 24 rows;
 T = 500 frames on the CPU, 500/1000/1500 on CUDA):
     pytest bench/test_ops_bench.py [--benchmark-json out.json]
 CPU: the reference vs the C++ ops (and the codec's RVQ encode); CUDA: the reference vs the Triton
@@ -8,22 +8,39 @@ kernels (and torch SDPA alone, the bar for attention). Compare 'Mean' within a g
 figures with the CPU model / card in bench/RESULTS.md.
 Without a GPU, STEMGEN_BENCH_SMOKE=1 runs the Triton groups once on tiny shapes under the
 interpreter (a check of this file: tests/test_bench_files.py; figures meaningless)."""
+from __future__ import annotations
+
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from stemgen.engine.model import default_dtype
 from stemgen.kernels import OPS
 
 SMOKE = os.environ.get("STEMGEN_BENCH_SMOKE") == "1" and not torch.cuda.is_available()
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 BACKEND = "triton" if CUDA or SMOKE else "cpp"
-DTYPE = torch.float32 if SMOKE else torch.bfloat16   # the interpreter's bf16 dot is broken
+# the engine's dtype here (bf16 on CUDA and on CPUs with native bf16, else fp32); the
+# interpreter's bf16 dot is broken, so fp32 in the smoke run
+DTYPE = torch.float32 if SMOKE else default_dtype(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 T_S = [7] if SMOKE else [500, 1000, 1500] if CUDA else [500]
 ROWS = [3] if SMOKE else [3, 24]
 D, H, DH, V, HID = (64, 2, 32, 64, 44) if SMOKE else (1024, 16, 64, 2048, 2816)
+
+
+def backend_missing(backend: str) -> str | None:
+    """Why a fast backend cannot run here, or None."""
+    if backend == "cpp":
+        from stemgen import cpp_ext
+        return None if cpp_ext.available() else f"C++ extension {cpp_ext.status()}"
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return f"Triton not installed ({e})"
+    return None
 
 
 def implementations(op_name: str):
@@ -32,10 +49,9 @@ def implementations(op_name: str):
     out = [pytest.param(op.reference, id="reference")]
     variant = op.variants.get(BACKEND)
     if variant is not None and variant.accepts(DTYPE):
-        try:
-            out.append(pytest.param(variant.load(), id=BACKEND))
-        except ImportError as e:
-            out.append(pytest.param(None, id=BACKEND, marks=pytest.mark.skip(reason=f"{BACKEND}: {e}")))
+        missing = backend_missing(BACKEND)
+        out.append(pytest.param(None if missing else variant.load(), id=BACKEND,
+                                marks=[pytest.mark.skipif(missing is not None, reason=f"{BACKEND}: {missing}")]))
     return out
 
 
@@ -109,7 +125,7 @@ def test_guide_sample_rank(benchmark, fn, T):
           seed=0, level=0, step=0)
 
 
-if BACKEND == "cpp":   # the codec's RVQ encode has a C++ op (no Triton one)
+if BACKEND == "cpp" and backend_missing("cpp") is None:   # the codec's RVQ encode: a C++ op (no Triton one)
     @pytest.mark.parametrize("impl", ["reference", "cpp"])
     @pytest.mark.parametrize("N", [250, 1000])
     def test_rvq_encode(benchmark, impl, N):

@@ -85,6 +85,25 @@ def backend_missing(backend: str) -> str | None:
     return None
 
 
+def on_cuda(fn):
+    """fn run on CUDA copies of its tensor arguments, its tensor results brought back to the CPU
+    (the op tests build CPU tensors; on a GPU machine the Triton kernels get device tensors)."""
+    import functools
+
+    def move(x, dev):
+        if isinstance(x, torch.Tensor):
+            return x.to(dev)
+        if isinstance(x, (tuple, list)):
+            return type(x)(move(y, dev) for y in x)
+        return x
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        out = fn(*move(args, "cuda"), **{k: move(v, "cuda") for k, v in kwargs.items()})
+        return move(out, "cpu")
+    return wrapped
+
+
 def variants(op_name: str, dtypes=(torch.float32,)):
     """pytest params (fn, dtype), one per fast variant of the op in the kernels table and dtype it
     takes, ids like ``cpp-bfloat16``; a backend absent here is a skip that says why."""
@@ -98,6 +117,22 @@ def variants(op_name: str, dtypes=(torch.float32,)):
         for dtype in dtypes:
             if variant.accepts(dtype):
                 fn = None if missing else variant.load()
+                if fn is not None and backend == "triton" and torch.cuda.is_available():
+                    fn = on_cuda(fn)
                 params.append(pytest.param(fn, dtype, id=f"{backend}-{str(dtype).replace('torch.', '')}",
                                            marks=[pytest.mark.skipif(missing is not None, reason=missing or "")]))
     return params
+
+
+def _needs_cpp():
+    import pytest
+    missing = backend_missing("cpp")
+    return pytest.mark.skipif(missing is not None, reason=str(missing))
+
+
+NEEDS_CPP = _needs_cpp()   # a mark for the tests of the C++ ops' own checks
+
+
+def on_device(fn):
+    """``fn`` itself on a machine without CUDA; on a GPU machine, on CUDA copies (on_cuda)."""
+    return on_cuda(fn) if torch.cuda.is_available() else fn

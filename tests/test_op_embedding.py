@@ -5,7 +5,7 @@ import torch
 
 from stemgen.kernels.embedding import embed_sum_ref
 
-from helpers import variants
+from helpers import NEEDS_CPP, on_device, variants
 
 # fp32: the same sums in another order; half precision: fp32 accumulation, one rounding (one ulp)
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}
@@ -33,10 +33,11 @@ def test_triton_check_rejects_bad_ids():
     from stemgen.kernels.embedding_triton import embed_sum
 
     with pytest.raises(ValueError, match="token ids"):
-        embed_sum(torch.full((1, 1, 4, 2), 99), torch.zeros(1, 1, dtype=torch.long), torch.randn(40, 8),
+        on_device(embed_sum)(torch.full((1, 1, 4, 2), 99), torch.zeros(1, 1, dtype=torch.long), torch.randn(40, 8),
                   torch.randn(3, 8), torch.tensor([0]), check=True)
 
 
+@NEEDS_CPP
 def test_cpp_rejects_out_of_range_ids():
     from stemgen import cpp_ext
 

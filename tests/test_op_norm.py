@@ -5,7 +5,7 @@ import torch
 
 from stemgen.kernels.norm import add_rms_norm_ref, rms_norm_ref
 
-from helpers import variants
+from helpers import NEEDS_CPP, variants
 
 SHAPES = [(1, 24), (3, 96), (257, 1000), (5, 37 * 2), (40, 17)]
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -64,6 +64,7 @@ def test_rows_do_not_depend_on_the_batch(fn, dtype):
     assert torch.equal(fn(x, x, w, 1e-5)[1][7:8], fn(x[7:8], x[7:8], w, 1e-5)[1])
 
 
+@NEEDS_CPP
 def test_cpp_checks_shapes():
     from stemgen import cpp_ext
 

@@ -9,7 +9,7 @@ from scipy import stats
 from stemgen.kernels.rng import uniform
 from stemgen.kernels.sampling import guide_sample_rank_ref
 
-from helpers import variants
+from helpers import NEEDS_CPP, on_device, variants
 
 VARIANTS = variants("guide_sample_rank")
 
@@ -79,7 +79,7 @@ def test_triton_filters_in_kernel_up_to_4096_codes_and_falls_back_beyond():
         logits = torch.randn(1, 3, V, generator=torch.Generator().manual_seed(1))
         args = (logits, torch.ones(1), torch.arange(3), torch.ones(3, dtype=torch.bool), 3)
         before = K.fallbacks["top-k/top-p"]
-        a, b = K.guide_sample_rank(*args, seed=0, level=0, step=0, **kw), \
+        a, b = on_device(K.guide_sample_rank)(*args, seed=0, level=0, step=0, **kw), \
             guide_sample_rank_ref(*args, seed=0, level=0, step=0, **kw)
         assert torch.equal(a[0], b[0])
         return K.fallbacks["top-k/top-p"] - before
@@ -88,6 +88,7 @@ def test_triton_filters_in_kernel_up_to_4096_codes_and_falls_back_beyond():
     assert run(5000, top_p=0.9) == 1
 
 
+@NEEDS_CPP
 def test_cpp_same_random_numbers_as_reference():
     from stemgen import cpp_ext
 
@@ -96,6 +97,7 @@ def test_cpp_same_random_numbers_as_reference():
     assert torch.equal(uniform(0x1234ABCD, idx), got)
 
 
+@NEEDS_CPP
 def test_cpp_checks_shapes():
     from stemgen import cpp_ext
 

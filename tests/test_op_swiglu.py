@@ -5,7 +5,7 @@ import torch
 
 from stemgen.kernels.swiglu import silu_mul_ref
 
-from helpers import variants
+from helpers import NEEDS_CPP, variants
 from test_op_norm import SHAPES, close
 
 
@@ -23,6 +23,7 @@ def test_rows_do_not_depend_on_the_batch(fn, dtype):
     assert torch.equal(fn(x)[7:8], fn(x[7:8]))
 
 
+@NEEDS_CPP
 def test_cpp_checks_shapes():
     from stemgen import cpp_ext
 
