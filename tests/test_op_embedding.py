@@ -25,7 +25,9 @@ def test_matches_reference(fn, dtype, B, C, Q, T, dc, conds):
     want = embed_sum_ref(tokens, conditions, table, ctable, offsets)
     got = fn(tokens, conditions, table, ctable, offsets)
     assert got.dtype == dtype and got.shape == want.shape
-    assert ((got.float() - want.float()).abs() <= TOL[dtype] * want.float().abs().max()).all()
+    # fp32: the C++ op sums in the reference's order up to reassociation (1e-6), Triton within 1e-5
+    tol = 1e-6 if dtype == torch.float32 and "cpp_ext" in fn.__module__ else TOL[dtype]
+    assert ((got.float() - want.float()).abs() <= tol * want.float().abs().max()).all()
 
 
 def test_triton_check_rejects_bad_ids():

@@ -41,7 +41,9 @@ def test_same_tokens_as_reference(fn, dtype, R, M, V, temperature, top_k, top_p)
     tr, pr, sr = guide_sample_rank_ref(logits, weights, positions, masked, 3 * M, **kw)
     tk, pk, sk = fn(logits, weights, positions, masked, 3 * M, **kw)
     assert torch.equal(tr, tk), (tr != tk).sum()
-    assert torch.allclose(pr, pk, rtol=1e-4, atol=1e-6)
+    # the token's probability: Triton's exp matches torch's to 1e-5; the C++ op's vectorised exp to 1e-4
+    rtol, atol = (1e-4, 1e-6) if "cpp_ext" in fn.__module__ else (1e-5, 1e-7)
+    assert torch.allclose(pr, pk, rtol=rtol, atol=atol)
     assert torch.equal(sr.isinf(), sk.isinf()) and torch.allclose(sr[masked], sk[masked], rtol=1e-5, atol=1e-6)
 
 
