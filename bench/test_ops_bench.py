@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from stemgen.engine.backend import unavailable
 from stemgen.engine.model import default_dtype
 from stemgen.kernels import OPS
 
@@ -31,25 +32,13 @@ ROWS = [3] if SMOKE else [3, 24]
 D, H, DH, V, HID = (64, 2, 32, 64, 44) if SMOKE else (1024, 16, 64, 2048, 2816)
 
 
-def backend_missing(backend: str) -> str | None:
-    """Why a fast backend cannot run here, or None."""
-    if backend == "cpp":
-        from stemgen import cpp_ext
-        return None if cpp_ext.available() else f"C++ extension {cpp_ext.status()}"
-    try:
-        import triton  # noqa: F401
-    except ImportError as e:
-        return f"Triton not installed ({e})"
-    return None
-
-
 def implementations(op_name: str):
     """The reference and this device's fast variant of the op, where present and taking DTYPE."""
     op = OPS[op_name]
     out = [pytest.param(op.reference, id="reference")]
     variant = op.variants.get(BACKEND)
     if variant is not None and variant.accepts(DTYPE):
-        missing = backend_missing(BACKEND)
+        missing = unavailable(BACKEND, DEV)
         out.append(pytest.param(None if missing else variant.load(), id=BACKEND,
                                 marks=[pytest.mark.skipif(missing is not None, reason=f"{BACKEND}: {missing}")]))
     return out
@@ -125,7 +114,7 @@ def test_guide_sample_rank(benchmark, fn, T):
           seed=0, level=0, step=0)
 
 
-if BACKEND == "cpp" and backend_missing("cpp") is None:   # the codec's RVQ encode: a C++ op (no Triton one)
+if BACKEND == "cpp" and unavailable("cpp") is None:   # the codec's RVQ encode: a C++ op (no Triton one)
     @pytest.mark.parametrize("impl", ["reference", "cpp"])
     @pytest.mark.parametrize("N", [250, 1000])
     def test_rvq_encode(benchmark, impl, N):

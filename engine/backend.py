@@ -52,6 +52,20 @@ def triton_ops(dtype: torch.dtype) -> Ops:
     return backend_ops("triton", dtype)
 
 
+def unavailable(backend: str, device: torch.device | str = "cpu") -> str | None:
+    """Why ``backend`` ("cpp" or "triton") cannot run on ``device`` in this process, or None."""
+    if backend == "cpp":
+        from .. import cpp_ext
+        return None if cpp_ext.available() else f"C++ extension {cpp_ext.status()}"
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return f"Triton not installed ({e})"
+    if torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "Triton runs on CUDA, or on the CPU under TRITON_INTERPRET=1"
+    return None
+
+
 _selfcheck: dict[tuple, str | None] = {}
 
 

@@ -72,17 +72,8 @@ def tiny_model_dir(tmp: Path, name: str = "tiny", seed: int = 0) -> Path:
 
 def backend_missing(backend: str) -> str | None:
     """Why a fast backend cannot run in this test process, or None."""
-    if backend == "cpp":
-        from stemgen import cpp_ext
-        return None if cpp_ext.available() else f"C++ extension {cpp_ext.status()}"
-    try:
-        import triton  # noqa: F401
-    except ImportError as e:
-        return f"Triton not installed ({e})"
-    import os
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        return "Triton needs CUDA or TRITON_INTERPRET=1"
-    return None
+    from stemgen.engine.backend import unavailable
+    return unavailable(backend, "cuda" if torch.cuda.is_available() else "cpu")
 
 
 def on_cuda(fn):
