@@ -14,7 +14,7 @@ import torch
 from ..kernels import OPS
 
 log = logging.getLogger("stemgen")
-_warned = False
+_warned: set[tuple[str, str]] = set()   # fallbacks already reported
 
 
 class Ops:
@@ -93,41 +93,29 @@ def triton_selfcheck(device: torch.device, dtype: torch.dtype) -> str | None:
     return selfcheck("triton", device, dtype)
 
 
+HINTS = {"cpp": "; reinstall with a C++ compiler (pip install -e .) for the fast CPU path", "triton": ""}
+
+
 def select_ops(device: torch.device, dtype: torch.dtype) -> Ops:
-    global _warned
     choice = os.environ.get("STEMGEN_BACKEND", "auto")
     if choice not in ("auto", "reference", "cpp", "triton"):
         raise ValueError(f"STEMGEN_BACKEND={choice!r}: use auto, reference, cpp or triton")
     if choice == "reference":
         return Ops()
-    if device.type == "cuda" or choice == "triton":
-        try:
-            import triton  # noqa: F401
-        except ImportError as e:
-            if choice == "triton":
-                raise RuntimeError(f"STEMGEN_BACKEND=triton but Triton is unavailable: {e}") from None
-            log.warning("Triton unavailable (%s): PyTorch reference ops on %s", e, device)
-            return Ops()
+    backend = "triton" if device.type == "cuda" or choice == "triton" else "cpp" if device.type == "cpu" else None
+    if backend is None:
+        return Ops()
+    missing = unavailable(backend, device)
+    if missing is None and backend == "triton":
         problem = triton_selfcheck(device, dtype)
-        if problem is None:
-            return triton_ops(dtype)
-        if choice == "triton":
-            raise RuntimeError(f"STEMGEN_BACKEND=triton but the Triton kernels failed their self-check: {problem}")
-        log.warning("Triton kernels failed their self-check on %s (%s): using the PyTorch reference ops", device,
-                    problem)
-        ops = Ops()
-        ops.names = {k: f"{v} (Triton failed its self-check: {problem})" for k, v in ops.names.items()}
-        return ops
-    if device.type != "cpu":
-        return Ops()
-    from .. import cpp_ext
-
-    if not cpp_ext.available():
-        if choice == "cpp":
-            raise RuntimeError(f"STEMGEN_BACKEND=cpp but the C++ extension is {cpp_ext.status()}")
-        if not _warned:
-            log.warning("C++ extension %s; reinstall with a C++ compiler (pip install -e .) for the fast CPU path",
-                        cpp_ext.status())
-            _warned = True
-        return Ops()
-    return backend_ops("cpp", dtype)
+        missing = problem and f"the Triton kernels failed their self-check: {problem}"
+    if missing is None:
+        return backend_ops(backend, dtype)
+    if choice == backend:
+        raise RuntimeError(f"STEMGEN_BACKEND={backend} but {missing}")
+    if (missing, str(device)) not in _warned:   # once per cause and device
+        log.warning("%s on %s: PyTorch reference ops%s", missing, device, HINTS[backend])
+        _warned.add((missing, str(device)))
+    ops = Ops()
+    ops.names = {k: f"{v} ({missing})" for k, v in ops.names.items()}
+    return ops

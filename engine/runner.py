@@ -35,11 +35,11 @@ def cpu_chunk_rows(ffn_hidden: int) -> int:
 CPU_CHUNK_BYTES = 24 << 20
 
 
-def chunks(active: list[Request], sizes: list[int], limit: int) -> list[list[int]]:
-    """Indices of ``active`` in order, grouped so each group's rows total <= limit (a request
-    larger than the limit runs alone); limit 0: one group."""
+def chunks(sizes: list[int], limit: int) -> list[list[int]]:
+    """Indices of requests of ``sizes`` rows, in order, grouped so each group's rows total <= limit
+    (a request larger than the limit runs alone); limit 0: one group."""
     if not limit:
-        return [list(range(len(active)))]
+        return [list(range(len(sizes)))]
     out, rows = [[]], 0
     for i, n in enumerate(sizes):
         if out[-1] and rows + n > limit:
@@ -73,7 +73,7 @@ class Runner:
             return
         inputs = [r.rows(self.head_subset) for r in active]
         sizes = [t.shape[0] * t.shape[-1] for t, _, _, _ in inputs]
-        for group in chunks(active, sizes, self.chunk_rows):
+        for group in chunks(sizes, self.chunk_rows):
             part = [inputs[i] for i in group]
             if self.graphs is None:
                 logits = self.model.forward_requests(part)

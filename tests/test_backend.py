@@ -111,6 +111,7 @@ def test_selfcheck_passes_and_a_failing_kernel_falls_back_loudly(monkeypatch, ca
     with pytest.raises(RuntimeError, match="self-check: RuntimeError: PTX compilation failed"):
         backend.select_ops(cpu, torch.float32)
     backend._selfcheck.clear()
+    backend._warned.clear()   # the fallback is reported once per cause: make this one the first
     if not torch.cuda.is_available():  # auto on a "cuda" device that cannot run: loud fallback
         monkeypatch.setenv("STEMGEN_BACKEND", "auto")
         monkeypatch.setattr(logging.getLogger("stemgen"), "propagate", True)  # the CLI tests route it to stderr
