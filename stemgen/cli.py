@@ -141,9 +141,11 @@ def convert(lm: Path = typer.Option(..., "--lm", help=f"LM checkpoint: {describe
     from .weights_convert import convert_train_checkpoint, write_model_dir
     from .weights_convert.codec import convert_codec
     from .weights_convert.lm import training_window
+    from .weights_convert.pickles import PickleFile
 
     def work():
-        lm_cfg, instruments, lm_state = convert_train_checkpoint(lm, lm_format, resolve_dtype(dtype))
+        source = PickleFile(lm)   # unpickled once: detection, conversion and the training window
+        lm_cfg, instruments, lm_state = convert_train_checkpoint(source, lm_format, resolve_dtype(dtype))
         weights, codec_cfg = {"lm": lm_state}, None
         if codec is not None:
             codec_cfg, weights["codec"] = convert_codec(codec, codec_format)
@@ -153,7 +155,7 @@ def convert(lm: Path = typer.Option(..., "--lm", help=f"LM checkpoint: {describe
         config = ModelConfig(lm=lm_cfg, instruments=instruments, dtype=str(resolve_dtype(dtype)).split(".")[-1],
                              codec=codec_cfg.to_dict() if codec_cfg else None,
                              weights={"lm": LM_WEIGHTS, "codec": CODEC_WEIGHTS if codec_cfg else None},
-                             window=training_window(lm))
+                             window=training_window(source))
         return write_model_dir(out, config, weights, overwrite=force)
 
     path = run_guarded(work)

@@ -172,3 +172,16 @@ def test_format_table_drives_detection_choices_and_help():
         assert f.name in res.output
     with pytest.raises(ModelFormatError, match="choose one of audiocraft, hf, encodec"):
         get("codec", "wav")
+
+
+def test_convert_unpickles_the_checkpoint_once(tmp_path, ckpt, monkeypatch):
+    """Detection, conversion and the training window share one read of the user's pickle (a paper-size
+    checkpoint is a GB: reading it three times cost seconds and memory)."""
+    from stemgen.weights_convert import pickles
+
+    reads = []
+    real = pickles.read_pickle
+    monkeypatch.setattr(pickles, "read_pickle", lambda path: reads.append(path) or real(path))
+    res, out = convert(tmp_path, ckpt)
+    assert res.exit_code == 0, res.output
+    assert reads == [ckpt]

@@ -215,7 +215,7 @@ def is_encodec(src: Path, load) -> bool:
     return isinstance(obj, dict) and any(str(k).startswith("encoder.model.") for k in obj)
 
 
-def read_hf(src: Path) -> tuple[CodecConfig, dict]:
+def read_hf(src: Path, load) -> tuple[CodecConfig, dict]:
     if not src.is_dir():
         raise ModelFormatError(f"{src}: --codec-format hf takes the model folder")
     try:
@@ -226,8 +226,8 @@ def read_hf(src: Path) -> tuple[CodecConfig, dict]:
     return hf_config(hf_cfg, _n_q(state), str(src)), state
 
 
-def read_audiocraft(src: Path) -> tuple[CodecConfig, dict]:
-    obj = read_pickle(src)
+def read_audiocraft(src: Path, load) -> tuple[CodecConfig, dict]:
+    obj = load()
     if not (isinstance(obj, dict) and "best_state" in obj and "xp.cfg" in obj):
         raise ModelFormatError(f"{src}: not an audiocraft export (needs 'best_state' and 'xp.cfg')")
     state = obj["best_state"]
@@ -237,8 +237,8 @@ def read_audiocraft(src: Path) -> tuple[CodecConfig, dict]:
     return audiocraft_config(obj["xp.cfg"], str(src)), state
 
 
-def read_encodec(src: Path) -> tuple[CodecConfig, dict]:
-    state = read_pickle(src)
+def read_encodec(src: Path, load) -> tuple[CodecConfig, dict]:
+    state = load()
     if not isinstance(state, dict):
         raise ModelFormatError(f"{src}: not a state dict")
     return encodec_th_config(state, _n_q(state), str(src)), state

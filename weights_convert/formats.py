@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..engine.errors import ModelFormatError
-from .pickles import looks_like_torch_file, read_pickle
+from .pickles import PickleFile, pickle_file
 
 
 @dataclass(frozen=True)
@@ -18,8 +18,8 @@ class Format:
     name: str        # the --lm-format / --codec-format value
     kind: str        # "lm" or "codec"
     what: str        # what the user passes, for help and errors
-    detect: str      # "module:function" (path, load) -> bool; load() reads the pickle once (None if not one)
-    read: str        # "module:function" (path) -> (config, state dict)
+    detect: str      # "module:function" (path, load) -> bool; load(): the unpickled file, or None if not one
+    read: str        # "module:function" (path, load) -> (config, state dict); load(): the unpickled file
 
     def fn(self, which: str) -> Callable:
         module, name = getattr(self, which).split(":")
@@ -53,18 +53,12 @@ def get(kind: str, name: str) -> Format:
                            f"{', '.join(f.name for f in formats(kind))}")
 
 
-def detect(kind: str, path: str | Path) -> Format:
-    """The format of ``path`` from its content (each detector may raise a more specific hint)."""
-    path = Path(path)
+def detect(kind: str, src: str | Path | PickleFile) -> Format:
+    """The format of ``src`` from its content (each detector may raise a more specific hint)."""
+    file = pickle_file(src)
+    path, load = file.path, file.load_if_torch
     if not path.exists():
         raise ModelFormatError(f"{path}: no such file or folder")
-    cache: list = []
-
-    def load():
-        if not cache:
-            cache.append(read_pickle(path) if path.is_file() and looks_like_torch_file(path) else None)
-        return cache[0]
-
     for f in formats(kind):
         if f.fn("detect")(path, load):
             return f
@@ -74,7 +68,9 @@ def detect(kind: str, path: str | Path) -> Format:
                            f"supported: {describe(kind)}")
 
 
-def read(kind: str, path: str | Path, name: str | None = None):
-    """-> (source config, state dict) of ``path`` in format ``name`` (detected if None)."""
-    f = get(kind, name) if name else detect(kind, path)
-    return f.fn("read")(Path(path))
+def read(kind: str, src: str | Path | PickleFile, name: str | None = None):
+    """-> (source config, state dict) of ``src`` in format ``name`` (detected if None); the file is
+    unpickled once for detection and reading together."""
+    file = pickle_file(src)
+    f = get(kind, name) if name else detect(kind, file)
+    return f.fn("read")(file.path, file.load)

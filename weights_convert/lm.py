@@ -10,7 +10,7 @@ from ..engine.config import LMConfig, ModelFormatError, check_finite, check_shap
 from ..train.config import StemGenConfig
 from ..train.model import StemGenLM
 from .formats import read
-from .pickles import read_pickle
+from .pickles import PickleFile, pickle_file
 
 def is_train(path: Path, load) -> bool:
     """Detector of the "train" format (weights_convert.formats)."""
@@ -20,15 +20,15 @@ def is_train(path: Path, load) -> bool:
     return isinstance(obj, dict) and "config" in obj and "model" in obj
 
 
-def load_lm_source(path: str | Path, fmt: str | None = None) -> tuple[StemGenConfig, dict[str, torch.Tensor]]:
+def load_lm_source(path: str | Path | PickleFile, fmt: str | None = None) -> tuple[StemGenConfig, dict[str, torch.Tensor]]:
     """Read and validate a source LM checkpoint (format ``fmt``, detected if None): its config and
     state dict."""
     return read("lm", path, fmt)
 
 
-def read_train(path: Path) -> tuple[StemGenConfig, dict[str, torch.Tensor]]:
+def read_train(path: Path, load) -> tuple[StemGenConfig, dict[str, torch.Tensor]]:
     """Reader of the "train" format: config validated by the schema, tensors by shape and value."""
-    ck = read_pickle(path)
+    ck = load()
     if not (isinstance(ck, dict) and isinstance(ck.get("config"), dict) and isinstance(ck.get("model"), dict)):
         raise ModelFormatError(f"{path}: not a training checkpoint (needs dict keys 'config' and 'model')")
     from ..engine.schema import TRAIN_SPEC, check
@@ -79,7 +79,8 @@ def convert_train_state(cfg: StemGenConfig, state: dict[str, torch.Tensor],
     return out
 
 
-def convert_train_checkpoint(path: str | Path, fmt: str | None = None, dtype: torch.dtype = torch.float32):
+def convert_train_checkpoint(path: str | Path | PickleFile, fmt: str | None = None,
+                             dtype: torch.dtype = torch.float32):
     """-> (LMConfig, instrument names, engine LM tensors)."""
     cfg, state = load_lm_source(path, fmt)
     return engine_lm_config(cfg), list(cfg.instruments), convert_train_state(cfg, state, dtype)
@@ -105,9 +106,9 @@ def train_state_from_engine(cfg: StemGenConfig, engine: dict[str, torch.Tensor])
     return out
 
 
-def training_window(path: str | Path) -> int | None:
+def training_window(path: str | Path | PickleFile) -> int | None:
     """The crop length (frames) a `stemgen train` checkpoint was trained on, if it says: the engine
     generates longer contexts window by window."""
-    ck = read_pickle(Path(path))
+    ck = pickle_file(path).load()
     frames = (ck.get("train_config") or {}).get("frames") if isinstance(ck, dict) else None
     return frames if isinstance(frames, int) and not isinstance(frames, bool) and 8 <= frames <= 1 << 20 else None

@@ -23,3 +23,28 @@ def looks_like_torch_file(path: Path) -> bool:
     with open(path, "rb") as fh:
         head = fh.read(4)
     return head == b"PK\x03\x04" or head[:1] == b"\x80"
+
+
+class PickleFile:
+    """A user's checkpoint file, unpickled at most once however many detectors and readers ask
+    (format detection, the reader, the training window: a large checkpoint is read one time)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._obj, self._read = None, False
+
+    def load(self) -> object:
+        """The unpickled object; one ModelFormatError if the file is not a readable checkpoint."""
+        if not self._read:
+            self._obj, self._read = read_pickle(self.path), True
+        return self._obj
+
+    def load_if_torch(self) -> object:
+        """For detectors: the object, or None if the path is not a PyTorch checkpoint file at all."""
+        if not self._read and not (self.path.is_file() and looks_like_torch_file(self.path)):
+            return None
+        return self.load()
+
+
+def pickle_file(src: str | Path | PickleFile) -> PickleFile:
+    return src if isinstance(src, PickleFile) else PickleFile(src)
