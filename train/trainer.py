@@ -225,19 +225,20 @@ def train_lm(cache: str | Path, out: str | Path, cfg: TrainConfig, device: str =
         sched.step()
         step += 1
         frames_seen += tok.shape[0] * tok.shape[-1] * dist.world
-        if not math.isfinite(float(loss)):
-            raise TrainError(f"loss became {float(loss)} at step {step}; lower --lr")
+        loss_value = loss.detach().item()
+        if not math.isfinite(loss_value):
+            raise TrainError(f"loss became {loss_value} at step {step}; lower --lr")
         if dist.main:
             rate = frames_seen / (time.time() - t0)
             if progress:
-                progress(step, cfg.steps, float(loss), rate)
+                progress(step, cfg.steps, loss_value, rate)
             if step % every == 0 or step == cfg.steps:
-                metrics.write(json.dumps({"step": step, "loss": float(loss), "grad_norm": float(gnorm),
+                metrics.write(json.dumps({"step": step, "loss": loss_value, "grad_norm": float(gnorm),
                                           "lr": sched.get_last_lr()[0], "frames_per_s": rate}) + "\n")
                 metrics.flush()
                 if not progress:
                     eta = (cfg.steps - step) / max((step - step0) / (time.time() - t0), 1e-9)
-                    log(f"step {step}/{cfg.steps} loss {float(loss):.3f} lr {sched.get_last_lr()[0]:.2e} "
+                    log(f"step {step}/{cfg.steps} loss {loss_value:.3f} lr {sched.get_last_lr()[0]:.2e} "
                         f"| {rate:.0f} frames/s | eta {eta / 60:.1f} min")
         if step % cfg.val_every == 0 or step == cfg.steps:
             if dist.main:
