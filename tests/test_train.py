@@ -143,3 +143,28 @@ def test_torchrun_ddp_two_cpu_processes(cache, tmp_path):
     ck = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert ck["config"]["world"] == 2 and len(ck["ranks"]) == 2 and ck["step"] == 2
     assert ck["ranks"][0]["numpy"] != ck["ranks"][1]["numpy"]
+
+
+def test_validation_measures_listening(cache, tmp_path):
+    """Validation reports the level-0 loss of a fully masked target with the song's context and with
+    the NULL context; the gain is their difference, and exactly 0 when the context is already NULL."""
+    from stemgen.train import StemGenLM, preset
+    from stemgen.train.trainer import listening
+
+    run = tmp_path / "run"
+    train_lm(cache, run, tiny_cfg(steps=4), log=lambda m: None, every=1)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    v = [r for r in rows if "val_listen_gain" in r][-1]
+    assert v["val_listen_gain"] == pytest.approx(v["val_blank_null_q0"] - v["val_blank_q0"])
+    assert v["val_blank_q0"] > 0 and v["val_blank_q0"] != v["val_blank_null_q0"]
+
+    torch.manual_seed(0)
+    model = StemGenLM(preset("tiny", **TINY_LM, instruments=["bass", "drums", "synth_lead", "synth_pad"])).eval()
+    sampler = PairSampler(TokenCorpus(cache), model.cfg.instruments, frames=40)
+    tok, inst = sampler.sample(3, np.random.default_rng(0))
+    state = torch.get_rng_state()
+    real = listening(model, [(tok, inst)], None)
+    assert torch.equal(torch.get_rng_state(), state)        # the training RNG stream is untouched
+    assert real["val_listen_gain"] != 0
+    tok[:, 0] = model.cfg.null_id
+    assert listening(model, [(tok, inst)], None)["val_listen_gain"] == 0.0

@@ -100,8 +100,37 @@ def validate(model: StemGenLM, batches, amp) -> dict:
         out[f"val_loss_q{q}"] = nll / max(count, 1)
         out[f"val_acc_q{q}"] = correct / max(count, 1)
     out["val_loss"] = sum(out[f"val_loss_q{q}"] for q in range(cfg.n_q)) / cfg.n_q
+    out.update(listening(model, batches, amp))
     model.train()
     return out
+
+
+@torch.no_grad()
+def listening(model: StemGenLM, batches, amp) -> dict:
+    """Does the model listen? Level-0 loss on the held-out targets with EVERY frame masked (the
+    sampler's first step: nothing of the target to copy from), given the song's context
+    (``val_blank_q0``) and given the NULL context (``val_blank_null_q0``). Their difference
+    (``val_listen_gain``, nats per frame) is what the context tells the model; the half-masked
+    losses above can be low from in-painting alone."""
+    cfg = model.cfg
+    res = {}
+    for name, null in (("val_blank_q0", False), ("val_blank_null_q0", True)):
+        nll, count = 0.0, 0
+        for tok, inst in batches:
+            tok = tok.clone()
+            if null:
+                tok[:, 0] = cfg.null_id
+            B = tok.shape[0]
+            g = torch.Generator(device=tok.device).manual_seed(0)  # (all masked: only keeps the global RNG untouched)
+            inp, _ = masked_batch(tok, torch.zeros(B, dtype=torch.long, device=tok.device),
+                                  torch.ones(B, device=tok.device), cfg.mask_id, g)
+            with torch.autocast(tok.device.type, dtype=amp, enabled=amp is not None):
+                logits = model(inp, inst[:, None])[:, 0].float()
+            nll += float(F.cross_entropy(logits.flatten(0, 1), tok[:, -1, 0].flatten(), reduction="sum"))
+            count += tok[:, -1, 0].numel()
+        res[name] = nll / max(count, 1)
+    res["val_listen_gain"] = res["val_blank_null_q0"] - res["val_blank_q0"]
+    return res
 
 
 def plot_curves(metrics_path: Path, png: Path) -> None:
@@ -113,7 +142,9 @@ def plot_curves(metrics_path: Path, png: Path) -> None:
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     tr = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     va = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    blank = [(r["step"], r["val_blank_q0"], r["val_blank_null_q0"]) for r in rows if "val_blank_q0" in r]
+    fig, axes = plt.subplots(1, 2 if blank else 1, figsize=(12 if blank else 7, 4), squeeze=False)
+    ax = axes[0, 0]
     if tr:
         ax.plot(*zip(*tr), label="train loss", lw=1)
     if va:
@@ -122,6 +153,15 @@ def plot_curves(metrics_path: Path, png: Path) -> None:
     ax.set_ylabel("cross-entropy (nats)")
     ax.grid(alpha=0.3)
     ax.legend()
+    if blank:
+        ax = axes[0, 1]
+        steps, ctx, null = zip(*blank)
+        ax.plot(steps, ctx, "o-", label="with the song's context")
+        ax.plot(steps, null, "s--", label="NULL context")
+        ax.set_title("listening: level-0 loss, target fully masked")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     tmp = png.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=100)
@@ -246,7 +286,9 @@ def train_lm(cache: str | Path, out: str | Path, cfg: TrainConfig, device: str =
                 metrics.write(json.dumps({"step": step, **v}) + "\n")
                 metrics.flush()
                 log(f"validation at step {step}: loss {v['val_loss']:.3f}; accuracy per level "
-                    + " ".join(f"{v[f'val_acc_q{q}']:.3f}" for q in range(mcfg.n_q)))
+                    + " ".join(f"{v[f'val_acc_q{q}']:.3f}" for q in range(mcfg.n_q))
+                    + f"; blank level 0 {v['val_blank_q0']:.3f} (NULL context {v['val_blank_null_q0']:.3f}, "
+                    f"listening gain {v['val_listen_gain']:.3f})")
                 plot_curves(out / "metrics.jsonl", out / "loss.png")
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             ranks = dist.gather({"numpy": rng.bit_generator.state, "gen": gen.get_state(),
