@@ -263,6 +263,12 @@ def run_bench(*, model_dir=None, config_name: str = "small", duration: float = 1
 SATURATION = 0.9
 
 
+def rate(x: float) -> str:
+    """A throughput for a table: whole numbers from 10 up, three significant digits below (a
+    paper-size model on a CPU makes 0.28 frames/s, not 0)."""
+    return f"{x:.0f}" if x >= 10 else f"{x:.3g}"
+
+
 def result_rows(report: dict):
     """Yield (result entry, 'engine' or 'baseline', that run's figures) in table order."""
     for r in report["results"]:

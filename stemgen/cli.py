@@ -425,7 +425,7 @@ def bench(
     json_path: Optional[Path] = typer.Option(None, "--json", help="write all figures (and the machine) as JSON"),
 ):
     """Time whole generations: the engine vs the baseline a careful peer user runs, same process."""
-    from .bench import result_rows, run_bench
+    from .bench import rate, result_rows, run_bench
     from .engine.api import pick_device
 
     def work():
@@ -449,8 +449,8 @@ def bench(
     for r, name, s in result_rows(report):
         ratio = f"{r['speedup_frames_per_s']:.2f}x" if name == "engine" and "baseline" in r else ""
         t.add_row(str(r["batch"]), name, f"{s['wall_s']:.2f}", f"{s['step_latency_ms']:.1f}",
-                  f"{s['transformer_passes_per_s']:.1f}", f"{s['frames_per_s']:.0f}",
-                  f"{s['audio_s_per_wall_s']:.2f}", f"{s['peak_mb']:.0f}", ratio)
+                  f"{s['transformer_passes_per_s']:.1f}", rate(s['frames_per_s']),
+                  rate(s['audio_s_per_wall_s']), f"{s['peak_mb']:.0f}", ratio)
     Console(soft_wrap=True, width=max(console.width, 130)).print(t)
     m, st = report["machine"], report["settings"]
     console.print(f"machine: {m.get('gpu') or m['processor']}, {m['cpu_threads']} threads, torch {m['torch']}; "

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .engine.fileutil import atomic_write_text
 
-from .bench import result_rows
+from .bench import rate, result_rows
 
 FAST_IMPLS = ("triton", "cpp", "engine")
 
@@ -50,7 +50,7 @@ def render_generation(name: str, rep: dict) -> list[str]:
         ratio = f"**{r['speedup_frames_per_s']:.2f}x**" if run == "engine" and "baseline" in r else ""
         agree = f"{100 * r['token_agreement']:.1f}%" if run == "engine" and "token_agreement" in r else ""
         rows.append([str(r["batch"]), run, f"{x['wall_s']:.3f}", f"{x['step_latency_ms']:.2f}",
-                     f"{x['frames_per_s']:.0f}", f"{x['audio_s_per_wall_s']:.2f}", f"{x['peak_mb']:.0f}", ratio, agree])
+                     rate(x['frames_per_s']), rate(x['audio_s_per_wall_s']), f"{x['peak_mb']:.0f}", ratio, agree])
     lines += _table(["batch", "run", "wall s", "step ms", "frames/s", "audio s per s", "peak MB", "ratio",
                      "tokens equal to baseline's"], rows)
     if has_base and s["engine_dtype"] != s["baseline_dtype"]:

@@ -96,3 +96,9 @@ def test_bench_report_bad_inputs(tmp_path):
         res = runner.invoke(app, ["bench-report", str(f), "--out", str(out)])
         assert res.exit_code != 0 and msg in res.stderr, res.output
         assert not out.exists() and not list(tmp_path.glob(".R.md*"))
+
+
+def test_rates_keep_their_digits_below_ten():
+    from stemgen.bench import rate
+
+    assert [rate(x) for x in (0.2756, 0.005511, 1.2795, 63.6, 1995.7)] == ["0.276", "0.00551", "1.28", "64", "1996"]
