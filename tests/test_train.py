@@ -168,3 +168,29 @@ def test_validation_measures_listening(cache, tmp_path):
     assert real["val_listen_gain"] != 0
     tok[:, 0] = model.cfg.null_id
     assert listening(model, [(tok, inst)], None)["val_listen_gain"] == 0.0
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.3, 1.0])
+def test_training_drops_each_conditioning_source(rate):
+    """SPEC 5: the context audio and the instrument are dropped independently (multi-source CFG
+    evaluates p(t | instrument) with a NULL context and p(t) with both NULL)."""
+    from stemgen.train import StemGenLM, preset
+
+    torch.manual_seed(0)
+    cfg = preset("tiny", **TINY_LM, instruments=["bass", "drums", "synth_lead", "synth_pad"])
+    cfg.cond_dropout = rate
+    model = StemGenLM(cfg)
+    seen = {}
+    model.embed = lambda tokens, conditions: seen.update(tokens=tokens, cond=conditions) or \
+        StemGenLM.embed(model, tokens, conditions)
+    B = 400
+    tok = torch.randint(0, cfg.codebook_size, (B, 2, cfg.n_q, 12))
+    inst = torch.randint(0, 4, (B, 1))
+    StemGenLM.training_loss(model, tok, inst, generator=torch.Generator().manual_seed(1))
+    ctx_null = (seen["tokens"][:, 0] == cfg.null_id).flatten(1)
+    assert (ctx_null.all(1) | ~ctx_null.any(1)).all()             # a whole context, or none of it
+    assert torch.equal(seen["tokens"][~ctx_null.all(1), 0], tok[~ctx_null.all(1), 0])  # never masked
+    deaf, no_inst = ctx_null.all(1).float(), (seen["cond"][:, 0] == 4).float()
+    assert abs(deaf.mean() - rate) < 0.07 and abs(no_inst.mean() - rate) < 0.07
+    if 0 < rate < 1:   # independent: both dropped about rate^2 of the time
+        assert abs((deaf * no_inst).mean() - rate ** 2) < 0.05

@@ -123,7 +123,10 @@ class StemGenLM(nn.Module):
 
     def training_loss(self, tokens, conditions, generator=None):
         """SPEC 5 masking: one level q per example, cos-schedule mask on the target's level q,
-        levels > q fully masked, context untouched, per-source condition dropout; CE on masked positions."""
+        levels > q fully masked, context never masked; independent dropout of each conditioning
+        source (the context audio -> NULL tokens, each categorical condition -> its NULL row), so
+        the model learns the p(t | instrument) and p(t) that multi-source CFG asks for; CE on the
+        masked positions."""
         cfg = self.cfg
         B, C, Q, T = tokens.shape
         dev = tokens.device
@@ -139,6 +142,8 @@ class StemGenLM(nn.Module):
         drop = torch.rand(conditions.shape, device=dev, generator=generator) < cfg.cond_dropout
         nulls = torch.tensor(cfg.cond_sizes, device=dev)[None, :].expand_as(conditions)
         cond = torch.where(drop, nulls, conditions)
+        deaf = torch.rand(B, device=dev, generator=generator) < cfg.cond_dropout  # the context source
+        inp[:, :-1] = torch.where(deaf[:, None, None, None], cfg.null_id, inp[:, :-1])
         logits = self(inp, cond)  # [B, Q, T, card]
         sel = logits[torch.arange(B, device=dev), q]  # [B, T, card]
         tgt = target[torch.arange(B, device=dev), q]  # [B, T]
