@@ -119,7 +119,7 @@ def listening(model: StemGenLM, batches, amp) -> dict:
         for tok, inst in batches:
             tok = tok.clone()
             if null:
-                tok[:, 0] = cfg.null_id
+                tok[:, :-1] = cfg.null_id   # every context channel
             B = tok.shape[0]
             g = torch.Generator(device=tok.device).manual_seed(0)  # (all masked: only keeps the global RNG untouched)
             inp, _ = masked_batch(tok, torch.zeros(B, dtype=torch.long, device=tok.device),
