@@ -133,6 +133,19 @@ def listening(model: StemGenLM, batches, amp) -> dict:
     return res
 
 
+def drop_metrics_after(path: Path, step: int) -> None:
+    """On resume: forget the metrics of steps after the checkpoint (a run stopped between two
+    checkpoints logged steps it will now redo), so metrics.jsonl holds each step once."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(keep) != len(lines):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, path)
+
+
 def plot_curves(metrics_path: Path, png: Path) -> None:
     import matplotlib
 
@@ -244,6 +257,7 @@ def train_lm(cache: str | Path, out: str | Path, cfg: TrainConfig, device: str =
         gen.set_state(r["gen"])
         torch.set_rng_state(r["torch"])
         if dist.main:
+            drop_metrics_after(out / "metrics.jsonl", step)
             log(f"resumed from {ck} at step {step}")
     amp = autocast_dtype(cfg, dev)
     if dist.main:
