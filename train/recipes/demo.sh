@@ -26,11 +26,14 @@ stemgen train-codec toy-codec --out codec4 --init-from codec3/last.pt --steps 80
   --lr 5e-4 --warmup 20 --l1-weight 30 --bass-weight 1 --seed 3 --threads 2
 
 # LM: d 256 x 4 layers, 10 s crops, contexts = one other stem or all others ("rest"). Trained in
-# two sittings: the first was stopped after its step-700 checkpoint, the second resumed it
-# (exactly: optimizer, schedule, data order, RNG) and was stopped after its step-1500 checkpoint;
-# the last command (same options, --steps 1500) only writes lm/model.pt from that checkpoint.
+# three sittings, each resuming the one before exactly (optimizer, schedule, data order, RNG): the
+# first was stopped after its step-700 checkpoint, the second after step 1500, the third after
+# step 2800; the last command (same options, --steps 2800) only writes lm/model.pt from that
+# checkpoint. Steps 0-2100 ran with a trainer that never dropped the context (only the
+# instrument); the fix (the context is dropped too, SPEC 5) came in at step 2100. This command with
+# today's trainer drops both from step 0.
 stemgen train toy-train --codec codec4/compression_state_dict.bin --out lm --contexts rest \
-  --preset small --n-layers 4 --frames 500 --batch-size 16 --steps 1500 --lr 1.5e-3 --warmup 100 \
+  --preset small --n-layers 4 --frames 500 --batch-size 16 --steps 2800 --lr 1.5e-3 --warmup 100 \
   --decay-every 1000 --decay-rate 0.3 --val-songs 8 --val-every 100 --seed 0 --threads 2
 
 stemgen convert --lm lm/model.pt --codec codec4/compression_state_dict.bin --out demo_model --dtype float16
