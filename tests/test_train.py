@@ -193,7 +193,7 @@ def test_training_drops_each_conditioning_source(rate):
     ctx_null = (seen["tokens"][:, 0] == cfg.null_id).flatten(1)
     assert (ctx_null.all(1) | ~ctx_null.any(1)).all()             # a whole context, or none of it
     assert torch.equal(seen["tokens"][~ctx_null.all(1), 0], tok[~ctx_null.all(1), 0])  # never masked
-    deaf, no_inst = ctx_null.all(1).float(), (seen["cond"][:, 0] == 4).float()
+    deaf, no_inst = ctx_null.all(1).float(), (seen["cond"][:, 0] == cfg.cond_sizes[0]).float()
     assert abs(deaf.mean() - rate) < 0.07 and abs(no_inst.mean() - rate) < 0.07
     if 0 < rate < 1:   # independent: both dropped about rate^2 of the time
         assert abs((deaf * no_inst).mean() - rate ** 2) < 0.05

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..engine.fileutil import atomic_write_text
 from .config import StemGenConfig, preset
 from .data import PairSampler, TokenCorpus, instrument_name
 from .loop import TrainError, atomic_torch_save, load_resume
@@ -80,55 +81,51 @@ def masked_batch(tokens, q: torch.Tensor, frac: torch.Tensor, mask_id: int, gene
 
 
 @torch.no_grad()
+def masked_scores(model: StemGenLM, batches, q: int, frac: float, amp, null_context: bool = False):
+    """-> (loss per masked token, accuracy) on level ``q`` of the held-out ``batches`` with a ``frac``
+    fraction of its frames masked (fixed generators: the same masks at every validation, the global
+    RNG untouched); ``null_context`` replaces every context channel with NULL."""
+    nll, correct, count = 0.0, 0, 0
+    for k, (tok, inst) in enumerate(batches):
+        if null_context:
+            tok = tok.clone()
+            tok[:, :-1] = model.cfg.null_id
+        B = tok.shape[0]
+        g = torch.Generator(device=tok.device).manual_seed(1000 * q + k)
+        inp, masked = masked_batch(tok, torch.full((B,), q, device=tok.device),
+                                   torch.full((B,), frac, device=tok.device), model.cfg.mask_id, g)
+        with torch.autocast(tok.device.type, dtype=amp, enabled=amp is not None):
+            logits = model(inp, inst[:, None])[:, q].float()
+        sel, tgt = logits[masked], tok[:, -1, q][masked]
+        nll += float(F.cross_entropy(sel, tgt, reduction="sum"))
+        correct += int((sel.argmax(-1) == tgt).sum())
+        count += int(masked.sum())
+    return nll / max(count, 1), correct / max(count, 1)
+
+
+@torch.no_grad()
 def validate(model: StemGenLM, batches, amp) -> dict:
-    """Loss and accuracy per level on fixed held-out batches (each level masked at fraction 0.5)."""
+    """Loss and accuracy per level on fixed held-out batches (each level masked at fraction 0.5),
+    and the listening gauge."""
     model.eval()
-    cfg = model.cfg
+    n_q = model.cfg.n_q
     out = {}
-    for q in range(cfg.n_q):
-        nll, correct, count = 0.0, 0, 0
-        for k, (tok, inst) in enumerate(batches):
-            g = torch.Generator(device=tok.device).manual_seed(1000 * q + k)
-            qq = torch.full((tok.shape[0],), q, device=tok.device)
-            inp, masked = masked_batch(tok, qq, torch.full((tok.shape[0],), 0.5, device=tok.device), cfg.mask_id, g)
-            with torch.autocast(tok.device.type, dtype=amp, enabled=amp is not None):
-                logits = model(inp, inst[:, None])[:, q].float()
-            sel, tgt = logits[masked], tok[:, -1, q][masked]
-            nll += float(F.cross_entropy(sel, tgt, reduction="sum"))
-            correct += int((sel.argmax(-1) == tgt).sum())
-            count += int(masked.sum())
-        out[f"val_loss_q{q}"] = nll / max(count, 1)
-        out[f"val_acc_q{q}"] = correct / max(count, 1)
-    out["val_loss"] = sum(out[f"val_loss_q{q}"] for q in range(cfg.n_q)) / cfg.n_q
+    for q in range(n_q):
+        out[f"val_loss_q{q}"], out[f"val_acc_q{q}"] = masked_scores(model, batches, q, 0.5, amp)
+    out["val_loss"] = sum(out[f"val_loss_q{q}"] for q in range(n_q)) / n_q
     out.update(listening(model, batches, amp))
     model.train()
     return out
 
 
-@torch.no_grad()
 def listening(model: StemGenLM, batches, amp) -> dict:
     """Does the model listen? Level-0 loss on the held-out targets with EVERY frame masked (the
     sampler's first step: nothing of the target to copy from), given the song's context
     (``val_blank_q0``) and given the NULL context (``val_blank_null_q0``). Their difference
     (``val_listen_gain``, nats per frame) is what the context tells the model; the half-masked
     losses above can be low from in-painting alone."""
-    cfg = model.cfg
-    res = {}
-    for name, null in (("val_blank_q0", False), ("val_blank_null_q0", True)):
-        nll, count = 0.0, 0
-        for tok, inst in batches:
-            tok = tok.clone()
-            if null:
-                tok[:, :-1] = cfg.null_id   # every context channel
-            B = tok.shape[0]
-            g = torch.Generator(device=tok.device).manual_seed(0)  # (all masked: only keeps the global RNG untouched)
-            inp, _ = masked_batch(tok, torch.zeros(B, dtype=torch.long, device=tok.device),
-                                  torch.ones(B, device=tok.device), cfg.mask_id, g)
-            with torch.autocast(tok.device.type, dtype=amp, enabled=amp is not None):
-                logits = model(inp, inst[:, None])[:, 0].float()
-            nll += float(F.cross_entropy(logits.flatten(0, 1), tok[:, -1, 0].flatten(), reduction="sum"))
-            count += tok[:, -1, 0].numel()
-        res[name] = nll / max(count, 1)
+    res = {"val_blank_q0": masked_scores(model, batches, 0, 1.0, amp)[0],
+           "val_blank_null_q0": masked_scores(model, batches, 0, 1.0, amp, null_context=True)[0]}
     res["val_listen_gain"] = res["val_blank_null_q0"] - res["val_blank_q0"]
     return res
 
@@ -141,9 +138,7 @@ def drop_metrics_after(path: Path, step: int) -> None:
     lines = path.read_text().splitlines()
     keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
     if len(keep) != len(lines):
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def plot_curves(metrics_path: Path, png: Path) -> None:

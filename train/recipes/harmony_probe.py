@@ -21,7 +21,9 @@ import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
 
-PITCHES = ["C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B"]
+from stemgen.evaluation.corpus import song_from_metadata
+
+FRAME_RATE = 50  # codec frames per second (the demo codec's and MusicGen's 32 kHz codec's)
 SOURCES = {"bass stem": lambda cls: ["Bass"], "pad stem": lambda cls: ["Synth Pad"],
            "context: every stem but the bass": lambda cls: [c for c in cls if c != "Bass"]}
 
@@ -32,9 +34,9 @@ def examples(corpus: Path, cache: Path):
     arrays = load_file(str(cache / "tokens.safetensors"))
     out = {name: [] for name in SOURCES}
     for i, (name, e) in enumerate(zip(index["key"]["tracks"], index["tracks"])):
-        gt = yaml.safe_load((corpus / name / "metadata.yaml").read_text())["ground_truth"]
-        bar = gt["bar_seconds"] * 50  # codec frames per bar
-        roots = [PITCHES.index(c[:-1] if c.endswith("m") else c) for c in gt["chords"]]
+        song = song_from_metadata(yaml.safe_load((corpus / name / "metadata.yaml").read_text()))
+        bar = song.bar_s * FRAME_RATE  # codec frames per bar
+        roots = [root for root, _ in song.chords]
         subsets = {tuple(s): j for j, s in enumerate(e["subsets"])}
         codes = arrays[f"{i}.codes"].long()
         for source, pick in SOURCES.items():
