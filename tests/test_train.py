@@ -71,7 +71,7 @@ def test_resume_is_exact(cache, tmp_path):
     train_lm(cache, tmp_path / "split", tiny_cfg(steps=3), log=lambda m: None, every=1)
     # a run killed after step 3's checkpoint may have logged steps it will redo
     with open(tmp_path / "split" / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"step": 4, "loss": 123.0}) + "\n")
+        f.write(json.dumps({"step": 4, "loss": 123.0}) + "\n" + '{"step": 4, "lo')   # and a line cut short
     # resuming extends the run: same loss curve and the same final weights as the straight run
     train_lm(cache, tmp_path / "split", tiny_cfg(steps=6), log=lambda m: None, every=1)
     assert losses(tmp_path / "straight") == losses(tmp_path / "split")

@@ -132,11 +132,19 @@ def listening(model: StemGenLM, batches, amp) -> dict:
 
 def drop_metrics_after(path: Path, step: int) -> None:
     """On resume: forget the metrics of steps after the checkpoint (a run stopped between two
-    checkpoints logged steps it will now redo), so metrics.jsonl holds each step once."""
+    checkpoints logged steps it will now redo), so metrics.jsonl holds each step once. A line cut
+    short by the kill is not JSON: it goes too."""
     if not path.is_file():
         return
+
+    def before(line: str) -> bool:
+        try:
+            return json.loads(line).get("step", 0) <= step
+        except (ValueError, AttributeError):
+            return False
+
     lines = path.read_text().splitlines()
-    keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    keep = [line for line in lines if before(line)]
     if len(keep) != len(lines):
         atomic_write_text(path, "".join(line + "\n" for line in keep))
 
