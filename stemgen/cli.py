@@ -647,7 +647,12 @@ def train_cmd(corpus: Path = typer.Argument(..., help="Slakh2100-layout corpus (
               seed: int = typer.Option(0, "--seed"),
               autocast: str = typer.Option("auto", "--autocast", help="auto (bf16 where native), bf16 or off"),
               device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
-              threads: int = typer.Option(0, "--threads", help="CPU threads (0: torch's default)")):
+              threads: int = typer.Option(0, "--threads", help="CPU threads (0: torch's default)"),
+              blank_prob: float = typer.Option(0.0, "--blank-prob", help="share of pairs trained as the sampler's "
+                                               "first step: level 0 with every target frame masked (not in SPEC; "
+                                               "makes the model lean on the context)"),
+              init_from: Optional[Path] = typer.Option(None, "--init-from", help="start from this LM checkpoint's "
+                                                       "weights (model.pt or last.pt); fresh optimizer and schedule")):
     """Train the StemGen LM (SPEC 5); resumes exactly from OUT/last.pt. Works under torchrun (DDP).
     Convert the result: `stemgen convert --lm OUT/model.pt --codec CODEC --out MODEL_DIR`."""
     import torch
@@ -662,6 +667,10 @@ def train_cmd(corpus: Path = typer.Argument(..., help="Slakh2100-layout corpus (
     overrides = {k: v for k, v in dict(d_model=d_model, n_layers=n_layers, n_heads=n_heads).items() if v is not None}
     if autocast not in ("auto", "bf16", "off"):
         fail(f"--autocast {autocast!r}: use auto, bf16 or off")
+    if not 0.0 <= blank_prob <= 1.0:
+        fail(f"--blank-prob {blank_prob}: give a share between 0 and 1")
+    if init_from is not None and not init_from.is_file():
+        fail(f"--init-from {init_from}: no such file; give an LM checkpoint (model.pt or last.pt)")
 
     def work():
         cdc, codec_key = load_codec_any(codec)
@@ -671,7 +680,8 @@ def train_cmd(corpus: Path = typer.Argument(..., help="Slakh2100-layout corpus (
         cache_dir = tokenize_corpus(corpus, cdc, codec_key, cache or out / "tokens", contexts=contexts, log=log)
         cfg = TrainConfig(preset=preset_name, model=overrides, frames=frames, batch_size=batch_size, steps=steps,
                           lr=lr, warmup=warmup, decay_every=decay_every, decay_rate=decay_rate, val_songs=val_songs,
-                          val_every=val_every, seed=seed, autocast=autocast)
+                          val_every=val_every, seed=seed, autocast=autocast, blank_prob=blank_prob,
+                          init_from=str(init_from or ""))
         if sys.stderr.isatty():
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 

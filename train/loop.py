@@ -33,9 +33,10 @@ def restore_rng(state: dict, np_rng: np.random.Generator) -> np.random.Generator
     return np_rng
 
 
-def load_resume(path: Path, kind: str, config: dict, log=print) -> dict:
+def load_resume(path: Path, kind: str, config: dict, log=print, defaults: dict | None = None) -> dict:
     """Read a resumable checkpoint (weights_only) and check it belongs to this run. Only ``steps``
-    may differ (a run is extended or shortened; the schedule follows the new length)."""
+    may differ (a run is extended or shortened; the schedule follows the new length). A setting
+    the checkpoint lacks (added to the trainer later) counts as its value in ``defaults``."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
@@ -43,7 +44,8 @@ def load_resume(path: Path, kind: str, config: dict, log=print) -> dict:
                          "another --out to start afresh") from None
     if not isinstance(state, dict) or state.get("kind") != kind:
         raise TrainError(f"{path}: not a {kind} training checkpoint; pass another --out")
-    old = dict(state.get("config") or {})
+    old = {k: v for k, v in (defaults or {}).items() if k in config}
+    old.update(state.get("config") or {})
     if old.get("steps") != config.get("steps") and "steps" in old:
         log(f"{path}: run length changed from {old['steps']} to {config['steps']} steps")
         old["steps"] = config["steps"]

@@ -83,6 +83,18 @@ class Block(nn.Module):
         return x + self.ffn(self.ffn_norm(x))
 
 
+def masked_batch(tokens, q: torch.Tensor, frac: torch.Tensor, mask_id: int, generator=None):
+    """SPEC-5 masking with given levels q [B] and masked fractions frac [B] -> (input, masked [B, T])."""
+    B, C, Q, T = tokens.shape
+    masked = torch.rand(B, T, generator=generator, device=tokens.device) < frac[:, None]
+    target = tokens[:, -1]
+    levels = torch.arange(Q, device=tokens.device)[None, :, None]
+    hide = (levels > q[:, None, None]) | ((levels == q[:, None, None]) & masked[:, None, :])
+    inp = tokens.clone()
+    inp[:, -1] = torch.where(hide, torch.full_like(target, mask_id), target)
+    return inp, masked
+
+
 class StemGenLM(nn.Module):
     def __init__(self, cfg: StemGenConfig):
         super().__init__()
@@ -121,24 +133,26 @@ class StemGenLM(nn.Module):
         x = self.norm(x)
         return torch.stack([head(x) for head in self.heads], dim=1)  # [B, Q, T, card]
 
-    def training_loss(self, tokens, conditions, generator=None):
+    def training_loss(self, tokens, conditions, generator=None, blank_prob: float = 0.0):
         """SPEC 5 masking: one level q per example, cos-schedule mask on the target's level q,
         levels > q fully masked, context never masked; independent dropout of each conditioning
         source (the context audio -> NULL tokens, each categorical condition -> its NULL row), so
         the model learns the p(t | instrument) and p(t) that multi-source CFG asks for; CE on the
-        masked positions."""
+        masked positions. ``blank_prob`` (not in SPEC; default 0): that share of the examples is
+        instead the sampler's first step (level 0, every frame of the target masked), where the
+        target offers nothing to copy and only the context can tell the model what to play."""
         cfg = self.cfg
         B, C, Q, T = tokens.shape
         dev = tokens.device
         q = torch.randint(0, Q, (B,), device=dev, generator=generator)
         u = torch.rand(B, device=dev, generator=generator)
         frac = torch.cos(math.pi / 2 * u)
-        masked = torch.rand(B, T, device=dev, generator=generator) < frac[:, None]  # [B, T]
-        inp = tokens.clone()
+        if blank_prob > 0:
+            blank = torch.rand(B, device=dev, generator=generator) < blank_prob
+            q = torch.where(blank, 0, q)
+            frac = torch.where(blank, 1.0, frac)
+        inp, masked = masked_batch(tokens, q, frac, cfg.mask_id, generator)
         target = tokens[:, -1]  # [B, Q, T]
-        levels = torch.arange(Q, device=dev)[None, :, None]
-        hide = (levels > q[:, None, None]) | ((levels == q[:, None, None]) & masked[:, None, :])
-        inp[:, -1] = torch.where(hide, torch.full_like(target, cfg.mask_id), target)
         drop = torch.rand(conditions.shape, device=dev, generator=generator) < cfg.cond_dropout
         nulls = torch.tensor(cfg.cond_sizes, device=dev)[None, :].expand_as(conditions)
         cond = torch.where(drop, nulls, conditions)

@@ -25,7 +25,7 @@ from ..engine.fileutil import atomic_write_text
 from .config import StemGenConfig, preset
 from .data import PairSampler, TokenCorpus, instrument_name
 from .loop import TrainError, atomic_torch_save, load_resume
-from .model import StemGenLM
+from .model import StemGenLM, masked_batch
 
 
 @dataclass
@@ -47,6 +47,8 @@ class TrainConfig:
     ckpt_every: int = 100
     seed: int = 0
     autocast: str = "auto"            # auto | bf16 | off
+    blank_prob: float = 0.0           # share of pairs trained as the sampler's first step (not SPEC)
+    init_from: str = ""               # start from these LM weights (fresh optimizer and schedule)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -66,18 +68,6 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device):
     cap = torch.backends.cpu.get_cpu_capability()
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     return torch.bfloat16 if ("amx_bf16" in flags or "avx512_bf16" in flags) and "AVX512" in cap else None
-
-
-def masked_batch(tokens, q: torch.Tensor, frac: torch.Tensor, mask_id: int, generator=None):
-    """SPEC-5 masking with given levels q [B] and masked fractions frac [B] -> (input, masked [B, T])."""
-    B, C, Q, T = tokens.shape
-    masked = torch.rand(B, T, generator=generator, device=tokens.device) < frac[:, None]
-    target = tokens[:, -1]
-    levels = torch.arange(Q, device=tokens.device)[None, :, None]
-    hide = (levels > q[:, None, None]) | ((levels == q[:, None, None]) & masked[:, None, :])
-    inp = tokens.clone()
-    inp[:, -1] = torch.where(hide, torch.full_like(target, mask_id), target)
-    return inp, masked
 
 
 @torch.no_grad()
@@ -206,6 +196,21 @@ class _Dist:
         return out
 
 
+def init_weights(model: StemGenLM, path: str | Path) -> None:
+    """Load the weights of an LM checkpoint (``model.pt`` or a resumable ``last.pt``) of the same shape."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        weights = state["model"]
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+        raise TrainError(f"--init-from {path}: not a readable LM checkpoint ({type(e).__name__})") from None
+    mine = model.state_dict()
+    if not isinstance(weights, dict) or set(weights) != set(mine) or any(
+            getattr(weights[k], "shape", None) != mine[k].shape for k in mine):
+        raise TrainError(f"--init-from {path}: its LM has another shape or instruments than this run's "
+                         "(same --preset/--d-model/--n-layers, codec and corpus needed)")
+    model.load_state_dict(weights)
+
+
 def train_lm(cache: str | Path, out: str | Path, cfg: TrainConfig, device: str = "cpu", resume: bool = True,
              log=print, progress=None, every: int = 10) -> Path:
     """Train (or resume) the LM on a token cache; returns the path of the final checkpoint
@@ -250,7 +255,7 @@ def train_lm(cache: str | Path, out: str | Path, cfg: TrainConfig, device: str =
     ck = out / "last.pt"
     run_cfg = {**asdict(cfg), "cache_key": info["key"], "world": dist.world}
     if resume and ck.is_file():
-        state = load_resume(ck, "lm", run_cfg, log)
+        state = load_resume(ck, "lm", run_cfg, log, defaults=asdict(TrainConfig()))
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -262,6 +267,10 @@ def train_lm(cache: str | Path, out: str | Path, cfg: TrainConfig, device: str =
         if dist.main:
             drop_metrics_after(out / "metrics.jsonl", step)
             log(f"resumed from {ck} at step {step}")
+    elif cfg.init_from:
+        init_weights(model, cfg.init_from)
+        if dist.main:
+            log(f"started from the weights of {cfg.init_from} (fresh optimizer and schedule)")
     amp = autocast_dtype(cfg, dev)
     if dist.main:
         params = sum(p.numel() for p in model.parameters())
@@ -274,7 +283,7 @@ def train_lm(cache: str | Path, out: str | Path, cfg: TrainConfig, device: str =
     while step < cfg.steps:
         tok, inst = (t.to(dev) for t in train_set.sample(cfg.batch_size, rng))
         with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-            loss = StemGenLM.training_loss(runner, tok, inst[:, None], generator=gen)
+            loss = StemGenLM.training_loss(runner, tok, inst[:, None], generator=gen, blank_prob=cfg.blank_prob)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
