@@ -599,6 +599,8 @@ def train_codec_cmd(corpus: Path = typer.Argument(..., help="Slakh2100-layout co
                     l1_weight: float = typer.Option(0.1, "--l1-weight", help="weight of the waveform L1 term"),
                     bass_weight: float = typer.Option(0.0, "--bass-weight", help="weight of the bass-band (1 kHz) "
                                                       "STFT term"),
+                    chroma_weight: float = typer.Option(0.0, "--chroma-weight", help="weight of the harmony term "
+                                                        "(pitch-class profiles, 150-2500 Hz)"),
                     fft_sizes: str = typer.Option("8192,4096,2048,1024,512,256", "--fft-sizes",
                                                   help="FFT sizes of the multi-resolution STFT loss"),
                     init_from: Optional[Path] = typer.Option(None, "--init-from", help="start from another run's "
@@ -617,7 +619,8 @@ def train_codec_cmd(corpus: Path = typer.Argument(..., help="Slakh2100-layout co
         fail(f"--fft-sizes {fft_sizes!r}: give comma-separated integers, e.g. 2048,1024,512")
     cfg = CodecTrainConfig(steps=steps, batch_size=batch_size, lr=lr, n_filters=n_filters, dimension=dimension,
                            bins=bins, n_q=n_q, songs=songs, seed=seed, warmup=min(warmup, steps), l1_weight=l1_weight,
-                           bass_weight=bass_weight, fft_sizes=ffts, init_from=str(init_from or ""))
+                           bass_weight=bass_weight, chroma_weight=chroma_weight, fft_sizes=ffts,
+                           init_from=str(init_from or ""))
     path = run_guarded(train_codec, corpus, out, cfg, log=_train_logger(), threads=threads or None, stop_at=stop_at)
     console.print(f"wrote {path}")
 

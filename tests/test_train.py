@@ -245,3 +245,23 @@ def test_init_from_and_resume_of_older_checkpoints(cache, tmp_path):
     with pytest.raises(TrainError, match="not a readable LM checkpoint"):
         (tmp_path / "junk.pt").write_bytes(b"junk")
         train_lm(cache, tmp_path / "e", tiny_cfg(steps=1, init_from=str(tmp_path / "junk.pt")), log=lambda m: None)
+
+
+def test_codec_harmony_term_hears_pitch_not_level():
+    """The codec's chroma term: ~0 for the same chord at another level, large for another chord,
+    and silence in the input does not count."""
+    from stemgen.train.codec import chroma_filter, chroma_loss
+
+    sr = 32000
+    t = torch.arange(sr) / sr
+    chord = lambda midi: sum(torch.sin(2 * torch.pi * 440 * 2 ** ((m - 69) / 12) * t) for m in midi)[None, None]
+    fb = chroma_filter(sr, 4096)
+    assert int(fb[round(440 * 4096 / sr)].argmax()) == 9 and fb[: round(150 * 4096 / sr)].sum() == 0  # A; no bass
+    c_major, d_major = chord([60, 64, 67]), chord([62, 66, 69])
+    assert float(chroma_loss(0.3 * c_major, c_major, fb)) < 1e-4
+    assert float(chroma_loss(d_major, c_major, fb)) > 1.0
+    quiet = c_major.clone()
+    quiet[..., sr // 2:] = 0
+    louder = 0.5 * c_major.clone()
+    louder[..., sr // 2:] = d_major[..., sr // 2:]   # where the input is silent the output is not judged
+    assert float(chroma_loss(louder, quiet, fb)) < 0.2

@@ -50,6 +50,10 @@ class CodecTrainConfig:
     # 512-point FFT), so that a bass line's pitch, a few bins of the full-band loss, weighs in
     bass_weight: float = 0.0
     bass_sr: int = 1000
+    # harmony term: L1 between the per-frame pitch-class profiles (chroma, 150-2500 Hz, each frame
+    # normalised to sum 1) of output and input, frames weighted by their share of the input's energy
+    # in that band; without it a mix's pad and lead lose their chord in the codec (drums and bass win)
+    chroma_weight: float = 0.0
 
     def seanet(self) -> dict:
         return dict(channels=1, dimension=self.dimension, n_filters=self.n_filters, ratios=list(self.ratios),
@@ -107,6 +111,32 @@ def random_mixes(songs: list[np.ndarray], batch: int, length: int, rng: np.rando
     return out
 
 
+def chroma_filter(sample_rate: int, n_fft: int, fmin: float = 150.0, fmax: float = 2500.0) -> torch.Tensor:
+    """[bins, 12]: each FFT bin between fmin and fmax to its nearest pitch class."""
+    f = torch.fft.rfftfreq(n_fft, 1 / sample_rate, dtype=torch.float64)
+    m = torch.zeros(len(f), 12)
+    sel = torch.nonzero((f >= fmin) & (f <= fmax)).flatten()
+    pc = torch.round(12 * torch.log2(f[sel] / 440.0) + 69).long() % 12
+    m[sel, pc] = 1.0
+    return m
+
+
+def chroma_loss(y: torch.Tensor, x: torch.Tensor, fb: torch.Tensor, n_fft: int = 4096) -> torch.Tensor:
+    """Harmony term (see CodecTrainConfig.chroma_weight) of output y vs input x, both [B, 1, N]."""
+    win = torch.hann_window(n_fft, device=x.device)
+
+    def profile(a):
+        mag = torch.stft(a[:, 0], n_fft, n_fft // 4, window=win, return_complex=True).abs()  # [B, F, T]
+        c = torch.einsum("bft,fk->btk", mag, fb)
+        e = c.sum(-1, keepdim=True)
+        return c / (e + 1e-7), e
+
+    py, _ = profile(y)
+    px, ex = profile(x)
+    w = ex / (ex + 0.1 * ex.mean(dim=1, keepdim=True) + 1e-7)  # ~1 where the band sounds, ~0 in silence
+    return ((py - px).abs().sum(-1, keepdim=True) * w).sum() / w.sum().clamp_min(1e-7)
+
+
 def export_codec(model: torch.nn.ModuleDict, cfg: CodecTrainConfig, path: Path) -> None:
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     atomic_torch_save({"best_state": state, "xp.cfg": cfg.xp_cfg(), "version": "1.3.0", "exported": True,
@@ -141,7 +171,7 @@ def train_codec(corpus: str | Path, out: str | Path, cfg: CodecTrainConfig, resu
                              f"{str(e).splitlines()[0][:200]})") from None
     ck = out / "last.pt"
     if resume and ck.is_file():
-        state = load_resume(ck, "codec", asdict(cfg), log)
+        state = load_resume(ck, "codec", asdict(cfg), log, defaults=asdict(CodecTrainConfig()))
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -153,6 +183,7 @@ def train_codec(corpus: str | Path, out: str | Path, cfg: CodecTrainConfig, resu
                                                  hop_sizes=[n // 4 for n in cfg.fft_sizes],
                                                  win_lengths=list(cfg.fft_sizes), sample_rate=cfg.sample_rate)
     bass_stft = auraloss.freq.STFTLoss(fft_size=512, hop_size=64, win_length=512)
+    fb = chroma_filter(cfg.sample_rate, 4096)
     length = int(cfg.segment_s * cfg.sample_rate)
     fps = cfg.sample_rate / math.prod(cfg.ratios)
     model.train()
@@ -172,6 +203,9 @@ def train_codec(corpus: str | Path, out: str | Path, cfg: CodecTrainConfig, resu
 
             low = torchaudio.functional.resample(torch.cat([y, x]), cfg.sample_rate, cfg.bass_sr)
             loss = loss + cfg.bass_weight * bass_stft(low[: len(x)], low[len(x):])
+        if cfg.chroma_weight:
+            harmony = chroma_loss(y, x, fb)
+            loss = loss + cfg.chroma_weight * harmony
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -185,11 +219,14 @@ def train_codec(corpus: str | Path, out: str | Path, cfg: CodecTrainConfig, resu
             rate = seen / (time.time() - t0)
             rec_d = {"step": step, "loss": float(loss), "stft": float(rec), "l1": float(l1),
                      "commit": float(q.penalty), "snr_db": float(snr), "lr": sched.get_last_lr()[0]}
+            if cfg.chroma_weight:
+                rec_d["chroma"] = float(harmony)
             metrics.write(json.dumps(rec_d) + "\n")
             metrics.flush()
             eta = (cfg.steps - step) * cfg.batch_size * cfg.segment_s / max(rate, 1e-9)
             log(f"codec step {step}/{cfg.steps} loss {float(loss):.3f} stft {float(rec):.3f} "
-                f"snr {float(snr):.1f} dB | {rate:.1f} audio s/s | eta {eta / 60:.1f} min")
+                + (f"chroma {float(harmony):.3f} " if cfg.chroma_weight else "")
+                + f"snr {float(snr):.1f} dB | {rate:.1f} audio s/s | eta {eta / 60:.1f} min")
         if step % ckpt_every == 0 or step == end:
             atomic_torch_save({"kind": "codec", "config": asdict(cfg), "model": model.state_dict(),
                                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
