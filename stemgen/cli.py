@@ -599,8 +599,9 @@ def train_codec_cmd(corpus: Path = typer.Argument(..., help="Slakh2100-layout co
                     l1_weight: float = typer.Option(0.1, "--l1-weight", help="weight of the waveform L1 term"),
                     bass_weight: float = typer.Option(0.0, "--bass-weight", help="weight of the bass-band (1 kHz) "
                                                       "STFT term"),
-                    chroma_weight: float = typer.Option(0.0, "--chroma-weight", help="weight of the harmony term "
-                                                        "(pitch-class profiles, 150-2500 Hz)"),
+                    chroma_weight: float = typer.Option(0.0, "--chroma-weight", help="weight of the harmony term: L1 "
+                                                        "between output's and input's pitch-class profiles, 150-2500 Hz "
+                                                        "(0: off; the demo's stage 5 used 5)"),
                     fft_sizes: str = typer.Option("8192,4096,2048,1024,512,256", "--fft-sizes",
                                                   help="FFT sizes of the multi-resolution STFT loss"),
                     init_from: Optional[Path] = typer.Option(None, "--init-from", help="start from another run's "
@@ -613,6 +614,9 @@ def train_codec_cmd(corpus: Path = typer.Argument(..., help="Slakh2100-layout co
     The export converts with `stemgen convert --codec OUT/compression_state_dict.bin`."""
     from .train.codec import CodecTrainConfig, train_codec
 
+    for name, w in (("--l1-weight", l1_weight), ("--bass-weight", bass_weight), ("--chroma-weight", chroma_weight)):
+        if not w >= 0:
+            fail(f"{name} {w}: a loss weight must be 0 or more")
     try:
         ffts = [int(n) for n in fft_sizes.split(",")]
     except ValueError:
@@ -653,9 +657,10 @@ def train_cmd(corpus: Path = typer.Argument(..., help="Slakh2100-layout corpus (
               threads: int = typer.Option(0, "--threads", help="CPU threads (0: torch's default)"),
               blank_prob: float = typer.Option(0.0, "--blank-prob", help="share of pairs trained as the sampler's "
                                                "first step: level 0 with every target frame masked (not in SPEC; "
-                                               "makes the model lean on the context)"),
+                                               "meant to make the model lean on the context; default 0)"),
               init_from: Optional[Path] = typer.Option(None, "--init-from", help="start from this LM checkpoint's "
-                                                       "weights (model.pt or last.pt); fresh optimizer and schedule")):
+                                                       "weights (model.pt or last.pt) with a fresh optimizer and "
+                                                       "schedule; only read at step 0 (resuming OUT/last.pt ignores it)")):
     """Train the StemGen LM (SPEC 5); resumes exactly from OUT/last.pt. Works under torchrun (DDP).
     Convert the result: `stemgen convert --lm OUT/model.pt --codec CODEC --out MODEL_DIR`."""
     import torch
@@ -672,7 +677,7 @@ def train_cmd(corpus: Path = typer.Argument(..., help="Slakh2100-layout corpus (
         fail(f"--autocast {autocast!r}: use auto, bf16 or off")
     if not 0.0 <= blank_prob <= 1.0:
         fail(f"--blank-prob {blank_prob}: give a share between 0 and 1")
-    if init_from is not None and not init_from.is_file():
+    if init_from is not None and not init_from.is_file() and not (out / "last.pt").is_file():
         fail(f"--init-from {init_from}: no such file; give an LM checkpoint (model.pt or last.pt)")
 
     def work():

@@ -218,11 +218,21 @@ def test_blank_prob_trains_the_samplers_first_step(cache):
         spec = model.training_loss(tok, inst[:, None], torch.Generator().manual_seed(1), blank_prob=0.0)
     assert float(blank) == pytest.approx(float(want), rel=1e-5)
     assert float(spec) != pytest.approx(float(want), rel=1e-3)
+    # at 0 the masking generator advances exactly as the SPEC-5 draws always did (level, fraction,
+    # frame mask, condition dropout, context dropout), so runs begun before the option resume bit-exactly
+    g, ref = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        model.training_loss(tok, inst[:, None], g)
+    B, T = tok.shape[0], tok.shape[-1]
+    torch.randint(0, 4, (B,), generator=ref), torch.rand(B, generator=ref), torch.rand(B, T, generator=ref)
+    torch.rand((B, 1), generator=ref), torch.rand(B, generator=ref)
+    assert torch.equal(g.get_state(), ref.get_state())
 
 
 def test_init_from_and_resume_of_older_checkpoints(cache, tmp_path):
-    """--init-from starts from another run's weights (fresh optimizer); a checkpoint written before a
-    setting existed resumes as that setting's default; a mismatched --init-from is one line."""
+    """--init-from starts from another run's weights (fresh optimizer) and need not be repeated to
+    resume; a checkpoint written before a setting existed resumes as that setting's default; an
+    --init-from of another model, or not an LM checkpoint, is one line."""
     first = train_lm(cache, tmp_path / "a", tiny_cfg(steps=2), log=lambda m: None)
     start = train_lm(cache, tmp_path / "b", tiny_cfg(steps=0, init_from=str(first)), log=lambda m: None)
     a = torch.load(first, weights_only=True)["model"]
@@ -230,21 +240,26 @@ def test_init_from_and_resume_of_older_checkpoints(cache, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     fresh = train_lm(cache, tmp_path / "c", tiny_cfg(steps=0), log=lambda m: None)
     assert not all(torch.equal(a[k], v) for k, v in torch.load(fresh, weights_only=True)["model"].items())
+    train_lm(cache, tmp_path / "b", tiny_cfg(steps=2, init_from=str(tmp_path / "a" / "last.pt")), log=lambda m: None)
+    train_lm(cache, tmp_path / "b", tiny_cfg(steps=3), log=lambda m: None)     # resumes without --init-from
 
     ck = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
-    del ck["config"]["blank_prob"], ck["config"]["init_from"]          # as written by an older trainer
+    del ck["config"]["blank_prob"]                                      # as written by an older trainer
     torch.save(ck, tmp_path / "a" / "last.pt")
     train_lm(cache, tmp_path / "a", tiny_cfg(steps=3), log=lambda m: None)
     with pytest.raises(TrainError, match="other settings.*blank_prob"):
         train_lm(cache, tmp_path / "a", tiny_cfg(steps=4, blank_prob=0.5), log=lambda m: None)
 
-    big = dict(TINY_LM, d_model=64)
-    with pytest.raises(TrainError, match="init-from.*another shape"):
-        train_lm(cache, tmp_path / "d", TrainConfig(preset="tiny", model=big, frames=40, batch_size=3, val_songs=1,
-                                                     steps=1, init_from=str(first)), log=lambda m: None)
+    wider = TrainConfig(preset="tiny", model=dict(TINY_LM, n_heads=4), frames=40, batch_size=3, val_songs=1,
+                        steps=1, init_from=str(first))                  # same tensor shapes, other heads
+    with pytest.raises(TrainError, match="init-from.*differs.*n_heads"):
+        train_lm(cache, tmp_path / "d", wider, log=lambda m: None)
+    (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(TrainError, match="not a readable LM checkpoint"):
-        (tmp_path / "junk.pt").write_bytes(b"junk")
         train_lm(cache, tmp_path / "e", tiny_cfg(steps=1, init_from=str(tmp_path / "junk.pt")), log=lambda m: None)
+    res = CliRunner().invoke(app, ["train", str(tmp_path / "nope"), "--codec", str(tmp_path), "--out",
+                                   str(tmp_path / "f"), "--blank-prob", "1.5"])
+    assert res.exit_code == 1 and res.output.count("\n") == 1 and "--blank-prob" in res.output, res.output
 
 
 def test_codec_harmony_term_hears_pitch_not_level():

@@ -51,8 +51,9 @@ class CodecTrainConfig:
     bass_weight: float = 0.0
     bass_sr: int = 1000
     # harmony term: L1 between the per-frame pitch-class profiles (chroma, 150-2500 Hz, each frame
-    # normalised to sum 1) of output and input, frames weighted by their share of the input's energy
-    # in that band; without it a mix's pad and lead lose their chord in the codec (drums and bass win)
+    # normalised to sum 1) of output and input; a frame counts by e / (e + 0.1 x its crop's mean e), e
+    # the input's energy in the band (near-silent frames of a crop hardly count); without it a mix's
+    # pad and lead lose their chord in the codec (drums and bass win)
     chroma_weight: float = 0.0
 
     def seanet(self) -> dict:
@@ -113,6 +114,7 @@ def random_mixes(songs: list[np.ndarray], batch: int, length: int, rng: np.rando
 
 def chroma_filter(sample_rate: int, n_fft: int, fmin: float = 150.0, fmax: float = 2500.0) -> torch.Tensor:
     """[bins, 12]: each FFT bin between fmin and fmax to its nearest pitch class."""
+    assert 0 < fmin < fmax
     f = torch.fft.rfftfreq(n_fft, 1 / sample_rate, dtype=torch.float64)
     m = torch.zeros(len(f), 12)
     sel = torch.nonzero((f >= fmin) & (f <= fmax)).flatten()
@@ -121,9 +123,12 @@ def chroma_filter(sample_rate: int, n_fft: int, fmin: float = 150.0, fmax: float
     return m
 
 
-def chroma_loss(y: torch.Tensor, x: torch.Tensor, fb: torch.Tensor, n_fft: int = 4096) -> torch.Tensor:
-    """Harmony term (see CodecTrainConfig.chroma_weight) of output y vs input x, both [B, 1, N]."""
-    win = torch.hann_window(n_fft, device=x.device)
+def chroma_loss(y: torch.Tensor, x: torch.Tensor, fb: torch.Tensor) -> torch.Tensor:
+    """Harmony term (see CodecTrainConfig.chroma_weight) of output y vs input x, both [B, 1, N];
+    ``fb`` from chroma_filter (its FFT size is the STFT's)."""
+    n_fft = 2 * (fb.shape[0] - 1)
+    fb = fb.to(x.device, x.dtype)
+    win = torch.hann_window(n_fft, device=x.device, dtype=x.dtype)
 
     def profile(a):
         mag = torch.stft(a[:, 0], n_fft, n_fft // 4, window=win, return_complex=True).abs()  # [B, F, T]

@@ -48,7 +48,7 @@ class TrainConfig:
     seed: int = 0
     autocast: str = "auto"            # auto | bf16 | off
     blank_prob: float = 0.0           # share of pairs trained as the sampler's first step (not SPEC)
-    init_from: str = ""               # start from these LM weights (fresh optimizer and schedule)
+    init_from: str = ""               # start from these LM weights (fresh optimizer and schedule; step 0 only)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -196,18 +196,28 @@ class _Dist:
         return out
 
 
-def init_weights(model: StemGenLM, path: str | Path) -> None:
-    """Load the weights of an LM checkpoint (``model.pt`` or a resumable ``last.pt``) of the same shape."""
+def init_weights(model: StemGenLM, path: str | Path, preset_name: str, overrides: dict) -> None:
+    """Load the weights of an LM checkpoint of the same model: a ``model.pt`` (its model config must
+    equal this run's, instruments included) or a resumable ``last.pt`` (same preset and overrides)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        weights = state["model"]
+        weights, config = state["model"], state["config"]
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
         raise TrainError(f"--init-from {path}: not a readable LM checkpoint ({type(e).__name__})") from None
+    if state.get("format") == "stemgen-train":
+        mine = {k: v for k, v in model.cfg.to_dict().items() if k != "cond_dropout"}
+        diff = sorted(k for k in mine if config.get(k) != mine[k])
+    elif state.get("kind") == "lm":
+        diff = [k for k, a, b in (("preset", config.get("preset"), preset_name),
+                                  ("model", config.get("model"), overrides)) if a != b]
+    else:
+        raise TrainError(f"--init-from {path}: not an LM checkpoint of `stemgen train` (model.pt or last.pt)")
     mine = model.state_dict()
-    if not isinstance(weights, dict) or set(weights) != set(mine) or any(
-            getattr(weights[k], "shape", None) != mine[k].shape for k in mine):
-        raise TrainError(f"--init-from {path}: its LM has another shape or instruments than this run's "
-                         "(same --preset/--d-model/--n-layers, codec and corpus needed)")
+    if not diff and (set(weights) != set(mine) or any(weights[k].shape != mine[k].shape for k in mine)):
+        diff = ["tensor shapes"]
+    if diff:
+        raise TrainError(f"--init-from {path}: its LM differs from this run's ({', '.join(diff)}); use the same "
+                         "--preset/--d-model/--n-layers/--n-heads, codec and instruments")
     model.load_state_dict(weights)
 
 
@@ -253,7 +263,9 @@ def train_lm(cache: str | Path, out: str | Path, cfg: TrainConfig, device: str =
     gen = torch.Generator(device=dev).manual_seed(cfg.seed * 1000 + dist.rank)
     step = 0
     ck = out / "last.pt"
+    # init_from only matters at step 0: a resumed run need not repeat it (nor find the file again)
     run_cfg = {**asdict(cfg), "cache_key": info["key"], "world": dist.world}
+    run_cfg.pop("init_from")
     if resume and ck.is_file():
         state = load_resume(ck, "lm", run_cfg, log, defaults=asdict(TrainConfig()))
         model.load_state_dict(state["model"])
@@ -268,7 +280,7 @@ def train_lm(cache: str | Path, out: str | Path, cfg: TrainConfig, device: str =
             drop_metrics_after(out / "metrics.jsonl", step)
             log(f"resumed from {ck} at step {step}")
     elif cfg.init_from:
-        init_weights(model, cfg.init_from)
+        init_weights(model, cfg.init_from, cfg.preset, cfg.model)
         if dist.main:
             log(f"started from the weights of {cfg.init_from} (fresh optimizer and schedule)")
     amp = autocast_dtype(cfg, dev)
