@@ -148,10 +148,7 @@ def run_table3(engine, corpus: str | Path, out: str | Path, songs: int = 40, sec
             if setting == "ceiling":
                 stems = []
                 for song in data:
-                    x = soxr.resample(song["stems"][inst], song["sr"], csr).astype(np.float32)
-                    import torch
-                    codes = engine.codec.encode(torch.from_numpy(x)[None, None])
-                    stems.append(engine.codec.decode(codes)[0, 0, :len(x)].numpy())
+                    stems.append(round_trip(engine.codec, song["stems"][inst], song["sr"]))
             else:
                 handles = []
                 for i, song in enumerate(data):
@@ -189,6 +186,71 @@ def run_table3(engine, corpus: str | Path, out: str | Path, songs: int = 40, sec
               f"chords {' '.join(data[0]['gt']['chords'][:4])}")
     return {"per_song": per_song, "table": results, "songs": len(data), "seconds": seconds,
             "steps": list(steps), "seed": seed}
+
+
+def round_trip(codec, audio: np.ndarray, sr: int, levels: int | None = None) -> np.ndarray:
+    """``audio`` through an engine codec (encode, the first ``levels`` RVQ levels or all, decode),
+    at the codec's sample rate."""
+    import soxr
+    import torch
+
+    x = soxr.resample(np.asarray(audio, dtype=np.float32), sr, codec.cfg.sample_rate).astype(np.float32)
+    with torch.no_grad():
+        codes = codec.encode(torch.from_numpy(x)[None, None])
+        return codec.decode(codes[:, :levels] if levels else codes)[0, 0, :len(x)].numpy()
+
+
+def chord_roots_read(audio: np.ndarray, sr: int, gt: dict) -> tuple[int, int]:
+    """(bars whose chord root, read by triad templates on the chroma, is the true one; bars read)."""
+    chroma = dsp.chroma(dsp.stft_mag(dsp.prepare(audio, sr)))
+    got = dsp.chords(chroma, gt["bar_seconds"] * dsp.SR / dsp.HOP)
+    truth = [dsp.PITCH_NAMES.index(n[:-1] if n.endswith("m") else n) for n in gt["chords"]]
+    return sum(int(g[0] == r) for g, r in zip(got, truth)), min(len(got), len(truth))
+
+
+def codec_harmony(codec, corpus: str | Path, songs: int = 10) -> dict[str, float]:
+    """Does a codec keep the chords a bass should follow? For the first ``songs`` tracks of a toy-band
+    corpus: the share of bars whose chord root is read right from the pad and from a bass's context
+    (the other stems mixed), as rendered and after a round trip through ``codec`` (all levels; the
+    context also from the first level alone), and the bass's chord-root agreement after the round
+    trip (Table 3's ceiling, mean over songs). An LM cannot follow chords its context tokens lack."""
+    from .corpus import context_and_stem
+
+    tracks = sorted(Path(corpus).glob("Track*"))[:songs]
+    if not tracks:
+        raise ValueError(f"{corpus}: no Track* folders (make one with `stemgen make-corpus`)")
+    hits: dict[str, list[int]] = {}
+    bass = []
+    csr = codec.cfg.sample_rate
+    for track in tracks:
+        gt = _ground_truth(track)
+        pad = context_and_stem(track, "Synth Pad")
+        ctx = context_and_stem(track, "Bass")
+        if pad is None or ctx is None:
+            raise ValueError(f"{track}: needs a Bass and a Synth Pad stem (a toy-band track)")
+        context, real_bass, sr = ctx
+        context = context / max(np.abs(context).max() / 0.99, 1.0)  # as `stemgen train` tokenises mixes
+        for name, x, x_sr in (("pad", pad[1], sr), ("pad through the codec", round_trip(codec, pad[1], sr), csr),
+                              ("context", context, sr), ("context through the codec", round_trip(codec, context, sr), csr),
+                              ("context, first level only", round_trip(codec, context, sr, 1), csr)):
+            h, n = chord_roots_read(x, x_sr, gt)
+            hit = hits.setdefault(name, [0, 0])
+            hit[0] += h
+            hit[1] += n
+        bass.append(chord_root_agreement(round_trip(codec, real_bass, sr), csr, gt))
+    out = {name: h / max(n, 1) for name, (h, n) in hits.items()}
+    out["bass through the codec (ceiling)"] = float(np.mean(bass))
+    out["bars"] = hits["pad"][1]
+    return out
+
+
+def _ground_truth(track: Path) -> dict:
+    import yaml
+
+    meta = yaml.safe_load((track / "metadata.yaml").read_text())
+    if not isinstance(meta, dict) or "ground_truth" not in meta:
+        raise ValueError(f"{track}/metadata.yaml: no ground_truth (not a toy-band track from `stemgen make-corpus`)")
+    return meta["ground_truth"]
 
 
 def spectrogram_figure(png: str | Path, rows: list[tuple[str, np.ndarray, int]], title: str = "") -> None:

@@ -733,6 +733,23 @@ def table3_cmd(model: str = typer.Option("demo", "--model", "-m", help="model di
     console.print(markdown_table(res["table"]), markup=False, highlight=False)
 
 
+@app.command("codec-harmony")
+def codec_harmony_cmd(codec: Path = typer.Argument(..., help="codec: an engine model directory (e.g. engine/demo_model) "
+                                                  "or any source `stemgen convert --codec` reads (a train-codec export)"),
+                      corpus: Path = typer.Option(..., "--corpus", help="toy-band corpus (`stemgen make-corpus`)"),
+                      songs: int = typer.Option(10, "--songs")):
+    """Does a codec keep the chords? Chord roots read from the pad and from a bass's context, as rendered
+    and after the codec; the bass's root after the codec (Table 3's ceiling)."""
+    from .evaluation.listening import codec_harmony
+    from .weights_convert.codec import load_codec_any
+
+    res = run_guarded(lambda: codec_harmony(load_codec_any(codec)[0], corpus, songs))
+    for name, v in res.items():
+        if name != "bars":
+            console.print(f"{name:33s} {v:.3f}", markup=False, highlight=False)
+    console.print(f"(share of {res['bars']} bars whose chord root is read right; bass: mean over songs)")
+
+
 @app.command("export-pairs")
 def export_pairs_cmd(corpus: Path = typer.Argument(..., help="Slakh2100-layout corpus (real Slakh or make-corpus)"),
                      instrument: str = typer.Option(..., "--instrument", "-i", help="inst_class of the target stem, "

@@ -41,13 +41,13 @@ stemgen convert --lm lm/model.pt --codec codec4/compression_state_dict.bin --out
 python -c "from safetensors.torch import load_file, save_file; p = 'demo_model/codec.safetensors'; save_file({k: v.half() for k, v in load_file(p).items()}, p, metadata={'format': 'stemgen-engine', 'part': 'codec'})"
 
 # ---- The next demo (in progress; not the files shipped in engine/demo_model yet) ----
-# Found in session 6 (train/recipes/codec_harmony.py): the stage-4 codec keeps a pad's chord root on
+# Found in session 6 (`stemgen codec-harmony`): the stage-4 codec keeps a pad's chord root on
 # 6% of bars and a bass's context's on 12.5% (the pad comes out about 8x quieter), so no LM on its
 # tokens can hear the chords. Stage 5 adds the harmony (chroma) term; 1,200 steps, 23.5 min here:
 # pad 0.96, context 0.90 (its first level alone 0.80), the bass ceiling still 1.0.
 stemgen train-codec toy-codec --out codec5 --init-from codec4/last.pt --steps 1200 --lr 5e-4 --warmup 20 \
   --l1-weight 30 --bass-weight 1 --chroma-weight 5 --seed 4 --threads 2
-python train/recipes/codec_harmony.py codec5/compression_state_dict.bin toy-heldout --songs 10
+stemgen codec-harmony codec5/compression_state_dict.bin --corpus toy-heldout --songs 10
 # A fresh LM on its tokens (same options as above; resumes exactly across sittings):
 stemgen train toy-train --codec codec5/compression_state_dict.bin --out lm5 --contexts rest \
   --preset small --n-layers 4 --frames 500 --batch-size 16 --steps 3000 --lr 1.5e-3 --warmup 100 \
