@@ -42,9 +42,9 @@ python -c "from safetensors.torch import load_file, save_file; p = 'demo_model/c
 
 # ---- The next demo (in progress; not the files shipped in engine/demo_model yet) ----
 # Found in session 6 (`stemgen codec-harmony`): the stage-4 codec keeps a pad's chord root on
-# 6% of bars and a bass's context's on 12.5% (the pad comes out about 8x quieter), so no LM on its
+# 7.5% of bars and a bass's context's on 12.5% (on the first song the pad comes out 8x quieter), so no LM on its
 # tokens can hear the chords. Stage 5 adds the harmony (chroma) term; 1,200 steps, 23.5 min here:
-# pad 0.96, context 0.90 (its first level alone 0.80), the bass ceiling still 1.0.
+# pad 0.96, context 0.875 (its first level alone 0.80), the bass ceiling still 1.0.
 stemgen train-codec toy-codec --out codec5 --init-from codec4/last.pt --steps 1200 --lr 5e-4 --warmup 20 \
   --l1-weight 30 --bass-weight 1 --chroma-weight 5 --seed 4 --threads 2
 stemgen codec-harmony codec5/compression_state_dict.bin --corpus toy-heldout --songs 10
