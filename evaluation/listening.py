@@ -29,6 +29,11 @@ SETTINGS = ("naive", "paper", "deaf", "ceiling")
 TOLERANCE_S = 0.04
 
 
+def chord_root(name: str) -> int:
+    """Pitch class of a metadata chord name ("F#m" -> 6)."""
+    return dsp.PITCH_NAMES.index(name[:-1] if name.endswith("m") else name)
+
+
 def chord_root_agreement(stem: np.ndarray, sr: int, gt: dict) -> float:
     """Share of the song's bars (within the stem's length) where the bass register's strongest pitch
     class is the ground-truth chord root."""
@@ -42,7 +47,7 @@ def chord_root_agreement(stem: np.ndarray, sr: int, gt: dict) -> float:
         n += 1
         if np.sqrt((seg ** 2).mean()) < 1e-4:
             continue  # silence plays no root
-        root = dsp.PITCH_NAMES.index(name[:-1] if name.endswith("m") else name)
+        root = chord_root(name)
         hits += int(np.argmax(dsp.bass_chroma(seg)) == root)
     return hits / max(n, 1)
 
@@ -96,19 +101,27 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def heldout_songs(corpus: str | Path, n: int, seconds: float) -> list[dict]:
-    """The first n tracks of a toy-band corpus: context and real stem per instrument, cropped."""
+def heldout_songs(corpus: str | Path, n: int, seconds: float | None,
+                  instruments: tuple[str, ...] = ("bass", "drums")) -> list[dict]:
+    """The first n tracks of a toy-band corpus: context and real stem per instrument (inst_class,
+    any case), cropped to ``seconds`` (None: whole)."""
     from .corpus import load_track
 
+    if not Path(corpus).is_dir():
+        raise ValueError(f"{corpus}: no such folder (make a corpus with `stemgen make-corpus`)")
     out = []
     for track in sorted(p for p in Path(corpus).iterdir() if (p / "metadata.yaml").is_file())[:n]:
         meta, stems = load_track(track)
+        if "ground_truth" not in meta:
+            raise ValueError(f"{track}/metadata.yaml: no ground_truth (not a toy-band track from `stemgen make-corpus`)")
         sr = next(iter(stems.values()))[1]
-        L = int(seconds * sr)
+        L = None if seconds is None else int(seconds * sr)
         by_class = {meta["stems"][sid]["inst_class"].lower(): sid for sid in stems}
         song = {"name": track.name, "sr": sr, "gt": meta["ground_truth"], "stems": {}, "contexts": {}}
-        for inst in ("bass", "drums"):
-            sid = by_class[inst]
+        for inst in instruments:
+            if inst.lower() not in by_class:
+                raise ValueError(f"{track}: no {inst} stem (a toy-band track has bass, drums, synth pad, synth lead)")
+            sid = by_class[inst.lower()]
             song["stems"][inst] = stems[sid][0][:L]
             song["contexts"][inst] = sum(a[:L] for s, (a, _) in stems.items() if s != sid)
         out.append(song)
@@ -204,7 +217,7 @@ def chord_roots_read(audio: np.ndarray, sr: int, gt: dict) -> tuple[int, int]:
     """(bars whose chord root, read by triad templates on the chroma, is the true one; bars read)."""
     chroma = dsp.chroma(dsp.stft_mag(dsp.prepare(audio, sr)))
     got = dsp.chords(chroma, gt["bar_seconds"] * dsp.SR / dsp.HOP)
-    truth = [dsp.PITCH_NAMES.index(n[:-1] if n.endswith("m") else n) for n in gt["chords"]]
+    truth = [chord_root(n) for n in gt["chords"]]
     return sum(int(g[0] == r) for g, r in zip(got, truth)), min(len(got), len(truth))
 
 
@@ -214,43 +227,28 @@ def codec_harmony(codec, corpus: str | Path, songs: int = 10) -> dict[str, float
     (the other stems mixed), as rendered and after a round trip through ``codec`` (all levels; the
     context also from the first level alone), and the bass's chord-root agreement after the round
     trip (Table 3's ceiling, mean over songs). An LM cannot follow chords its context tokens lack."""
-    from .corpus import context_and_stem
-
-    tracks = sorted(Path(corpus).glob("Track*"))[:songs]
-    if not tracks:
-        raise ValueError(f"{corpus}: no Track* folders (make one with `stemgen make-corpus`)")
+    data = heldout_songs(corpus, songs, None, instruments=("bass", "synth pad"))
+    if not data:
+        raise ValueError(f"{corpus}: no Track folders with a metadata.yaml (make a corpus with `stemgen make-corpus`)")
     hits: dict[str, list[int]] = {}
     bass = []
     csr = codec.cfg.sample_rate
-    for track in tracks:
-        gt = _ground_truth(track)
-        pad = context_and_stem(track, "Synth Pad")
-        ctx = context_and_stem(track, "Bass")
-        if pad is None or ctx is None:
-            raise ValueError(f"{track}: needs a Bass and a Synth Pad stem (a toy-band track)")
-        context, real_bass, sr = ctx
+    for song in data:
+        sr, gt, pad = song["sr"], song["gt"], song["stems"]["synth pad"]
+        context = song["contexts"]["bass"]
         context = context / max(np.abs(context).max() / 0.99, 1.0)  # as `stemgen train` tokenises mixes
-        for name, x, x_sr in (("pad", pad[1], sr), ("pad through the codec", round_trip(codec, pad[1], sr), csr),
+        for name, x, x_sr in (("pad", pad, sr), ("pad through the codec", round_trip(codec, pad, sr), csr),
                               ("context", context, sr), ("context through the codec", round_trip(codec, context, sr), csr),
                               ("context, first level only", round_trip(codec, context, sr, 1), csr)):
             h, n = chord_roots_read(x, x_sr, gt)
             hit = hits.setdefault(name, [0, 0])
             hit[0] += h
             hit[1] += n
-        bass.append(chord_root_agreement(round_trip(codec, real_bass, sr), csr, gt))
+        bass.append(chord_root_agreement(round_trip(codec, song["stems"]["bass"], sr), csr, gt))
     out = {name: h / max(n, 1) for name, (h, n) in hits.items()}
     out["bass through the codec (ceiling)"] = float(np.mean(bass))
     out["bars"] = hits["pad"][1]
     return out
-
-
-def _ground_truth(track: Path) -> dict:
-    import yaml
-
-    meta = yaml.safe_load((track / "metadata.yaml").read_text())
-    if not isinstance(meta, dict) or "ground_truth" not in meta:
-        raise ValueError(f"{track}/metadata.yaml: no ground_truth (not a toy-band track from `stemgen make-corpus`)")
-    return meta["ground_truth"]
 
 
 def spectrogram_figure(png: str | Path, rows: list[tuple[str, np.ndarray, int]], title: str = "") -> None:
