@@ -36,7 +36,8 @@ def restore_rng(state: dict, np_rng: np.random.Generator) -> np.random.Generator
 def load_resume(path: Path, kind: str, config: dict, log=print, defaults: dict | None = None) -> dict:
     """Read a resumable checkpoint (weights_only) and check it belongs to this run. Only ``steps``
     may differ (a run is extended or shortened; the schedule follows the new length). A setting
-    the checkpoint lacks (added to the trainer later) counts as its value in ``defaults``."""
+    the checkpoint lacks (added to the trainer later) counts as its value in ``defaults``; one it
+    holds that ``config`` does not check (e.g. ``init_from``, which only matters at step 0) is ignored."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
@@ -45,7 +46,7 @@ def load_resume(path: Path, kind: str, config: dict, log=print, defaults: dict |
     if not isinstance(state, dict) or state.get("kind") != kind:
         raise TrainError(f"{path}: not a {kind} training checkpoint; pass another --out")
     old = {k: v for k, v in (defaults or {}).items() if k in config}
-    old.update(state.get("config") or {})
+    old.update({k: v for k, v in (state.get("config") or {}).items() if k in config})
     if old.get("steps") != config.get("steps") and "steps" in old:
         log(f"{path}: run length changed from {old['steps']} to {config['steps']} steps")
         old["steps"] = config["steps"]
