@@ -7,7 +7,12 @@ chord root from the codes of one stem or mix; it is trained on the first tracks 
 last --test tracks. What it shows: how much of the chord root a model could read from its context
 tokens with a linear read-out, next to how much the bass stem's own tokens carry.
 
-    python train/recipes/harmony_probe.py CORPUS OUT/tokens [--test 20] [--window 12]
+With --lm RUN/model.pt (an LM trained on that cache) it also asks whether the LM plays the chords
+at the sampler's first step: the bass fully masked, the held-out song's context in, the first
+level's most likely code per frame out, read by the probe trained on real bass codes (first level,
++-W frames); beside it the same with another held-out song's context and with the NULL context.
+
+    python train/recipes/harmony_probe.py CORPUS OUT/tokens [--test 20] [--window 12] [--lm RUN/model.pt ...]
 """
 from __future__ import annotations
 
@@ -60,9 +65,9 @@ def features(items, levels, window: int, K: int, stride: int = 3):
     return torch.cat(X), torch.cat(Y)
 
 
-def probe(train, test, levels, window: int, K: int, iters: int = 150) -> float:
+def fit(train, levels, window: int, K: int, iters: int = 150):
+    """A logistic-regression probe of the chord root; returns its scorer: items -> accuracy."""
     Xtr, Ytr = features(train, levels, window, K)
-    Xte, Yte = features(test, levels, window, K)
     W = torch.zeros(Xtr.shape[1], 12, requires_grad=True)
     b = torch.zeros(12, requires_grad=True)
     opt = torch.optim.Adam([W, b], lr=0.05)
@@ -71,7 +76,40 @@ def probe(train, test, levels, window: int, K: int, iters: int = 150) -> float:
         loss = F.cross_entropy(Xtr @ W + b, Ytr) + 1e-4 * W.pow(2).sum()
         loss.backward()
         opt.step()
-    return float(((Xte @ W + b).argmax(1) == Yte).float().mean())
+
+    def score(items) -> float:
+        X, Y = features(items, levels, window, K)
+        return float(((X @ W + b).argmax(1) == Y).float().mean())
+    return score
+
+
+def probe(train, test, levels, window: int, K: int) -> float:
+    return fit(train, levels, window, K)(test)
+
+
+def lm_first_step(lm_path: Path, data, n_test: int, window: int, K: int) -> None:
+    """Chord root of the LM's first-step bass (most likely first-level code per frame) by the probe."""
+    from stemgen.train.model import load_checkpoint
+
+    lm = load_checkpoint(lm_path).eval()
+    cfg = lm.cfg
+    if "bass" not in cfg.instruments or cfg.codebook_size < K:
+        raise SystemExit(f"{lm_path}: not an LM of this cache (needs a bass instrument and {K} codes)")
+    bass, ctx = data["bass stem"], data["context: every stem but the bass"]
+    read = fit(bass[:-n_test], [0], window, K)
+    print(f"\nLM {lm_path}, bass at the sampler's first step, chord root by the probe of real bass codes "
+          f"(first level, +-{window} frames; the real held-out bass scores {read(bass[-n_test:]):.3f}):")
+    for mode in ("the song's context", "another song's context", "NULL context"):
+        items = []
+        for j, (b, roots) in enumerate(bass[-n_test:]):
+            c = ctx[-n_test:][(j + 1) % n_test if mode.startswith("another") else j][0]
+            T = min(b.shape[1], c.shape[1], 500)
+            tok = torch.full((1, 2, cfg.n_q, T), cfg.mask_id, dtype=torch.long)
+            tok[0, 0] = cfg.null_id if mode.startswith("NULL") else c[:, :T]
+            with torch.no_grad():
+                codes = lm(tok, torch.tensor([[cfg.instruments.index("bass")]]))[0, 0].argmax(-1)
+            items.append((codes[None], roots[:T]))
+        print(f"  {mode}: {read(items):.3f}", flush=True)
 
 
 def main():
@@ -80,6 +118,8 @@ def main():
     ap.add_argument("cache", type=Path)
     ap.add_argument("--test", type=int, default=20, help="held-out tracks (the last ones)")
     ap.add_argument("--window", type=int, default=12, help="frames averaged on each side")
+    ap.add_argument("--lm", type=Path, action="append", default=[],
+                    help="an LM checkpoint trained on this cache (RUN/model.pt); may be repeated")
     args = ap.parse_args()
     torch.manual_seed(0)
     data = examples(args.corpus, args.cache)
@@ -96,6 +136,8 @@ def main():
         for levels in ([0], list(range(n_q))):
             accs = [probe(train, test, levels, w, K) for w in (0, args.window)]
             print(f"| {source} | {','.join(map(str, levels))} | {accs[0]:.3f} | {accs[1]:.3f} |", flush=True)
+    for lm in args.lm:
+        lm_first_step(lm, data, args.test, args.window, K)
 
 
 if __name__ == "__main__":
