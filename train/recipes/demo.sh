@@ -48,7 +48,19 @@ python -c "from safetensors.torch import load_file, save_file; p = 'demo_model/c
 stemgen train-codec toy-codec --out codec5 --init-from codec4/last.pt --steps 1200 --lr 5e-4 --warmup 20 \
   --l1-weight 30 --bass-weight 1 --chroma-weight 5 --seed 4 --threads 2
 stemgen codec-harmony codec5/compression_state_dict.bin --corpus toy-heldout --songs 10
-# A fresh LM on its tokens (same options as above; resumes exactly across sittings):
+# A fresh LM on its tokens (same options as above; three sittings, each resumed exactly: steps
+# 0-1100, 1100-1300, 1300-2500; planned as 3000, ended at 2500 (--steps 2500) for the session's time):
 stemgen train toy-train --codec codec5/compression_state_dict.bin --out lm5 --contexts rest \
-  --preset small --n-layers 4 --frames 500 --batch-size 16 --steps 3000 --lr 1.5e-3 --warmup 100 \
+  --preset small --n-layers 4 --frames 500 --batch-size 16 --steps 2500 --lr 1.5e-3 --warmup 100 \
   --decay-every 1000 --decay-rate 0.3 --val-songs 8 --val-every 100 --seed 0 --threads 2
+stemgen convert --lm lm5/model.pt --codec codec5/compression_state_dict.bin --out demo_model5 --dtype float16
+python -c "from safetensors.torch import load_file, save_file; p = 'demo_model5/codec.safetensors'; save_file({k: v.half() for k, v in load_file(p).items()}, p, metadata={'format': 'stemgen-engine', 'part': 'codec'})"
+stemgen table3 --model demo_model5 --corpus toy-heldout --out t3d --songs 40 --seconds 6 --steps 12,6,4,4  # 10 min
+# Chords in the tokens (table) and in the LM's first-step bass (--lm; the LM's 8 validation songs):
+python train/recipes/harmony_probe.py toy-train lm5/tokens
+python train/recipes/harmony_probe.py toy-train lm5/tokens --test 8 --lm lm5/model.pt
+# A listening push (half the pairs as the sampler's first step), the token cache copied over:
+mkdir -p lm5b && cp -r lm5/tokens lm5b/
+stemgen train toy-train --codec codec5/compression_state_dict.bin --out lm5b --init-from lm5/model.pt \
+  --blank-prob 0.5 --contexts rest --preset small --n-layers 4 --frames 500 --batch-size 16 --steps 400 \
+  --lr 5e-4 --warmup 20 --decay-every 1000 --decay-rate 0.3 --val-songs 8 --val-every 100 --seed 5 --threads 2
