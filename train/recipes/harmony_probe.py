@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 from stemgen.evaluation.corpus import song_from_metadata
 
 FRAME_RATE = 50  # codec frames per second (the demo codec's and MusicGen's 32 kHz codec's)
+LM_FRAMES = 500  # frames the LM sees at once (the demo LM's training crop, --frames)
 SOURCES = {"bass stem": lambda cls: ["Bass"], "pad stem": lambda cls: ["Synth Pad"],
            "context: every stem but the bass": lambda cls: [c for c in cls if c != "Bass"]}
 
@@ -87,8 +88,9 @@ def probe(train, test, levels, window: int, K: int) -> float:
     return fit(train, levels, window, K)(test)
 
 
-def lm_first_step(lm_path: Path, data, n_test: int, window: int, K: int) -> None:
-    """Chord root of the LM's first-step bass (most likely first-level code per frame) by the probe."""
+def lm_first_step(lm_path: Path, data, n_test: int, window: int, K: int, read) -> None:
+    """Chord root of the LM's first-step bass (most likely first-level code per frame) by ``read``,
+    the probe fitted on real bass codes (first level, +-window frames)."""
     from stemgen.train.model import load_checkpoint
 
     lm = load_checkpoint(lm_path).eval()
@@ -96,14 +98,13 @@ def lm_first_step(lm_path: Path, data, n_test: int, window: int, K: int) -> None
     if "bass" not in cfg.instruments or cfg.codebook_size < K:
         raise SystemExit(f"{lm_path}: not an LM of this cache (needs a bass instrument and {K} codes)")
     bass, ctx = data["bass stem"], data["context: every stem but the bass"]
-    read = fit(bass[:-n_test], [0], window, K)
     print(f"\nLM {lm_path}, bass at the sampler's first step, chord root by the probe of real bass codes "
           f"(first level, +-{window} frames; the real held-out bass scores {read(bass[-n_test:]):.3f}):")
     for mode in ("the song's context", "another song's context", "NULL context"):
         items = []
         for j, (b, roots) in enumerate(bass[-n_test:]):
             c = ctx[-n_test:][(j + 1) % n_test if mode.startswith("another") else j][0]
-            T = min(b.shape[1], c.shape[1], 500)
+            T = min(b.shape[1], c.shape[1], LM_FRAMES)
             tok = torch.full((1, 2, cfg.n_q, T), cfg.mask_id, dtype=torch.long)
             tok[0, 0] = cfg.null_id if mode.startswith("NULL") else c[:, :T]
             with torch.no_grad():
@@ -136,8 +137,10 @@ def main():
         for levels in ([0], list(range(n_q))):
             accs = [probe(train, test, levels, w, K) for w in (0, args.window)]
             print(f"| {source} | {','.join(map(str, levels))} | {accs[0]:.3f} | {accs[1]:.3f} |", flush=True)
-    for lm in args.lm:
-        lm_first_step(lm, data, args.test, args.window, K)
+    if args.lm:
+        read = fit(data["bass stem"][:-args.test], [0], args.window, K)   # fitted once for every --lm
+        for lm in args.lm:
+            lm_first_step(lm, data, args.test, args.window, K, read)
 
 
 if __name__ == "__main__":
