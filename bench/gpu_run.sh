@@ -7,7 +7,7 @@
 #   bash bench/gpu_run.sh            # about 6-8 minutes on one H100 (estimate)
 #   SMOKE=1 bash bench/gpu_run.sh    # the same steps on a CPU with tiny shapes: checks the script only
 #   ONLY="tests kernels" bash ...     # only these steps (tests kernels paper graphs profile profile-graphs
-#                                     # sweep report), e.g. to split the work over two 10-minute calls
+#                                     # sweep e2e report), e.g. to split the work over two 10-minute calls
 set -uo pipefail
 OUT=${OUT:-bench/gpu-out}
 mkdir -p "$OUT"
@@ -32,7 +32,8 @@ step() {  # step NAME COMMAND...: run, append its output to the log, remember a 
     local name=$1; shift
     if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return 0; fi
     echo "== [$name] $*" | tee -a "$LOG"
-    "$@" 2>&1 | tee -a "$LOG"
+    if declare -F "$1" >/dev/null; then "$@" 2>&1 | tee -a "$LOG"   # a function of this script
+    else timeout "${STEP_TIMEOUT:-300}" "$@" 2>&1 | tee -a "$LOG"; fi  # no step can eat a lent machine's time
     local rc=${PIPESTATUS[0]}
     [ "$rc" = 0 ] || { echo "!! [$name] failed (exit $rc)" | tee -a "$LOG"; status=1; }
 }
@@ -58,6 +59,36 @@ step profile $py bench/profile_step.py "${prof[@]}"
 [ ${#graphs[@]} -gt 0 ] && step profile-graphs $py bench/profile_step.py "${graphs[@]}"
 # 4. throughput against batch size (engine only) to find where it saturates
 step sweep $py -m stemgen bench --batch 1,2,4,8,16,32 "${size[@]}" --no-baseline --json "$OUT/gpu-paper-20s-sweep.json"
+# 5. `stemgen generate` end to end on the shipped demo model (codec included), whole process each time:
+#    a 20 s synthetic context; the first run pays Triton's compiles, then warm, eager and with graphs. Reading audio needs soundfile: carry its wheels in .whl/ (see README).
+e2e() {
+    local ctx=/tmp/stemgen-ctx.wav
+    $py - "$ctx" <<'PY' || return 1
+import math, struct, sys, wave
+sr, n = 32000, 32000 * 20
+with wave.open(sys.argv[1], "wb") as w:
+    w.setnchannels(1); w.setsampwidth(2); w.setframerate(sr)
+    w.writeframes(b"".join(struct.pack("<h", int(8000 * (math.sin(2 * math.pi * 110 * i / sr)
+                  * (1 if (i // 8000) % 2 == 0 else 0.3) + 0.5 * math.sin(2 * math.pi * 165 * i / sr))))
+                  for i in range(n)))
+PY
+    local run t0 t1
+    local runs=("cold cuda" "warm cuda" "graphs cuda --cuda-graphs")
+    [ "${SMOKE:-0}" = 1 ] && runs=("cpu cpu")
+    for run in "${runs[@]}"; do
+        set -- $run
+        t0=$(date +%s.%N)
+        $py -m stemgen generate "$ctx" -i bass -o /tmp/stemgen-bass.wav -m demo --device "$2" "${@:3}" \
+            > /tmp/stemgen-e2e.log 2>&1 || { cat /tmp/stemgen-e2e.log; return 1; }
+        t1=$(date +%s.%N)
+        echo "e2e $1 device=$2 ${*:3}: $(awk "BEGIN{printf \"%.2f\", $t1 - $t0}") s wall (20 s context, demo model, default steps)"
+    done
+}
+if [ -d .whl ] && ! $py -c "import soundfile" 2>/dev/null; then
+    $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/stemgen-site .whl/*.whl \
+        && export PYTHONPATH="$PYTHONPATH:/tmp/stemgen-site"
+fi
+step e2e e2e
 files=$(ls "$OUT"/gpu-*.json 2>/dev/null)
 [ -n "$files" ] && step report $py -m stemgen bench-report $files --out "$OUT/RESULTS.md" --title "GPU benchmark results"
 exit $status
