@@ -64,6 +64,12 @@ def render_generation(name: str, rep: dict) -> list[str]:
     return lines + [""]
 
 
+def _test_id_impl(name: str) -> str:
+    """'test_attention[1000-3-triton]' -> 'triton': the implementation is the id's last part (an
+    op's function is a parameter pytest-benchmark cannot write into its JSON)."""
+    return name.rsplit("[", 1)[-1].rstrip("]").rsplit("-", 1)[-1] if name.endswith("]") else name
+
+
 def render_pytest_benchmark(name: str, data: dict) -> list[str]:
     """Per group: each implementation's mean, and the fast one's speedup over each other one."""
     mi = data.get("machine_info", {})
@@ -74,7 +80,7 @@ def render_pytest_benchmark(name: str, data: dict) -> list[str]:
              f"; Python {mi.get('python_version', '?')}; {data.get('datetime', '')[:10]}.", ""]
     groups: dict[str, dict[str, float]] = {}
     for b in data["benchmarks"]:
-        impl = str((b.get("params") or {}).get("impl", b["name"]))
+        impl = str((b.get("params") or {}).get("impl") or _test_id_impl(b["name"]))
         groups.setdefault(b.get("group") or b["name"], {})[impl] = b["stats"]["mean"]
     rows = []
     for group, impls in groups.items():

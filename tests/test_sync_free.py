@@ -5,6 +5,7 @@ making a tensor from host data = a blocking host-to-device copy, ...) is recorde
 admitted (allowed to sync) before the checked steps; the scheduler runs in its GPU form
 (head at every frame, no nonzero()). Below: every tensor the step loop and the GPU bench
 baseline make names its device."""
+import os
 import traceback
 
 import pytest
@@ -94,13 +95,21 @@ def test_gpu_form_step_loop_is_sync_free_reference_ops(engine, monkeypatch):
     assert all(r.done for r in reqs)
 
 
-def test_gpu_form_step_loop_is_sync_free_triton_ops(engine, monkeypatch):
-    """The Triton wrappers (run by the interpreter here) launch without host reads, too."""
+def test_gpu_form_step_loop_is_sync_free_triton_ops(engine, monkeypatch, tmp_path):
+    """The Triton wrappers launch without host reads, too: under the interpreter on a CPU, on
+    CUDA tensors where a GPU runs them (the interpreter is off there)."""
     pytest.importorskip("triton")
-    monkeypatch.setattr(engine.lm, "ops", triton_ops(torch.float32))
-    reqs = requests(engine)
-    assert checked_run(StepLoop(engine.lm, head_subset=False), reqs) == []
-    assert all(r.done for r in reqs)
+    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        _, d = make_model_dir(tmp_path, CFG)
+        engine = Engine.from_pretrained(d, device="cuda", dtype="float32")
+    try:
+        monkeypatch.setattr(engine.lm, "ops", triton_ops(torch.float32))
+        reqs = requests(engine)
+        assert checked_run(StepLoop(engine.lm, head_subset=False), reqs) == []
+        assert all(r.done for r in reqs)
+    finally:
+        if engine.lm.device.type == "cuda":
+            engine.close()
 
 
 def test_detector_sees_syncs(engine):
