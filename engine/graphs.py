@@ -9,8 +9,8 @@ The step copies the new tokens into the static inputs and replays. The level's h
 sampling stay outside (the head differs by level).
 
 Recording needs a step without host synchronisation (tests/test_sync_free.py checks that).
-Opt-in (``Engine.from_pretrained(..., cuda_graphs=True)``, ``--cuda-graphs``,
-``STEMGEN_CUDA_GRAPHS=1``).
+On by default on CUDA (off: ``cuda_graphs=False``, ``--no-cuda-graphs``, ``STEMGEN_CUDA_GRAPHS=0``):
+on an H200 they took the paper model's 20 s stem at batch 1 from 1.20 s to 1.00 s.
 """
 from __future__ import annotations
 

@@ -224,8 +224,8 @@ def generate(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16, float16 (default: bf16 on GPU)"),
     cuda_graphs: Optional[bool] = typer.Option(None, "--cuda-graphs/--no-cuda-graphs",
-                                               help="replay each step's trunk from a CUDA graph (GPU; default: "
-                                               "STEMGEN_CUDA_GRAPHS, else off)"),
+                                               help="replay each step's trunk from a CUDA graph (GPU; default: on, "
+                                               "unless STEMGEN_CUDA_GRAPHS=0)"),
     bits: str = typer.Option("16", "--bits", help="output WAV sample format: 16, 24 or float"),
 ):
     """Generate a stem that fits CONTEXT and write it (and optionally the new mix).
@@ -419,7 +419,8 @@ def bench(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="engine dtype (default: the engine's default)"),
     cuda_graphs: Optional[bool] = typer.Option(None, "--cuda-graphs/--no-cuda-graphs",
-                                               help="engine replays the trunk from CUDA graphs (GPU)"),
+                                               help="engine replays the trunk from CUDA graphs (GPU; default: on, "
+                                               "unless STEMGEN_CUDA_GRAPHS=0)"),
     baseline: bool = typer.Option(True, "--baseline/--no-baseline", help="also run the fp32 training-form baseline"),
     seed: int = typer.Option(0, "--seed"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="write all figures (and the machine) as JSON"),
