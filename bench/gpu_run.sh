@@ -6,7 +6,7 @@
 # publish them in bench/RESULTS.md.
 #   bash bench/gpu_run.sh            # about 6-8 minutes on one H100 (estimate)
 #   SMOKE=1 bash bench/gpu_run.sh    # the same steps on a CPU with tiny shapes: checks the script only
-#   ONLY="tests kernels" bash ...     # only these steps (tests kernels paper graphs profile profile-graphs
+#   ONLY="tests kernels" bash ...     # only these steps (tests kernels attn paper graphs profile profile-graphs
 #                                     # sweep e2e report), e.g. to split the work over two 10-minute calls
 set -uo pipefail
 OUT=${OUT:-bench/gpu-out}
@@ -49,6 +49,8 @@ step tests $py -m pytest -q -rs "${tests[@]}"
 # 2. kernels vs their references and torch SDPA at StemGen shapes
 step kernels $py -m pytest -q bench/test_ops_bench.py --benchmark-json "$OUT/gpu-kernels.json" \
     --benchmark-columns=mean,median,min,rounds
+# 2b. the flash-attention kernel's tiles against SDPA (GPU time by CUDA events), best tile per shape
+step attn $py bench/attn_sweep.py
 # 3. the paper config, 20 s, steps 128,64,32,32, multi-source CFG: engine vs baseline at batch 1
 step paper $py -m stemgen bench --batch 1 "${size[@]}" --json "$OUT/gpu-paper-20s.json"
 # 3b. the same with the trunk replayed from CUDA graphs (engine only)
