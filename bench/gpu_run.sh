@@ -62,7 +62,9 @@ step profile $py bench/profile_step.py "${prof[@]}"
 # 4. throughput against batch size (engine only) to find where it saturates
 step sweep $py -m stemgen bench --batch 1,2,4,8,16,32 "${size[@]}" --no-baseline --json "$OUT/gpu-paper-20s-sweep.json"
 # 5. `stemgen generate` end to end on the shipped demo model (codec included), whole process each time:
-#    a 20 s synthetic context; the first run pays Triton's compiles, then warm, eager and with graphs. Reading audio needs soundfile: carry its wheels in .whl/ (see README).
+#    a 20 s synthetic context; the first run pays Triton's compiles, then warm, eager and with graphs.
+#    Reading audio needs soundfile, which the GPU machines lack: download its wheels for Python 3.12
+#    (soundfile, cffi, pycparser) into .whl/ and carry that folder; they are installed to /tmp.
 e2e() {
     local ctx=/tmp/stemgen-ctx.wav
     $py - "$ctx" <<'PY' || return 1
