@@ -134,10 +134,20 @@ def setting_options(setting: str) -> dict:
     return dict(guidance="multi", cfg_context=3.0, cfg_instrument=3.0, w_confidence=0.1, w_causal=0.1)
 
 
+INSTRUMENTS = ("bass", "drums")
+
+
 def run_table3(engine, corpus: str | Path, out: str | Path, songs: int = 40, seconds: float = 10.0,
-               steps=(20, 10, 10, 10), seed: int = 0, log=print) -> dict:
-    """Generate, write and score every setting; returns {"per_song": [...], "table": {...}}.
-    Files: OUT/<setting>/<instrument>/<track>.wav, OUT/real/..., OUT/context/... (32 kHz codec rate)."""
+               steps=(20, 10, 10, 10), seed: int = 0, log=print, instruments=INSTRUMENTS,
+               settings=SETTINGS) -> dict:
+    """Generate, write and score every setting (or the ``settings`` given, for the ``instruments``
+    given); returns {"per_song": [...], "table": {...}}. Files: OUT/<setting>/<instrument>/<track>.wav,
+    OUT/real/..., OUT/context/... (32 kHz codec rate), and OUT/spectrograms.png when both stems and
+    the paper and deaf settings ran."""
+    bad = [x for x in instruments if x not in INSTRUMENTS] + [x for x in settings if x not in SETTINGS]
+    if bad or not instruments or not settings:
+        raise ValueError(f"table3: unknown or no stems/settings {bad}; stems are {', '.join(INSTRUMENTS)}, "
+                         f"settings {', '.join(SETTINGS)}")
     import soundfile as sf
     import soxr
 
@@ -149,13 +159,13 @@ def run_table3(engine, corpus: str | Path, out: str | Path, songs: int = 40, sec
         raise ValueError(f"{corpus}: need at least 2 toy-band tracks")
     csr = engine.codec.cfg.sample_rate
     per_song, results = [], {}
-    for inst in ("bass", "drums"):
+    for inst in instruments:
         for song in data:
             for kind, audio in (("real", song["stems"][inst]), ("context", song["contexts"][inst])):
                 p = out / kind / inst / f"{song['name']}.wav"
                 p.parent.mkdir(parents=True, exist_ok=True)
                 sf.write(p, soxr.resample(audio, song["sr"], csr).astype(np.float32), csr, subtype="FLOAT")
-        for setting in SETTINGS:
+        for setting in settings:
             folder = out / setting / inst
             folder.mkdir(parents=True, exist_ok=True)
             if setting == "ceiling":
@@ -186,6 +196,10 @@ def run_table3(engine, corpus: str | Path, out: str | Path, songs: int = 40, sec
             summary.update(mirdd_with_context=with_ctx["mirdd"], mirdd_stem=alone["mirdd"], fad_logmel=alone["fad"])
             results.setdefault(inst, {})[setting] = summary
             log(f"{inst} {setting}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
+    result = {"per_song": per_song, "table": results, "songs": len(data), "seconds": seconds,
+              "steps": list(steps), "seed": seed}
+    if set(instruments) != set(INSTRUMENTS) or not {"paper", "deaf"} <= set(settings):
+        return result   # the figure shows both stems, paper and deaf
     import soundfile as sf_read
 
     first = data[0]["name"]
@@ -197,8 +211,7 @@ def run_table3(engine, corpus: str | Path, out: str | Path, songs: int = 40, sec
         ("real drums", load("real", "drums"), csr), ("generated drums (paper settings)", load("paper", "drums"), csr)],
         title=f"held-out song {first}: {data[0]['gt']['key']}, {data[0]['gt']['tempo']:.0f} BPM, "
               f"chords {' '.join(data[0]['gt']['chords'][:4])}")
-    return {"per_song": per_song, "table": results, "songs": len(data), "seconds": seconds,
-            "steps": list(steps), "seed": seed}
+    return result
 
 
 def round_trip(codec, audio: np.ndarray, sr: int, levels: int | None = None) -> np.ndarray:

@@ -166,6 +166,11 @@ def convert(lm: Path = typer.Option(..., "--lm", help=f"LM checkpoint: {describe
 STEP_PRESETS = {"paper": (128, 64, 32, 32), "magnet": (20, 10, 10, 10), "soundstorm": (16, 1, 1, 1)}
 
 
+def _csv(text: str) -> tuple[str, ...]:
+    """'bass, drums' -> ('bass', 'drums')."""
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
 def _parse_steps(text: Optional[str]):
     if text is None:
         return None
@@ -713,7 +718,10 @@ def table3_cmd(model: str = typer.Option("demo", "--model", "-m", help="model di
                songs: int = typer.Option(40, "--songs"),
                seconds: float = typer.Option(10.0, "--seconds", help="context length (the model's training window)"),
                steps: Optional[str] = typer.Option("magnet", "--steps", help="steps per level or a preset"),
-               seed: int = typer.Option(0, "--seed")):
+               seed: int = typer.Option(0, "--seed"),
+               stems: str = typer.Option("bass,drums", "--stems", help="stems to generate, comma-separated"),
+               settings: str = typer.Option("naive,paper,deaf,ceiling", "--settings",
+                                            help="settings to run, comma-separated (e.g. naive,paper)")):
     """The paper's Table 3 at toy scale: naive / paper settings / deaf (another song's context) / codec
     ceiling, scored against each song's ground truth (chord roots, beat grid, tempo), MIRDD and FAD."""
     from .engine import Engine
@@ -723,7 +731,7 @@ def table3_cmd(model: str = typer.Option("demo", "--model", "-m", help="model di
         engine = Engine.from_pretrained(_model_dir(model), device="cpu", dtype="float32")
         try:
             res = run_table3(engine, corpus, out, songs=songs, seconds=seconds, steps=_parse_steps(steps),
-                             seed=seed, log=_train_logger())
+                             seed=seed, log=_train_logger(), instruments=_csv(stems), settings=_csv(settings))
         finally:
             engine.close()
         atomic_write_text(out / "table3.json", json.dumps(res, indent=1))
