@@ -54,9 +54,7 @@ def backends(device: torch.device, dtype: torch.dtype | None = None) -> dict[str
         "codec": "PyTorch (engine.codec, fp32; RVQ encode as a GEMM: faster here than the C++ op)",
         "C++ extension": cpp_ext.status(),
         "triton": _triton_status(device),
-        "CUDA graphs": ("off (STEMGEN_CUDA_GRAPHS=0)" if os.environ.get("STEMGEN_CUDA_GRAPHS") == "0" else
-                        "on (default; --no-cuda-graphs or STEMGEN_CUDA_GRAPHS=0 turns them off)")
-        if device.type == "cuda" else "CUDA only",
+        "CUDA graphs": _graphs_status() if device.type == "cuda" else "CUDA only",
         "torch": torch.__version__,
     }
 
@@ -70,11 +68,23 @@ def _triton_status(device: torch.device) -> str:
     return f"triton {triton.__version__}: {use}"
 
 
+def _graphs_status() -> str:
+    flag = os.environ.get("STEMGEN_CUDA_GRAPHS")
+    if flag == "0":
+        return "off (STEMGEN_CUDA_GRAPHS=0)"
+    if flag == "1":
+        return "on (STEMGEN_CUDA_GRAPHS=1), the background service too"
+    if flag is not None:
+        return f"STEMGEN_CUDA_GRAPHS={flag!r} is not 0 or 1: generation will refuse it"
+    return ("on for generations in the caller's thread (default; --no-cuda-graphs or STEMGEN_CUDA_GRAPHS=0: "
+            "off); the background service (serve, folder runs) only with --cuda-graphs / STEMGEN_CUDA_GRAPHS=1")
+
+
 def default_max_frames(device: torch.device) -> int:
     """The scheduler's frame budget (rows x frames run together in a step). On a GPU, from the
     batch sweep of the paper model (H200, 20 s, multi CFG = 3 rows): throughput reaches 90% of its
     best at batch 4 (12,000 row-frames) and gains under 3% up to batch 32, while every request in
-    a larger batch waits longer: 16,384 admits four such requests. On a CPU the runner cuts a
+    a larger batch waits longer: 16,384 admits five such requests (3,000 row-frames each). On a CPU the runner cuts a
     batch into cache-sized forwards itself, so a wider budget only batches more requests."""
     return 1 << 14 if torch.device(device).type == "cuda" else 1 << 15
 
@@ -82,7 +92,8 @@ def default_max_frames(device: torch.device) -> int:
 def use_cuda_graphs(lm: StemGenEngineLM, enable: bool | None):
     """CUDA graphs for the trunk, or None. enable=None: on for a CUDA model unless STEMGEN_CUDA_GRAPHS=0
     (on an H200 they took the paper model's 20 s stem at batch 1 from 1.20 s to 1.00 s, and cost
-    nothing at batch 4 and 16: bench/RESULTS.md)."""
+    nothing at batch 4 and 16: bench/RESULTS.md). The Engine's background service takes them only
+    when asked for explicitly (Engine.from_pretrained)."""
     from .graphs import TrunkGraphs
 
     if enable is None:
@@ -114,10 +125,13 @@ class Generation:
 
 class Engine:
     def __init__(self, config: ModelConfig, lm: StemGenEngineLM, codec: Codec | None = None,
-                 model_dir: Path | None = None, graphs=None):
+                 model_dir: Path | None = None, graphs=None, service_graphs: bool = False):
         self.config = config
         self.lm = lm
         self.runner = Runner(lm, graphs=graphs)   # executes steps: the LM, its CUDA graphs, the sampling op
+        # the background service records its own graphs only when they were asked for explicitly
+        # (its callers run the codec on other threads meanwhile: engine.graphs)
+        self.service_graphs = service_graphs and graphs is not None
         self.codec = codec
         self.model_dir = model_dir
         self.max_frames = default_max_frames(lm.device)   # frames (rows x length) per scheduler step
@@ -130,18 +144,21 @@ class Engine:
         """Load an engine model directory ('demo': the trained toy-band demo model). dtype defaults to bfloat16 on CUDA and on CPUs with native
         bf16 arithmetic (AVX512-BF16 / AMX), float32 elsewhere (engine.model.default_dtype).
         cuda_graphs: replay each step's transformer trunk from a CUDA graph (engine.graphs; CUDA
-        only; default: on for CUDA unless the environment has STEMGEN_CUDA_GRAPHS=0)."""
+        only; default: on for CUDA unless the environment has STEMGEN_CUDA_GRAPHS=0, for the
+        generations run in the caller's thread; the background service only when True or
+        STEMGEN_CUDA_GRAPHS=1)."""
         model_dir = resolve_model(model_dir)
         config = ModelConfig.load(model_dir)
         device = pick_device(device)
         dtype = resolve_dtype(dtype) if dtype else default_dtype(device)
         lm = load_lm(model_dir / config.weights["lm"], config.lm, device=device, dtype=dtype)
         graphs = use_cuda_graphs(lm, cuda_graphs)
+        explicit = cuda_graphs is True or (cuda_graphs is None and os.environ.get("STEMGEN_CUDA_GRAPHS") == "1")
         codec = None
         if load_codec_weights and config.codec:
             ccfg = CodecConfig.from_dict(config.codec)
             codec = load_codec(model_dir / config.weights["codec"], ccfg, device=device)
-        return cls(config, lm, codec, model_dir, graphs=graphs)
+        return cls(config, lm, codec, model_dir, graphs=graphs, service_graphs=explicit)
 
     @property
     def instruments(self) -> list[str]:
@@ -221,7 +238,10 @@ class Engine:
     def service(self) -> GenerationService:
         with _service_lock:
             if self._service is None:
-                self._service = GenerationService(self.runner, max_frames=self.max_frames)
+                from .graphs import TrunkGraphs
+
+                runner = Runner(self.lm, graphs=TrunkGraphs(self.lm) if self.service_graphs else None)
+                self._service = GenerationService(runner, max_frames=self.max_frames)
         return self._service
 
     def close(self, cancel: bool = False, timeout: float | None = None) -> None:

@@ -9,15 +9,24 @@ The step copies the new tokens into the static inputs and replays. The level's h
 sampling stay outside (the head differs by level).
 
 Recording needs a step without host synchronisation (tests/test_sync_free.py checks that).
-On by default on CUDA (off: ``cuda_graphs=False``, ``--no-cuda-graphs``, ``STEMGEN_CUDA_GRAPHS=0``):
-on an H200 they took the paper model's 20 s stem at batch 1 from 1.20 s to 1.00 s.
+On by default on CUDA for generations run in the caller's thread (off: ``cuda_graphs=False``,
+``--no-cuda-graphs``, ``STEMGEN_CUDA_GRAPHS=0``): on an H200 they took the paper model's 20 s stem at
+batch 1 from 1.20 s to 1.00 s. The background service (HTTP server, folder runs), whose codec work
+runs on other threads while a graph may be recording, uses them only when asked for explicitly
+(``cuda_graphs=True``, ``--cuda-graphs``, ``STEMGEN_CUDA_GRAPHS=1``), with its own graphs: that mix
+has not yet run on a GPU. Recording ignores other threads' CUDA calls (thread-local capture); if a
+recording fails anyway, the trunk runs eagerly from then on and the engine logs why once.
 """
 from __future__ import annotations
 
+import logging
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+
+log = logging.getLogger("stemgen")
 
 
 @dataclass
@@ -41,7 +50,7 @@ class CudaGraphBackend:
         with torch.cuda.stream(side):
             fn()  # compiles kernels, fills caches: nothing of the kind may happen while recording
         torch.cuda.current_stream().wait_stream(side)
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads' calls are theirs
             return fn()
 
     def replay(self, graph) -> None:
@@ -57,29 +66,41 @@ class TrunkGraphs:
         self.last_layout: tuple | None = None
         self.recorded = 0   # graphs recorded so far
         self.replays = 0
+        self.failed: str | None = None   # why recording failed (the trunk then runs eagerly)
+        self._lock = threading.Lock()    # callers in several threads share the static buffers
 
     @staticmethod
     def layout(pairs) -> tuple:
         return tuple((tuple(t.shape), tuple(c.shape)) for t, c in pairs)
 
     def hidden(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """The trunk's output for these rows: replayed from a graph when this layout has one. The
-        result is the graph's static buffer, valid until the next call: use it before that."""
-        key = self.layout(pairs)
-        g = self.graphs.get(key)
-        if g is None:
-            seen_before = key == self.last_layout
-            self.last_layout = key
-            if not seen_before:
-                return self.model.hidden(pairs)
-            g = self._record(key, pairs)
-        self.graphs.move_to_end(key)
-        for (st, sc), (t, c) in zip(g.inputs, pairs):
-            st.copy_(t)
-            sc.copy_(c)
-        self.backend.replay(g.graph)
-        self.replays += 1
-        return g.output
+        """The trunk's output for these rows: replayed from a graph when this layout has one (a
+        copy of the graph's static buffer, so callers in several threads never share one)."""
+        if self.failed is not None:
+            return self.model.hidden(pairs)
+        with self._lock:
+            key = self.layout(pairs)
+            g = self.graphs.get(key)
+            if g is None:
+                seen_before = key == self.last_layout
+                self.last_layout = key
+                if not seen_before:
+                    return self.model.hidden(pairs)
+                try:
+                    g = self._record(key, pairs)
+                except RuntimeError as e:   # a capture CUDA refused: say so once, stay correct
+                    self.failed = str(e).splitlines()[0] if str(e) else type(e).__name__
+                    self.graphs.clear()
+                    log.warning("CUDA graph recording failed (%s); the trunk runs eagerly from now on",
+                                self.failed)
+                    return self.model.hidden(pairs)
+            self.graphs.move_to_end(key)
+            for (st, sc), (t, c) in zip(g.inputs, pairs):
+                st.copy_(t)
+                sc.copy_(c)
+            self.backend.replay(g.graph)
+            self.replays += 1
+            return g.output.clone()
 
     def _record(self, key: tuple, pairs) -> _Graph:
         if len(self.graphs) >= self.max_graphs:

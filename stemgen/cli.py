@@ -167,8 +167,8 @@ STEP_PRESETS = {"paper": (128, 64, 32, 32), "magnet": (20, 10, 10, 10), "soundst
 
 
 def _csv(text: str) -> tuple[str, ...]:
-    """'bass, drums' -> ('bass', 'drums')."""
-    return tuple(x.strip() for x in text.split(",") if x.strip())
+    """'bass, drums, bass' -> ('bass', 'drums')."""
+    return tuple(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
 
 
 def _parse_steps(text: Optional[str]):
@@ -229,8 +229,9 @@ def generate(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16, float16 (default: bf16 on GPU)"),
     cuda_graphs: Optional[bool] = typer.Option(None, "--cuda-graphs/--no-cuda-graphs",
-                                               help="replay each step's trunk from a CUDA graph (GPU; default: on, "
-                                               "unless STEMGEN_CUDA_GRAPHS=0)"),
+                                               help="replay each step's trunk from a CUDA graph (GPU; default: on "
+                                               "for one context unless STEMGEN_CUDA_GRAPHS=0; folder runs "
+                                               "only with --cuda-graphs)"),
     bits: str = typer.Option("16", "--bits", help="output WAV sample format: 16, 24 or float"),
 ):
     """Generate a stem that fits CONTEXT and write it (and optionally the new mix).
@@ -493,7 +494,11 @@ def serve_cmd(model: str = typer.Option("demo", "--model", "-m", help="model dir
               max_sync_seconds: float = typer.Option(30.0, "--max-sync-seconds",
                                                      help="longest context for POST /v1/generate"),
               max_jobs: int = typer.Option(64, "--max-jobs", help="jobs in flight (and kept for download)"),
-              job_timeout: float = typer.Option(1800.0, "--job-timeout", help="seconds before a job is cancelled")):
+              job_timeout: float = typer.Option(1800.0, "--job-timeout", help="seconds before a job is cancelled"),
+              cuda_graphs: Optional[bool] = typer.Option(None, "--cuda-graphs/--no-cuda-graphs",
+                                                         help="replay each step's trunk from CUDA graphs (GPU; "
+                                                         "default off for the server: not yet run on a GPU "
+                                                         "beside concurrent codec work)")):
     """Serve the engine over HTTP (FastAPI + uvicorn): jobs, status, results, cancel, metrics, /docs.
     Needs the serve extra: pip install -e '.[serve]'."""
     try:
@@ -504,7 +509,8 @@ def serve_cmd(model: str = typer.Option("demo", "--model", "-m", help="model dir
         fail(f"stemgen serve needs the serve extra ({e.name} is missing): pip install -e '.[serve]'")
     from .engine import Engine
 
-    engine = run_guarded(lambda: Engine.from_pretrained(_model_dir(model), device=device, dtype=dtype))
+    engine = run_guarded(lambda: Engine.from_pretrained(_model_dir(model), device=device, dtype=dtype,
+                                                        cuda_graphs=cuda_graphs))
     app_ = create_app(engine, Limits(max_upload_mb=max_upload_mb, max_seconds=max_seconds,
                                      max_sync_seconds=max_sync_seconds, max_jobs=max_jobs, job_timeout_s=job_timeout))
     run_server(app_, host, port)

@@ -128,3 +128,91 @@ def test_cuda_graphs_equal_eager_on_gpu(model_dir, join_every):
         assert same == 1.0, same
     finally:
         eng.close()
+
+
+def test_a_failed_recording_runs_eagerly_and_says_so(model_dir, caplog):
+    """A capture CUDA refuses (here: the stand-in raises) leaves the tokens right: the trunk runs
+    eagerly from then on, and the engine logs why once."""
+    class Refusing(EagerStandIn):
+        def record(self, graph, fn):
+            raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    eng = Engine.from_pretrained(model_dir, device="cpu", dtype="float32")
+    try:
+        lm = eng.lm
+        want = run(lm, make_requests(lm), 3)
+        graphs = TrunkGraphs(lm, backend=Refusing())
+        with caplog.at_level("WARNING", logger="stemgen"):
+            got = run(lm, make_requests(lm), 3, graphs)
+        assert graphs.failed == "operation not permitted when stream is capturing" and graphs.replays == 0
+        assert [r.message for r in caplog.records].count(
+            "CUDA graph recording failed (operation not permitted when stream is capturing); "
+            "the trunk runs eagerly from now on") == 1
+        for a, b in zip(want, got):
+            assert torch.equal(a, b)
+    finally:
+        eng.close()
+
+
+def test_replays_hand_out_copies_and_the_service_records_its_own(model_dir):
+    """Callers in several threads never share a graph's output buffer; the background service
+    (codec work on other threads meanwhile) has no graphs unless they were asked for explicitly,
+    and then its own."""
+    eng = Engine.from_pretrained(model_dir, device="cpu", dtype="float32")
+    try:
+        lm = eng.lm
+        graphs = TrunkGraphs(lm, backend=EagerStandIn())
+        reqs = make_requests(lm, 1)
+        pairs = [(torch.randint(0, CFG.codebook_size, (3, 2, CFG.n_q, 9)), torch.zeros(3, 1, dtype=torch.long))]
+        graphs.hidden(pairs)
+        graphs.hidden(pairs)                 # recorded on the layout's second step
+        out = graphs.hidden(pairs)           # replayed
+        (g,) = graphs.graphs.values()
+        assert graphs.replays == 2 and out is not g.output and torch.equal(out, g.output)
+        assert out.data_ptr() != g.output.data_ptr()
+        for explicit in (False, True):
+            e = Engine(eng.config, lm, graphs=TrunkGraphs(lm, backend=EagerStandIn()), service_graphs=explicit)
+            try:
+                sg = e.service.loop.runner.graphs
+                assert (sg is not None) == explicit and sg is not e.runner.graphs
+                h = e.submit(reqs[0].context, 0, sampling=SamplingConfig(steps=(2, 1, 1, 1)))
+                assert h.result(timeout=60).shape == (CFG.n_q, reqs[0].context.shape[-1])
+            finally:
+                e.close()
+    finally:
+        eng.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_service_graphs_beside_other_threads_cuda_work_on_gpu(model_dir):
+    """On a GPU: the service recording and replaying graphs (asked for explicitly) while another
+    thread allocates and computes on the device, as the codec does for other requests: the same
+    tokens as an eager engine, and no recording refused."""
+    import threading
+
+    eager = Engine.from_pretrained(model_dir, device="cuda", cuda_graphs=False)
+    eng = Engine.from_pretrained(model_dir, device="cuda", cuda_graphs=True)
+    stop = threading.Event()
+
+    def busy():
+        while not stop.is_set():
+            x = torch.randn(512, 512, device="cuda")
+            (x @ x).sum().item()
+
+    worker = threading.Thread(target=busy, daemon=True)
+    worker.start()
+    try:
+        reqs = make_requests(eng.lm, 8)
+        want = [eager.submit(r.context, r.conditions[0].item(), sampling=r.sampling) for r in reqs]
+        want = [h.result(timeout=120) for h in want]
+        got = [eng.submit(r.context, r.conditions[0].item(), sampling=r.sampling) for r in reqs]
+        got = [h.result(timeout=120) for h in got]
+        graphs = eng.service.loop.runner.graphs
+        assert graphs is not None and graphs.failed is None and graphs.recorded >= 1, graphs.failed
+        same = sum(int((a == b).sum()) for a, b in zip(want, got)) / sum(a.numel() for a in want)
+        assert same == 1.0, same
+    finally:
+        stop.set()
+        worker.join()
+        eager.close()
+        eng.close()
