@@ -7,7 +7,7 @@
 #   bash bench/gpu_run.sh            # about 6-8 minutes on one H100 (estimate)
 #   SMOKE=1 bash bench/gpu_run.sh    # the same steps on a CPU with tiny shapes: checks the script only
 #   ONLY="tests kernels" bash ...     # only these steps (tests kernels attn paper graphs profile profile-graphs
-#                                     # sweep e2e report), e.g. to split the work over two 10-minute calls
+#                                     # sweep sweep-graphs e2e report), e.g. to split the work over two 10-minute calls
 set -uo pipefail
 OUT=${OUT:-bench/gpu-out}
 mkdir -p "$OUT"
@@ -20,10 +20,10 @@ tests=(tests/test_op_*.py tests/test_backend.py tests/test_sync_free.py tests/te
 if [ "${SMOKE:-0}" = 1 ]; then   # check this script's plumbing on a CPU: tiny shapes, interpreter, no graphs
     export TRITON_INTERPRET=1 STEMGEN_BENCH_SMOKE=1
     tests=(tests/test_sync_free.py); size=(--config tiny --duration 1 --steps 2,1,1,1 --device cpu)
-    prof=(--config tiny --device cpu --frames 20 --steps 2); graphs=()
+    prof=(--config tiny --device cpu --frames 20 --steps 2); graphs=(); eager=()
 else
     unset TRITON_INTERPRET
-    size=(); prof=(); graphs=(--cuda-graphs)
+    size=(); prof=(); graphs=(--cuda-graphs); eager=(--no-cuda-graphs)
 fi
 status=0
 LOG="$OUT/gpu-run.log"   # one log for every step: few files to fetch from a lent machine
@@ -52,7 +52,7 @@ step kernels $py -m pytest -q bench/test_ops_bench.py --benchmark-json "$OUT/gpu
 # 2b. the flash-attention kernel's tiles against SDPA (GPU time by CUDA events), best tile per shape
 step attn $py bench/attn_sweep.py
 # 3. the paper config, 20 s, steps 128,64,32,32, multi-source CFG: engine vs baseline at batch 1
-step paper $py -m stemgen bench --batch 1 "${size[@]}" --json "$OUT/gpu-paper-20s.json"
+step paper $py -m stemgen bench --batch 1 "${size[@]}" "${eager[@]}" --json "$OUT/gpu-paper-20s.json"
 # 3b. the same with the trunk replayed from CUDA graphs (engine only)
 [ ${#graphs[@]} -gt 0 ] && step graphs $py -m stemgen bench --batch 1 --no-baseline "${graphs[@]}" \
     --json "$OUT/gpu-paper-20s-graphs.json"
@@ -60,7 +60,10 @@ step paper $py -m stemgen bench --batch 1 "${size[@]}" --json "$OUT/gpu-paper-20
 step profile $py bench/profile_step.py "${prof[@]}"
 [ ${#graphs[@]} -gt 0 ] && step profile-graphs $py bench/profile_step.py "${graphs[@]}"
 # 4. throughput against batch size (engine only) to find where it saturates
-step sweep $py -m stemgen bench --batch 1,2,4,8,16,32 "${size[@]}" --no-baseline --json "$OUT/gpu-paper-20s-sweep.json"
+step sweep $py -m stemgen bench --batch 1,2,4,8,16,32 "${size[@]}" --no-baseline "${eager[@]}" \
+    --json "$OUT/gpu-paper-20s-sweep.json"
+[ ${#graphs[@]} -gt 0 ] && step sweep-graphs $py -m stemgen bench --batch 1,4,16 --no-baseline "${graphs[@]}" \
+    --json "$OUT/gpu-paper-20s-sweep-graphs.json"
 # 5. `stemgen generate` end to end on the shipped demo model (codec included), whole process each time:
 #    a 20 s synthetic context; the first run pays Triton's compiles, then warm, eager and with graphs.
 #    Reading audio needs soundfile, which the GPU machines lack: download its wheels for Python 3.12
@@ -77,12 +80,13 @@ with wave.open(sys.argv[1], "wb") as w:
                   for i in range(n)))
 PY
     local run t0 t1
-    local runs=("cold cuda" "warm cuda" "graphs cuda --cuda-graphs")
+    local runs=("cold cuda --no-cuda-graphs" "warm cuda --no-cuda-graphs" "graphs cuda --cuda-graphs")
     [ "${SMOKE:-0}" = 1 ] && runs=("cpu cpu")
     for run in "${runs[@]}"; do
         set -- $run
         t0=$(date +%s.%N)
-        $py -m stemgen generate "$ctx" -i bass -o /tmp/stemgen-bass.wav -m demo --device "$2" "${@:3}" \
+        timeout "${STEP_TIMEOUT:-300}" $py -m stemgen generate "$ctx" -i bass -o /tmp/stemgen-bass.wav -m demo \
+            --device "$2" "${@:3}" \
             > /tmp/stemgen-e2e.log 2>&1 || { cat /tmp/stemgen-e2e.log; return 1; }
         t1=$(date +%s.%N)
         echo "e2e $1 device=$2 ${*:3}: $(awk "BEGIN{printf \"%.2f\", $t1 - $t0}") s wall (20 s context, demo model, default steps)"

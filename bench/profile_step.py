@@ -69,14 +69,14 @@ def main(argv=None) -> str:
     ap.add_argument("--frames", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=1, help="requests stepping together")
     ap.add_argument("--steps", type=int, default=6, help="profiled steps")
-    ap.add_argument("--cuda-graphs", action="store_true")
+    ap.add_argument("--cuda-graphs", action="store_true", help="replay the trunk from CUDA graphs (else eager)")
     ap.add_argument("--rows", type=int, default=25, help="rows of the top-ops table")
     args = ap.parse_args(argv)
 
     device = pick_device(args.device)
     dtype = resolve_dtype(args.dtype) if args.dtype else default_dtype(device)
     lm, _, _, desc = build_models(None, args.config, device, dtype, False, seed=0)
-    runner = Runner(lm, graphs=use_cuda_graphs(lm, args.cuda_graphs or None))
+    runner = Runner(lm, graphs=use_cuda_graphs(lm, args.cuda_graphs and lm.device.type == "cuda"))
     cfg = lm.cfg
     sampling = SamplingConfig(steps=(args.steps * 4 + 8,) + (1,) * (cfg.n_q - 1))
     loop = StepLoop(runner)
