@@ -31,6 +31,8 @@ def flash(q, k, v, cu, n_seqs, T, tile):
 
 
 def main():
+    if not torch.cuda.is_available():
+        raise SystemExit("attn_sweep.py times GPU kernels: it needs a CUDA device")
     dt = torch.bfloat16
     default = attention_blocks(dt, DH) + (3,)
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "

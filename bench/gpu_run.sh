@@ -50,7 +50,7 @@ step tests $py -m pytest -q -rs "${tests[@]}"
 step kernels $py -m pytest -q bench/test_ops_bench.py --benchmark-json "$OUT/gpu-kernels.json" \
     --benchmark-columns=mean,median,min,rounds
 # 2b. the flash-attention kernel's tiles against SDPA (GPU time by CUDA events), best tile per shape
-step attn $py bench/attn_sweep.py
+[ "${SMOKE:-0}" = 1 ] || step attn $py bench/attn_sweep.py   # GPU time by CUDA events: no CPU form
 # 3. the paper config, 20 s, steps 128,64,32,32, multi-source CFG: engine vs baseline at batch 1
 step paper $py -m stemgen bench --batch 1 "${size[@]}" "${eager[@]}" --json "$OUT/gpu-paper-20s.json"
 # 3b. the same with the trunk replayed from CUDA graphs (engine only)
