@@ -76,31 +76,37 @@ class TrunkGraphs:
     def hidden(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """The trunk's output for these rows: replayed from a graph when this layout has one (a
         copy of the graph's static buffer, so callers in several threads never share one)."""
-        if self.failed is not None:
-            return self.model.hidden(pairs)
-        with self._lock:
-            key = self.layout(pairs)
-            g = self.graphs.get(key)
-            if g is None:
-                seen_before = key == self.last_layout
-                self.last_layout = key
-                if not seen_before:
-                    return self.model.hidden(pairs)
-                try:
-                    g = self._record(key, pairs)
-                except RuntimeError as e:   # a capture CUDA refused: say so once, stay correct
-                    self.failed = str(e).splitlines()[0] if str(e) else type(e).__name__
-                    self.graphs.clear()
-                    log.warning("CUDA graph recording failed (%s); the trunk runs eagerly from now on",
-                                self.failed)
-                    return self.model.hidden(pairs)
-            self.graphs.move_to_end(key)
-            for (st, sc), (t, c) in zip(g.inputs, pairs):
-                st.copy_(t)
-                sc.copy_(c)
-            self.backend.replay(g.graph)
-            self.replays += 1
-            return g.output.clone()
+        if self.failed is None:
+            with self._lock:
+                out = self._replay(pairs)
+            if out is not None:
+                return out
+        return self.model.hidden(pairs)   # eager, outside the lock: other threads go on
+
+    def _replay(self, pairs) -> torch.Tensor | None:
+        """A graph's output for this layout (recorded on its second consecutive step), or None
+        when this step runs eagerly."""
+        key = self.layout(pairs)
+        g = self.graphs.get(key)
+        if g is None:
+            seen_before = key == self.last_layout
+            self.last_layout = key
+            if not seen_before:
+                return None
+            try:
+                g = self._record(key, pairs)
+            except RuntimeError as e:   # a capture CUDA refused: say so once, stay correct
+                self.failed = str(e).splitlines()[0] if str(e) else type(e).__name__
+                self.graphs.clear()
+                log.warning("CUDA graph recording failed (%s); the trunk runs eagerly from now on", self.failed)
+                return None
+        self.graphs.move_to_end(key)
+        for (st, sc), (t, c) in zip(g.inputs, pairs):
+            st.copy_(t)
+            sc.copy_(c)
+        self.backend.replay(g.graph)
+        self.replays += 1
+        return g.output.clone()
 
     def _record(self, key: tuple, pairs) -> _Graph:
         if len(self.graphs) >= self.max_graphs:
