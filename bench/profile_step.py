@@ -76,7 +76,10 @@ def main(argv=None) -> str:
     device = pick_device(args.device)
     dtype = resolve_dtype(args.dtype) if args.dtype else default_dtype(device)
     lm, _, _, desc = build_models(None, args.config, device, dtype, False, seed=0)
-    runner = Runner(lm, graphs=use_cuda_graphs(lm, args.cuda_graphs and lm.device.type == "cuda"))
+    try:
+        runner = Runner(lm, graphs=use_cuda_graphs(lm, args.cuda_graphs))
+    except ValueError as e:   # --cuda-graphs without a CUDA device
+        ap.error(str(e))
     cfg = lm.cfg
     sampling = SamplingConfig(steps=(args.steps * 4 + 8,) + (1,) * (cfg.n_q - 1))
     loop = StepLoop(runner)
