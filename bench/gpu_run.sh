@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one run from the source tree (no install; the GPU machine has
 # torch, triton, typer, rich, safetensors, pytest and pytest-benchmark). Writes to $OUT (default
-# bench/gpu-out) six files: gpu-run.log (every step's output), four JSON files and RESULTS.md
+# bench/gpu-out) gpu-run.log (every step's output), the JSON files and RESULTS.md
 # rendered from them; copy the JSON files into bench/ and rerun `stemgen bench-report` there to
 # publish them in bench/RESULTS.md.
 #   bash bench/gpu_run.sh            # about 6-8 minutes on one H100 (estimate)
@@ -49,8 +49,9 @@ step tests $py -m pytest -q -rs "${tests[@]}"
 # 2. kernels vs their references and torch SDPA at StemGen shapes
 step kernels $py -m pytest -q bench/test_ops_bench.py --benchmark-json "$OUT/gpu-kernels.json" \
     --benchmark-columns=mean,median,min,rounds
-# 2b. the flash-attention kernel's tiles against SDPA (GPU time by CUDA events), best tile per shape
-[ "${SMOKE:-0}" = 1 ] || step attn $py bench/attn_sweep.py   # GPU time by CUDA events: no CPU form
+# 2b. the attention op's configurations (RoPE placement, masking, tiles) against SDPA, GPU time by CUDA
+#     events in CUDA graphs; the best per shape and over all shapes (attn-sweep.json)
+step attn $py bench/attn_sweep.py --json "$OUT/attn-sweep.json" $([ "${SMOKE:-0}" = 1 ] && echo --smoke)
 # 3. the paper config, 20 s, steps 128,64,32,32, multi-source CFG: engine vs baseline at batch 1
 step paper $py -m stemgen bench --batch 1 "${size[@]}" "${eager[@]}" --json "$OUT/gpu-paper-20s.json"
 # 3b. the same with the trunk replayed from CUDA graphs (engine only)

@@ -1,15 +1,50 @@
-"""Triton attention of the packed batch: the contract of kernels.attention.attention_ref. One kernel
-rotates q and k (RoPE, q pre-scaled by softmax scale x log2 e) into contiguous copies, then a
-flash-style kernel (online softmax, exp2) runs each query block of each sequence and head."""
+"""Triton attention of the packed batch: the contract of kernels.attention.attention_ref. A
+flash-style kernel (online softmax, exp2) runs each query block of each sequence and head, with q
+pre-scaled by softmax scale x log2 e. Where RoPE happens is part of its configuration
+(`FlashConfig.rope`):
+  "kernel": a RoPE kernel rotates q and k into contiguous copies, then the flash kernel runs;
+  "q":      the RoPE kernel rotates k only; the flash kernel rotates its query block as it loads it;
+  "fused":  one launch: the flash kernel rotates q and each key block as it loads them (so k is
+            rotated once per query block).
+Every configuration computes the reference's result (tests/test_op_attention.py); which is fastest
+is a GPU measurement (bench/attn_sweep.py), and `attention_config` holds the measured choice."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from .attention import cu_seqlens as make_cu_seqlens
+
+LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class FlashConfig:
+    block_m: int
+    block_n: int
+    warps: int
+    stages: int = 3
+    rope: str = "kernel"        # "kernel", "q" or "fused": see the module's docstring
+    split_tail: bool = False    # full key blocks run without masks, the partial last block apart
+    acc_in_dot: bool = False    # p @ v accumulates into acc inside the dot (no separate add)
+
+    def __post_init__(self):
+        if self.rope not in ("kernel", "q", "fused"):
+            raise ValueError(f"FlashConfig.rope is 'kernel', 'q' or 'fused', not {self.rope!r}")
+
+
+def attention_config(dtype: torch.dtype, dh: int) -> FlashConfig:
+    """What the engine runs. Tiles that compile for sm_90 without register spills under Triton 3.6
+    and 3.8 (tests/compile_sm90.py checks): fp32 (ieee dots, no tensor cores) needs smaller tiles,
+    head dims over 64 need 8 warps. bf16 dh 64 (64, 64, 4 warps, RoPE kernel) as timed on an H200
+    (bench/RESULTS.md); the other options are not yet timed on a GPU, so they stay off."""
+    if dtype == torch.float32:
+        return FlashConfig(32, 16, 8) if dh > 64 else FlashConfig(64, 32, 8)
+    return FlashConfig(64, 64, 8) if dh > 64 else FlashConfig(64, 64, 4)
 
 
 @triton.jit
@@ -20,11 +55,38 @@ def _sequence(cu_ptr, seq):
 
 
 @triton.jit
-def _rope_qk_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cu_ptr, cos_ptr, sin_ptr, q_scale,
-                    sqn, sqh, sqd, skn, skh, skd, HALF, DH,
-                    BLOCK: tl.constexpr, HALF_P: tl.constexpr):
-    """Rotate-half RoPE of q and k for one block of one sequence's frames and one head, in fp32,
-    written contiguous [N, H, Dh]; q is pre-scaled by softmax scale * log2(e) for exp2."""
+def _cos_sin(cos_ptr, sin_ptr, pos, offs_h, mask, HALF):
+    """cos and sin [positions, HALF] at positions ``pos``, columns ``offs_h``."""
+    at = pos[:, None] * HALF + offs_h[None, :]
+    return tl.load(cos_ptr + at, mask=mask, other=0.0), tl.load(sin_ptr + at, mask=mask, other=0.0)
+
+
+@triton.jit
+def _rotate(p, sd, cs, sn, mask, scale, HALF):
+    """Rotate-half RoPE in fp32, times ``scale``: ``p`` points at the first halves' entries (the
+    second halves are HALF columns on); returns the halves (x1 cos - x2 sin, x2 cos + x1 sin)."""
+    x1 = tl.load(p, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(p + HALF * sd, mask=mask, other=0.0).to(tl.float32)
+    return (x1 * cs - x2 * sn) * scale, (x2 * cs + x1 * sn) * scale
+
+
+@triton.jit
+def _load_rotated(ptr, rows, pos, mask, sn, sd, cos_ptr, sin_ptr, scale, DH: tl.constexpr):
+    """Rows ``rows`` (positions ``pos``) of one head at ``ptr`` [.., DH], a power of two, rotated as
+    they are loaded: [rows, DH] in ``ptr``'s dtype."""
+    offs_h = tl.arange(0, DH // 2)
+    cs, sn_ = _cos_sin(cos_ptr, sin_ptr, pos, offs_h, mask[:, None], DH // 2)
+    r1, r2 = _rotate(ptr + rows[:, None] * sn + offs_h[None, :] * sd, sd, cs, sn_, mask[:, None], scale, DH // 2)
+    r = tl.reshape(tl.permute(tl.join(r1, r2), (0, 2, 1)), (rows.shape[0], DH))
+    return r.to(ptr.dtype.element_ty)
+
+
+@triton.jit
+def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cu_ptr, cos_ptr, sin_ptr, q_scale,
+                 sqn, sqh, sqd, skn, skh, skd, HALF, DH,
+                 BLOCK: tl.constexpr, HALF_P: tl.constexpr, ROTATE_Q: tl.constexpr):
+    """RoPE of k (and of q, pre-scaled by ``q_scale``, when ROTATE_Q) for one block of one sequence's
+    frames and one head, written contiguous [N, H, DH]."""
     pid = tl.program_id(0)
     h = tl.program_id(2)
     H = tl.num_programs(2)
@@ -33,100 +95,136 @@ def _rope_qk_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cu_ptr, cos_ptr, sin_ptr, q_sc
         offs = pid * BLOCK + tl.arange(0, BLOCK)          # positions within the sequence
         offs_h = tl.arange(0, HALF_P)
         m2 = (offs < L)[:, None] & (offs_h < HALF)[None, :]
-        cs = tl.load(cos_ptr + offs[:, None] * HALF + offs_h[None, :], mask=m2, other=0.0)
-        sn = tl.load(sin_ptr + offs[:, None] * HALF + offs_h[None, :], mask=m2, other=0.0)
         rows = start + offs
         out = (rows[:, None] * H + h) * DH + offs_h[None, :]
-        pq = q_ptr + rows[:, None] * sqn + h * sqh + offs_h[None, :] * sqd
-        x1 = tl.load(pq, mask=m2, other=0.0).to(tl.float32)
-        x2 = tl.load(pq + HALF * sqd, mask=m2, other=0.0).to(tl.float32)
-        tl.store(qo_ptr + out, ((x1 * cs - x2 * sn) * q_scale).to(qo_ptr.dtype.element_ty), mask=m2)
-        tl.store(qo_ptr + out + HALF, ((x2 * cs + x1 * sn) * q_scale).to(qo_ptr.dtype.element_ty), mask=m2)
+        cs, sn = _cos_sin(cos_ptr, sin_ptr, offs, offs_h, m2, HALF)
+        if ROTATE_Q:
+            pq = q_ptr + rows[:, None] * sqn + h * sqh + offs_h[None, :] * sqd
+            r1, r2 = _rotate(pq, sqd, cs, sn, m2, q_scale, HALF)
+            tl.store(qo_ptr + out, r1.to(qo_ptr.dtype.element_ty), mask=m2)
+            tl.store(qo_ptr + out + HALF, r2.to(qo_ptr.dtype.element_ty), mask=m2)
         pk = k_ptr + rows[:, None] * skn + h * skh + offs_h[None, :] * skd
-        x1 = tl.load(pk, mask=m2, other=0.0).to(tl.float32)
-        x2 = tl.load(pk + HALF * skd, mask=m2, other=0.0).to(tl.float32)
-        tl.store(ko_ptr + out, (x1 * cs - x2 * sn).to(ko_ptr.dtype.element_ty), mask=m2)
-        tl.store(ko_ptr + out + HALF, (x2 * cs + x1 * sn).to(ko_ptr.dtype.element_ty), mask=m2)
+        r1, r2 = _rotate(pk, skd, cs, sn, m2, 1.0, HALF)
+        tl.store(ko_ptr + out, r1.to(ko_ptr.dtype.element_ty), mask=m2)
+        tl.store(ko_ptr + out + HALF, r2.to(ko_ptr.dtype.element_ty), mask=m2)
 
 
 @triton.jit
-def _flash_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_ptr, svn, svh, svd, son, soh, sod, DH,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DH_P: tl.constexpr, IEEE: tl.constexpr):
-    """Non-causal attention of one query block of one sequence and head, online softmax (exp2).
-    q (pre-scaled, rotated) and k (rotated) are contiguous [N, H, Dh]; v and out may be strided."""
+def _attend(q, k_ptr, v_ptr, rows, pos, n_mask, m_i, l_i, acc, skn, skd, svn, svd, cos_ptr, sin_ptr, DH,
+            BLOCK_N: tl.constexpr, DH_P: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr,
+            ROPE_K: tl.constexpr, ACC_IN_DOT: tl.constexpr):
+    """One key block (rows ``rows`` at positions ``pos``) of the online softmax: the new (m, l, acc).
+    Without MASKED every key in the block is real. k_ptr and v_ptr point at the head."""
+    offs_d = tl.arange(0, DH_P)
+    kv_mask = n_mask[:, None] & (offs_d < DH)[None, :]
+    if ROPE_K:
+        k = _load_rotated(k_ptr, rows, pos, n_mask, skn, skd, cos_ptr, sin_ptr, 1.0, DH_P)
+    else:
+        k = tl.load(k_ptr + rows[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    if MASKED:
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_ptr + rows[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+    p = p.to(v.dtype)
+    if ACC_IN_DOT:
+        if IEEE:
+            acc = tl.dot(p, v, acc * alpha[:, None], input_precision="ieee")
+        else:
+            acc = tl.dot(p, v, acc * alpha[:, None])
+    elif IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p, v)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _flash_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_ptr, cos_ptr, sin_ptr, q_scale,
+                  sqn, sqh, sqd, skn, skh, skd, svn, svh, svd, son, soh, sod, DH,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DH_P: tl.constexpr, IEEE: tl.constexpr,
+                  ROPE_Q: tl.constexpr, ROPE_K: tl.constexpr, SPLIT_TAIL: tl.constexpr,
+                  ACC_IN_DOT: tl.constexpr):
+    """Non-causal attention of one query block of one sequence and head, online softmax (exp2). q and
+    k are rotated (and q pre-scaled) already, or rotated here when ROPE_Q / ROPE_K (q then scaled by
+    ``q_scale``); every tensor may be strided."""
     pid_m = tl.program_id(0)
     h = tl.program_id(2)
-    H = tl.num_programs(2)
     start, L = _sequence(cu_ptr, tl.program_id(1))
     if pid_m * BLOCK_M < L:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_mask = offs_m < L
         offs_d = tl.arange(0, DH_P)
         d_mask = offs_d < DH
-        q = tl.load(q_ptr + ((start + offs_m)[:, None] * H + h) * DH + offs_d[None, :],
-                    mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+        if ROPE_Q:
+            q = _load_rotated(q_ptr + h * sqh, start + offs_m, offs_m, m_mask, sqn, sqd, cos_ptr, sin_ptr, q_scale,
+                              DH_P)
+        else:
+            q = tl.load(q_ptr + (start + offs_m)[:, None] * sqn + h * sqh + offs_d[None, :] * sqd,
+                        mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+        k_ptr += h * skh
+        v_ptr += h * svh
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, DH_P], dtype=tl.float32)
-        for n0 in range(0, L, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < L
-            kv_mask = n_mask[:, None] & d_mask[None, :]
-            k = tl.load(k_ptr + ((start + offs_n)[:, None] * H + h) * DH + offs_d[None, :], mask=kv_mask, other=0.0)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = tl.where(n_mask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_ptr + (start + offs_n)[:, None] * svn + h * svh + offs_d[None, :] * svd, mask=kv_mask,
-                        other=0.0)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+        offs_n = tl.arange(0, BLOCK_N)
+        if SPLIT_TAIL:
+            n_full = L - L % BLOCK_N
+            every = tl.full([BLOCK_N], 1, tl.int1)
+            for n0 in range(0, n_full, BLOCK_N):
+                m_i, l_i, acc = _attend(q, k_ptr, v_ptr, start + n0 + offs_n, n0 + offs_n, every, m_i, l_i, acc,
+                                        skn, skd, svn, svd, cos_ptr, sin_ptr, DH, BLOCK_N, DH_P, IEEE, False,
+                                        ROPE_K, ACC_IN_DOT)
+            if n_full < L:
+                m_i, l_i, acc = _attend(q, k_ptr, v_ptr, start + n_full + offs_n, n_full + offs_n,
+                                        n_full + offs_n < L, m_i, l_i, acc, skn, skd, svn, svd, cos_ptr, sin_ptr,
+                                        DH, BLOCK_N, DH_P, IEEE, True, ROPE_K, ACC_IN_DOT)
+        else:
+            for n0 in range(0, L, BLOCK_N):
+                m_i, l_i, acc = _attend(q, k_ptr, v_ptr, start + n0 + offs_n, n0 + offs_n, n0 + offs_n < L,
+                                        m_i, l_i, acc, skn, skd, svn, svd, cos_ptr, sin_ptr, DH, BLOCK_N, DH_P,
+                                        IEEE, True, ROPE_K, ACC_IN_DOT)
         out = acc / l_i[:, None]
         tl.store(out_ptr + (start + offs_m)[:, None] * son + h * soh + offs_d[None, :] * sod,
                  out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
-def attention_blocks(dtype: torch.dtype, dh: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) of the flash kernel: tiles that compile for sm_90 without
-    register spills under Triton 3.6 and 3.8 (tests/compile_sm90.py checks): fp32 (ieee dots, no
-    tensor cores) needs smaller tiles; head dims over 64 need 8 warps."""
-    if dtype == torch.float32:
-        return (32, 16, 8) if dh > 64 else (64, 32, 8)
-    return (64, 64, 8) if dh > 64 else (64, 64, 4)
-
-
-def attention(q, k, v, segments, cos, sin, cu_seqlens=None, block_m: int | None = None,
-              block_n: int | None = None):
+def attention(q, k, v, segments, cos, sin, cu_seqlens=None, config: FlashConfig | None = None):
     """Same contract as kernels.attention.attention_ref; q, k, v [N, H, Dh] may be strided views.
-    Two launches: RoPE of q and k once (contiguous copies, q pre-scaled), then flash attention.
-    Pass ``cu_seqlens`` (built once per forward) to save building it in every layer."""
+    Pass ``cu_seqlens`` (built once per forward) to save building it in every layer; ``config``
+    to run another configuration than `attention_config`'s (rope "q" and "fused" need a power-of-two
+    head dim of 16 or more)."""
     N, H, dh = q.shape
     if dh % 2:
         raise ValueError(f"RoPE needs an even head dim, got {dh}")
+    c = config or attention_config(q.dtype, dh)
+    if c.rope != "kernel" and (dh < 16 or dh & (dh - 1)):
+        raise ValueError(f"FlashConfig.rope={c.rope!r} needs a power-of-two head dim >= 16, got {dh}")
     n_seqs = sum(R for R, _ in segments)
     max_len = max(T for _, T in segments)
     cu = cu_seqlens if cu_seqlens is not None else make_cu_seqlens(segments, q.device)
-    half = dh // 2
-    qr = torch.empty(N, H, dh, dtype=q.dtype, device=q.device)
-    kr = torch.empty_like(qr)
-    _rope_qk_kernel[(triton.cdiv(max_len, 32), n_seqs, H)](
-        q, k, qr, kr, cu, cos.contiguous(), sin.contiguous(), 1.4426950408889634 / math.sqrt(dh),
-        *q.stride(), *k.stride(), half, dh, BLOCK=32, HALF_P=triton.next_power_of_2(half))
+    cos, sin = cos.contiguous(), sin.contiguous()
+    q_scale = LOG2E / math.sqrt(dh)
+    if c.rope != "fused":          # rotated contiguous copies: k, and q too for "kernel"
+        kr = torch.empty(N, H, dh, dtype=q.dtype, device=q.device)
+        qr = torch.empty_like(kr) if c.rope == "kernel" else kr
+        half = dh // 2
+        _rope_kernel[(triton.cdiv(max_len, 32), n_seqs, H)](
+            q, k, qr, kr, cu, cos, sin, q_scale, *q.stride(), *k.stride(), half, dh,
+            BLOCK=32, HALF_P=triton.next_power_of_2(half), ROTATE_Q=c.rope == "kernel")
+        k = kr
+        if c.rope == "kernel":
+            q = qr
     out = torch.empty(N, H, dh, dtype=q.dtype, device=q.device)
-    bm, bn, warps = attention_blocks(q.dtype, dh)
-    bm, bn = block_m or bm, block_n or bn
-    _flash_kernel[(triton.cdiv(max_len, bm), n_seqs, H)](
-        qr, kr, v, out, cu, *v.stride(), *out.stride(), dh, BLOCK_M=bm, BLOCK_N=bn,
-        DH_P=max(16, triton.next_power_of_2(dh)), IEEE=q.dtype == torch.float32, num_warps=warps)
+    _flash_kernel[(triton.cdiv(max_len, c.block_m), n_seqs, H)](
+        q, k, v, out, cu, cos, sin, q_scale, *q.stride(), *k.stride(), *v.stride(), *out.stride(), dh,
+        BLOCK_M=c.block_m, BLOCK_N=c.block_n, DH_P=max(16, triton.next_power_of_2(dh)),
+        IEEE=q.dtype == torch.float32, ROPE_Q=c.rope != "kernel", ROPE_K=c.rope == "fused",
+        SPLIT_TAIL=c.split_tail, ACC_IN_DOT=c.acc_in_dot, num_warps=c.warps, num_stages=c.stages)
     return out.view(N, H * dh)
-
-
-# ------------------------------------------------------------------------------- norms, SwiGLU

@@ -56,8 +56,9 @@ def variants() -> list[Variant]:
     rope = {"q_ptr": bf, "k_ptr": bf, "qo_ptr": bf, "ko_ptr": bf, "cu_ptr": "*i32", "cos_ptr": f32, "sin_ptr": f32,
             "q_scale": "fp32", "sqn": "i32", "sqh": "i32", "sqd": "i32", "skn": "i32", "skh": "i32", "skd": "i32",
             "HALF": "i32", "DH": "i32"}
-    flash = {"q_ptr": bf, "k_ptr": bf, "v_ptr": bf, "out_ptr": bf, "cu_ptr": "*i32", "svn": "i32", "svh": "i32",
-             "svd": "i32", "son": "i32", "soh": "i32", "sod": "i32", "DH": "i32"}
+    flash = {"q_ptr": bf, "k_ptr": bf, "v_ptr": bf, "out_ptr": bf, "cu_ptr": "*i32", "cos_ptr": f32, "sin_ptr": f32,
+             "q_scale": "fp32", "sqn": "i32", "sqh": "i32", "sqd": "i32", "skn": "i32", "skh": "i32", "skd": "i32",
+             "svn": "i32", "svh": "i32", "svd": "i32", "son": "i32", "soh": "i32", "sod": "i32", "DH": "i32"}
     norm = {"x_ptr": bf, "delta_ptr": bf, "w_ptr": bf, "xo_ptr": bf, "out_ptr": bf, "D": "i32", "eps": "fp32"}
     silu = {"gu_ptr": bf, "out_ptr": bf, "HID": "i32"}
     samp = {"logits_ptr": f32, "w_ptr": f32, "pos_ptr": "*i64", "masked_ptr": "*i8", "tok_ptr": "*i64",
@@ -65,27 +66,38 @@ def variants() -> list[Variant]:
             "key_rank": "i64", "inv_temp": "fp32", "w_confidence": "fp32", "w_causal": "fp32", "w_random": "fp32",
             "top_k": "i32", "top_p": "fp32"}
     # unit strides: the JIT specialises an int argument equal to 1 into a constant
-    rope = {k: t for k, t in rope.items() if k not in ("sqd", "skd")}
-    flash = {k: t for k, t in flash.items() if k not in ("svd", "sod")}
+    unit = ("sqd", "skd", "svd", "sod")
+    rope = {k: t for k, t in rope.items() if k not in unit}
+    flash = {k: t for k, t in flash.items() if k not in unit}
+    ones = {k: 1 for k in unit}
     strides = ("sqn", "sqh", "skn", "skh", "HALF", "DH")
     block, warps = embedding_triton.embed_blocks(512)
     out = [Variant("embed-sum bf16 C2 Q4 d512/ch", embedding_triton._embed_sum_kernel, emb,
-                   dict(C=2, Q=4, S=1, BLOCK_D=block), num_warps=warps, div16=("DC",), wide=True),
-           Variant("rope q,k bf16 dh64", attention_triton._rope_qk_kernel, rope, dict(BLOCK=32, HALF_P=32, sqd=1, skd=1),
-                   div16=strides, wide=True),
-           Variant("rope q,k bf16 dh128", attention_triton._rope_qk_kernel, rope, dict(BLOCK=32, HALF_P=64, sqd=1, skd=1),
-                   div16=strides, wide=True)]
-    for dh in (64, 128):   # the tiles and warps the wrapper picks (attention_triton.attention_blocks)
-        bm, bn, warps = attention_triton.attention_blocks(torch.bfloat16, dh)
-        out.append(Variant(f"flash attention bf16 dh{dh}", attention_triton._flash_kernel, flash,
-                           dict(BLOCK_M=bm, BLOCK_N=bn, DH_P=dh, IEEE=False, svd=1, sod=1), num_warps=warps,
-                           wgmma=True, div16=("svn", "svh", "son", "soh", "DH")))
-    for dh in (64, 128):
-        bm, bn, warps = attention_triton.attention_blocks(torch.float32, dh)
-        out.append(Variant(f"flash attention fp32 dh{dh} (ieee)", attention_triton._flash_kernel,
-                           {**flash, **{k: f32 for k in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}},
-                           dict(BLOCK_M=bm, BLOCK_N=bn, DH_P=dh, IEEE=True, svd=1, sod=1), num_warps=warps,
-                           div16=("svn", "svh", "son", "soh", "DH")))
+                   dict(C=2, Q=4, S=1, BLOCK_D=block), num_warps=warps, div16=("DC",), wide=True)]
+    for dh, rotate_q in ((64, True), (128, True), (64, False)):
+        out.append(Variant(f"rope {'q,k' if rotate_q else 'k'} bf16 dh{dh}", attention_triton._rope_kernel, rope,
+                           dict(BLOCK=32, HALF_P=dh // 2, ROTATE_Q=rotate_q, sqd=1, skd=1), div16=strides,
+                           wide=True))
+    # the configurations the wrapper picks (attention_triton.attention_config), then the ones the GPU
+    # sweep (bench/attn_sweep.py) tries: RoPE in the flash kernel, unmasked key blocks, acc in the dot
+    bf16_64 = attention_triton.attention_config(torch.bfloat16, 64)
+    configs = [(dh, torch.bfloat16, attention_triton.attention_config(torch.bfloat16, dh)) for dh in (64, 128)]
+    configs += [(dh, torch.float32, attention_triton.attention_config(torch.float32, dh)) for dh in (64, 128)]
+    configs += [(64, torch.bfloat16, dataclasses.replace(bf16_64, rope=r, split_tail=True, acc_in_dot=True))
+                for r in ("kernel", "q", "fused")]
+    configs += [(64, torch.bfloat16, dataclasses.replace(bf16_64, block_m=128, warps=8, rope="fused", split_tail=True,
+                                                         acc_in_dot=True))]
+    for dh, dt, c in configs:
+        fp32 = dt == torch.float32
+        types = {**flash, **{k: f32 for k in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}} if fp32 else flash
+        extra = "" if c == attention_triton.attention_config(dt, dh) else \
+            f" {c.block_m}x{c.block_n} rope={c.rope} split={int(c.split_tail)} acc={int(c.acc_in_dot)}"
+        out.append(Variant(f"flash attention {'fp32' if fp32 else 'bf16'} dh{dh}{' (ieee)' if fp32 else ''}{extra}",
+                           attention_triton._flash_kernel, types,
+                           dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, DH_P=dh, IEEE=fp32, ROPE_Q=c.rope != "kernel",
+                                ROPE_K=c.rope == "fused", SPLIT_TAIL=c.split_tail, ACC_IN_DOT=c.acc_in_dot, **ones),
+                           num_warps=c.warps, num_stages=c.stages, wgmma=not fp32,
+                           div16=("sqn", "sqh", "skn", "skh", "svn", "svh", "son", "soh", "DH")))
     for delta in (False, True):
         out.append(Variant(f"rms-norm bf16 d1024{' + residual add' if delta else ''}", norm_triton._rms_norm_kernel, norm,
                            dict(HAS_DELTA=delta, BLOCK_D=1024), div16=("D",), wide=True))

@@ -32,3 +32,21 @@ def test_profile_step_script_runs():
     spec.loader.exec_module(mod)
     report = mod.main(["--config", "tiny", "--device", "cpu", "--frames", "20", "--steps", "2", "--rows", "5"])
     assert "ms per step" in report and "aten::" in report
+
+
+def test_attention_sweep_script_runs(tmp_path):
+    """bench/attn_sweep.py (the GPU's choice of attention configuration) on a CPU: every option
+    checked against the reference and reported, and the best written to its JSON."""
+    import json
+
+    out = tmp_path / "sweep.json"
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "attn_sweep.py"), "--smoke", "--json", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert "WRONG" not in res.stdout and "failed" not in res.stdout, res.stdout
+    report = json.loads(out.read_text())
+    (shape,) = report["shapes"]
+    assert {c["config"].split(") ", 1)[1] for c in shape["configs"]} == {
+        "rope=kernel split_tail=0 acc_in_dot=0", "rope=q split_tail=1 acc_in_dot=0",
+        "rope=fused split_tail=0 acc_in_dot=1", "rope=fused split_tail=1 acc_in_dot=1"}
+    assert report["best"]["config"] in res.stdout

@@ -48,11 +48,42 @@ def test_bf16_loose(fn, dtype):
 def test_triton_small_tiles_match_reference():
     """Tiles smaller than the defaults (several query and key blocks per sequence)."""
     pytest.importorskip("triton", reason="Triton not installed")
-    from stemgen.kernels.attention_triton import attention
+    from stemgen.kernels.attention_triton import FlashConfig, attention
 
     segments = [(2, 45), (1, 7)]
     q, k, v = torch.randn(3, 97, 2, 32, generator=torch.Generator().manual_seed(3)).unbind(0)
     cos, sin = rope_tables(45, 32)
     want = attention_ref(q, k, v, segments, cos, sin)
-    got = on_device(attention)(q, k, v, segments, cos, sin, block_m=16, block_n=16)
+    got = on_device(attention)(q, k, v, segments, cos, sin, config=FlashConfig(16, 16, 4))
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+@pytest.mark.parametrize("rope", ["kernel", "q", "fused"])
+@pytest.mark.parametrize("split_tail,acc_in_dot", [(False, False), (True, False), (False, True), (True, True)])
+def test_triton_configurations_match_reference(rope, split_tail, acc_in_dot):
+    """Every configuration the GPU sweep (bench/attn_sweep.py) may choose: where RoPE happens, the
+    unmasked key blocks with a masked tail, the accumulation inside the dot. Small tiles, so a sequence
+    spans several query and key blocks, ends in a partial block (45 = 2 x 16 + 13), or fits in one
+    partial block (7), or in exactly one full block (16); q, k, v strided views of one qkv tensor."""
+    pytest.importorskip("triton", reason="Triton not installed")
+    from stemgen.kernels.attention_triton import FlashConfig, attention
+
+    segments = [(2, 45), (1, 7), (1, 16)]
+    q, k, v = torch.randn(113, 3, 2, 32, generator=torch.Generator().manual_seed(4)).unbind(1)
+    cos, sin = rope_tables(45, 32)
+    want = attention_ref(q, k, v, segments, cos, sin)
+    cfg = FlashConfig(16, 16, 4, rope=rope, split_tail=split_tail, acc_in_dot=acc_in_dot)
+    got = on_device(attention)(q, k, v, segments, cos, sin, config=cfg)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_triton_rope_in_flash_needs_a_power_of_two_head_dim():
+    pytest.importorskip("triton", reason="Triton not installed")
+    from stemgen.kernels.attention_triton import FlashConfig, attention
+
+    q = torch.randn(5, 2, 24)
+    cos, sin = rope_tables(5, 24)
+    with pytest.raises(ValueError, match="power-of-two head dim"):
+        attention(q, q, q, [(1, 5)], cos, sin, config=FlashConfig(16, 16, 4, rope="q"))
+    with pytest.raises(ValueError, match="'kernel', 'q' or 'fused'"):
+        FlashConfig(16, 16, 4, rope="both")
