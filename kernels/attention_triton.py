@@ -6,6 +6,9 @@ pre-scaled by softmax scale x log2 e. Where RoPE happens is part of its configur
   "q":      the RoPE kernel rotates k only; the flash kernel rotates its query block as it loads it;
   "fused":  one launch: the flash kernel rotates q and each key block as it loads them (so k is
             rotated once per query block).
+With `FlashConfig.tma` the key and value blocks are read through tensor descriptors (TMA on Hopper):
+a block may then run past its sequence into the next one's rows, which the softmax masks (keys) and
+weighs by zero (values); past the last row the descriptor reads zeros.
 Every configuration computes the reference's result (tests/test_op_attention.py); which is fastest
 is a GPU measurement (bench/attn_sweep.py), and `attention_config` holds the measured choice."""
 from __future__ import annotations
@@ -31,6 +34,7 @@ class FlashConfig:
     rope: str = "kernel"        # "kernel", "q" or "fused": see the module's docstring
     split_tail: bool = False    # full key blocks run without masks, the partial last block apart
     acc_in_dot: bool = False    # p @ v accumulates into acc inside the dot (no separate add)
+    tma: bool = False           # k and v blocks through tensor descriptors (Hopper's TMA unit)
 
     def __post_init__(self):
         if self.rope not in ("kernel", "q", "fused"):
@@ -62,12 +66,18 @@ def _cos_sin(cos_ptr, sin_ptr, pos, offs_h, mask, HALF):
 
 
 @triton.jit
-def _rotate(p, sd, cs, sn, mask, scale, HALF):
-    """Rotate-half RoPE in fp32, times ``scale``: ``p`` points at the first halves' entries (the
-    second halves are HALF columns on); returns the halves (x1 cos - x2 sin, x2 cos + x1 sin)."""
-    x1 = tl.load(p, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(p + HALF * sd, mask=mask, other=0.0).to(tl.float32)
+def _rotate(x1, x2, cs, sn, scale):
+    """Rotate-half RoPE of the halves x1, x2 in fp32, times ``scale``: (x1 cos - x2 sin, x2 cos + x1 sin)."""
+    x1 = x1.to(tl.float32)
+    x2 = x2.to(tl.float32)
     return (x1 * cs - x2 * sn) * scale, (x2 * cs + x1 * sn) * scale
+
+
+@triton.jit
+def _joined(r1, r2, dtype: tl.constexpr):
+    """The halves [rows, HALF] side by side: [rows, 2 HALF] in ``dtype``."""
+    r = tl.reshape(tl.permute(tl.join(r1, r2), (0, 2, 1)), (r1.shape[0], 2 * r1.shape[1]))
+    return r.to(dtype)
 
 
 @triton.jit
@@ -75,10 +85,13 @@ def _load_rotated(ptr, rows, pos, mask, sn, sd, cos_ptr, sin_ptr, scale, DH: tl.
     """Rows ``rows`` (positions ``pos``) of one head at ``ptr`` [.., DH], a power of two, rotated as
     they are loaded: [rows, DH] in ``ptr``'s dtype."""
     offs_h = tl.arange(0, DH // 2)
-    cs, sn_ = _cos_sin(cos_ptr, sin_ptr, pos, offs_h, mask[:, None], DH // 2)
-    r1, r2 = _rotate(ptr + rows[:, None] * sn + offs_h[None, :] * sd, sd, cs, sn_, mask[:, None], scale, DH // 2)
-    r = tl.reshape(tl.permute(tl.join(r1, r2), (0, 2, 1)), (rows.shape[0], DH))
-    return r.to(ptr.dtype.element_ty)
+    m2 = mask[:, None]
+    cs, sn_ = _cos_sin(cos_ptr, sin_ptr, pos, offs_h, m2, DH // 2)
+    p = ptr + rows[:, None] * sn + offs_h[None, :] * sd
+    x1 = tl.load(p, mask=m2, other=0.0)
+    x2 = tl.load(p + (DH // 2) * sd, mask=m2, other=0.0)
+    r1, r2 = _rotate(x1, x2, cs, sn_, scale)
+    return _joined(r1, r2, ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -100,27 +113,38 @@ def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cu_ptr, cos_ptr, sin_ptr, q_scale
         cs, sn = _cos_sin(cos_ptr, sin_ptr, offs, offs_h, m2, HALF)
         if ROTATE_Q:
             pq = q_ptr + rows[:, None] * sqn + h * sqh + offs_h[None, :] * sqd
-            r1, r2 = _rotate(pq, sqd, cs, sn, m2, q_scale, HALF)
+            r1, r2 = _rotate(tl.load(pq, mask=m2, other=0.0), tl.load(pq + HALF * sqd, mask=m2, other=0.0), cs, sn,
+                             q_scale)
             tl.store(qo_ptr + out, r1.to(qo_ptr.dtype.element_ty), mask=m2)
             tl.store(qo_ptr + out + HALF, r2.to(qo_ptr.dtype.element_ty), mask=m2)
         pk = k_ptr + rows[:, None] * skn + h * skh + offs_h[None, :] * skd
-        r1, r2 = _rotate(pk, skd, cs, sn, m2, 1.0, HALF)
+        r1, r2 = _rotate(tl.load(pk, mask=m2, other=0.0), tl.load(pk + HALF * skd, mask=m2, other=0.0), cs, sn, 1.0)
         tl.store(ko_ptr + out, r1.to(ko_ptr.dtype.element_ty), mask=m2)
         tl.store(ko_ptr + out + HALF, r2.to(ko_ptr.dtype.element_ty), mask=m2)
 
 
 @triton.jit
-def _attend(q, k_ptr, v_ptr, rows, pos, n_mask, m_i, l_i, acc, skn, skd, svn, svd, cos_ptr, sin_ptr, DH,
+def _attend(q, k_src, v_src, row0, n0, n_mask, col, m_i, l_i, acc, skn, skd, svn, svd, cos_ptr, sin_ptr, DH,
             BLOCK_N: tl.constexpr, DH_P: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr,
-            ROPE_K: tl.constexpr, ACC_IN_DOT: tl.constexpr):
-    """One key block (rows ``rows`` at positions ``pos``) of the online softmax: the new (m, l, acc).
-    Without MASKED every key in the block is real. k_ptr and v_ptr point at the head."""
+            ROPE_K: tl.constexpr, ACC_IN_DOT: tl.constexpr, TMA: tl.constexpr):
+    """One key block (packed rows row0.., positions n0..) of the online softmax: the new (m, l, acc).
+    Without MASKED every key in the block is real. k_src and v_src: pointers at the head, or with
+    TMA tensor descriptors [rows, heads x DH] whose head starts at column ``col``."""
+    offs_n = tl.arange(0, BLOCK_N)
+    rows, pos = row0 + offs_n, n0 + offs_n
     offs_d = tl.arange(0, DH_P)
     kv_mask = n_mask[:, None] & (offs_d < DH)[None, :]
-    if ROPE_K:
-        k = _load_rotated(k_ptr, rows, pos, n_mask, skn, skd, cos_ptr, sin_ptr, 1.0, DH_P)
+    if TMA and ROPE_K:
+        offs_h = tl.arange(0, DH_P // 2)
+        cs, sn = _cos_sin(cos_ptr, sin_ptr, pos, offs_h, n_mask[:, None], DH_P // 2)
+        r1, r2 = _rotate(k_src.load([row0, col]), k_src.load([row0, col + DH_P // 2]), cs, sn, 1.0)
+        k = _joined(r1, r2, q.dtype)
+    elif TMA:
+        k = k_src.load([row0, col])
+    elif ROPE_K:
+        k = _load_rotated(k_src, rows, pos, n_mask, skn, skd, cos_ptr, sin_ptr, 1.0, DH_P)
     else:
-        k = tl.load(k_ptr + rows[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+        k = tl.load(k_src + rows[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
     if IEEE:
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
@@ -131,7 +155,10 @@ def _attend(q, k_ptr, v_ptr, rows, pos, n_mask, m_i, l_i, acc, skn, skd, svn, sv
     p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_ptr + rows[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+    if TMA:
+        v = v_src.load([row0, col])
+    else:
+        v = tl.load(v_src + rows[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
     p = p.to(v.dtype)
     if ACC_IN_DOT:
         if IEEE:
@@ -146,14 +173,14 @@ def _attend(q, k_ptr, v_ptr, rows, pos, n_mask, m_i, l_i, acc, skn, skd, svn, sv
 
 
 @triton.jit
-def _flash_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_ptr, cos_ptr, sin_ptr, q_scale,
+def _flash_kernel(q_ptr, k_src, v_src, out_ptr, cu_ptr, cos_ptr, sin_ptr, q_scale,
                   sqn, sqh, sqd, skn, skh, skd, svn, svh, svd, son, soh, sod, DH,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DH_P: tl.constexpr, IEEE: tl.constexpr,
                   ROPE_Q: tl.constexpr, ROPE_K: tl.constexpr, SPLIT_TAIL: tl.constexpr,
-                  ACC_IN_DOT: tl.constexpr):
+                  ACC_IN_DOT: tl.constexpr, TMA: tl.constexpr):
     """Non-causal attention of one query block of one sequence and head, online softmax (exp2). q and
     k are rotated (and q pre-scaled) already, or rotated here when ROPE_Q / ROPE_K (q then scaled by
-    ``q_scale``); every tensor may be strided."""
+    ``q_scale``); every tensor may be strided. With TMA, k_src and v_src are tensor descriptors."""
     pid_m = tl.program_id(0)
     h = tl.program_id(2)
     start, L = _sequence(cu_ptr, tl.program_id(1))
@@ -168,8 +195,10 @@ def _flash_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_ptr, cos_ptr, sin_ptr, q_scal
         else:
             q = tl.load(q_ptr + (start + offs_m)[:, None] * sqn + h * sqh + offs_d[None, :] * sqd,
                         mask=m_mask[:, None] & d_mask[None, :], other=0.0)
-        k_ptr += h * skh
-        v_ptr += h * svh
+        if not TMA:
+            k_src += h * skh
+            v_src += h * svh
+        col = h * DH
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, DH_P], dtype=tl.float32)
@@ -178,34 +207,47 @@ def _flash_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_ptr, cos_ptr, sin_ptr, q_scal
             n_full = L - L % BLOCK_N
             every = tl.full([BLOCK_N], 1, tl.int1)
             for n0 in range(0, n_full, BLOCK_N):
-                m_i, l_i, acc = _attend(q, k_ptr, v_ptr, start + n0 + offs_n, n0 + offs_n, every, m_i, l_i, acc,
-                                        skn, skd, svn, svd, cos_ptr, sin_ptr, DH, BLOCK_N, DH_P, IEEE, False,
-                                        ROPE_K, ACC_IN_DOT)
+                m_i, l_i, acc = _attend(q, k_src, v_src, start + n0, n0, every, col, m_i, l_i, acc, skn, skd, svn,
+                                        svd, cos_ptr, sin_ptr, DH, BLOCK_N, DH_P, IEEE, False, ROPE_K, ACC_IN_DOT,
+                                        TMA)
             if n_full < L:
-                m_i, l_i, acc = _attend(q, k_ptr, v_ptr, start + n_full + offs_n, n_full + offs_n,
-                                        n_full + offs_n < L, m_i, l_i, acc, skn, skd, svn, svd, cos_ptr, sin_ptr,
-                                        DH, BLOCK_N, DH_P, IEEE, True, ROPE_K, ACC_IN_DOT)
+                m_i, l_i, acc = _attend(q, k_src, v_src, start + n_full, n_full, n_full + offs_n < L, col, m_i, l_i,
+                                        acc, skn, skd, svn, svd, cos_ptr, sin_ptr, DH, BLOCK_N, DH_P, IEEE, True,
+                                        ROPE_K, ACC_IN_DOT, TMA)
         else:
             for n0 in range(0, L, BLOCK_N):
-                m_i, l_i, acc = _attend(q, k_ptr, v_ptr, start + n0 + offs_n, n0 + offs_n, n0 + offs_n < L,
-                                        m_i, l_i, acc, skn, skd, svn, svd, cos_ptr, sin_ptr, DH, BLOCK_N, DH_P,
-                                        IEEE, True, ROPE_K, ACC_IN_DOT)
+                m_i, l_i, acc = _attend(q, k_src, v_src, start + n0, n0, n0 + offs_n < L, col, m_i, l_i, acc, skn,
+                                        skd, svn, svd, cos_ptr, sin_ptr, DH, BLOCK_N, DH_P, IEEE, True, ROPE_K,
+                                        ACC_IN_DOT, TMA)
         out = acc / l_i[:, None]
         tl.store(out_ptr + (start + offs_m)[:, None] * son + h * soh + offs_d[None, :] * sod,
                  out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
+def _descriptor(x: torch.Tensor, block: list[int], what: str):
+    """x [N, H, Dh] (heads side by side in a row, as the engine's qkv views are) as a tensor
+    descriptor over [N, H x Dh]."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    N, H, dh = x.shape
+    if x.stride(2) != 1 or x.stride(1) != dh or x.data_ptr() % 16 or (x.stride(0) * x.element_size()) % 16:
+        raise ValueError(f"FlashConfig.tma needs {what} rows of heads side by side, 16-byte aligned; got strides "
+                         f"{tuple(x.stride())} at offset {x.data_ptr() % 16} of 16")
+    return TensorDescriptor(x, [N, H * dh], [x.stride(0), 1], block)
+
+
 def attention(q, k, v, segments, cos, sin, cu_seqlens=None, config: FlashConfig | None = None):
     """Same contract as kernels.attention.attention_ref; q, k, v [N, H, Dh] may be strided views.
     Pass ``cu_seqlens`` (built once per forward) to save building it in every layer; ``config``
-    to run another configuration than `attention_config`'s (rope "q" and "fused" need a power-of-two
-    head dim of 16 or more)."""
+    to run another configuration than `attention_config`'s (rope "q" and "fused", and tma, need a
+    power-of-two head dim of 16 or more)."""
     N, H, dh = q.shape
     if dh % 2:
         raise ValueError(f"RoPE needs an even head dim, got {dh}")
     c = config or attention_config(q.dtype, dh)
-    if c.rope != "kernel" and (dh < 16 or dh & (dh - 1)):
-        raise ValueError(f"FlashConfig.rope={c.rope!r} needs a power-of-two head dim >= 16, got {dh}")
+    if (c.rope != "kernel" or c.tma) and (dh < 16 or dh & (dh - 1)):
+        what = f"rope={c.rope!r}" if c.rope != "kernel" else "tma"
+        raise ValueError(f"FlashConfig.{what} needs a power-of-two head dim >= 16, got {dh}")
     n_seqs = sum(R for R, _ in segments)
     max_len = max(T for _, T in segments)
     cu = cu_seqlens if cu_seqlens is not None else make_cu_seqlens(segments, q.device)
@@ -222,9 +264,13 @@ def attention(q, k, v, segments, cos, sin, cu_seqlens=None, config: FlashConfig 
         if c.rope == "kernel":
             q = qr
     out = torch.empty(N, H, dh, dtype=q.dtype, device=q.device)
+    k_src, v_src = k, v
+    if c.tma:
+        k_src = _descriptor(k, [c.block_n, dh // 2 if c.rope == "fused" else dh], "k")
+        v_src = _descriptor(v, [c.block_n, dh], "v")
     _flash_kernel[(triton.cdiv(max_len, c.block_m), n_seqs, H)](
-        q, k, v, out, cu, cos, sin, q_scale, *q.stride(), *k.stride(), *v.stride(), *out.stride(), dh,
+        q, k_src, v_src, out, cu, cos, sin, q_scale, *q.stride(), *k.stride(), *v.stride(), *out.stride(), dh,
         BLOCK_M=c.block_m, BLOCK_N=c.block_n, DH_P=max(16, triton.next_power_of_2(dh)),
         IEEE=q.dtype == torch.float32, ROPE_Q=c.rope != "kernel", ROPE_K=c.rope == "fused",
-        SPLIT_TAIL=c.split_tail, ACC_IN_DOT=c.acc_in_dot, num_warps=c.warps, num_stages=c.stages)
+        SPLIT_TAIL=c.split_tail, ACC_IN_DOT=c.acc_in_dot, TMA=c.tma, num_warps=c.warps, num_stages=c.stages)
     return out.view(N, H * dh)

@@ -42,6 +42,7 @@ class Variant:
     wgmma: bool = False    # expect HGMMA in the SASS
     div16: tuple = ()      # int arguments that are multiples of 16 at these shapes (the JIT specialises them)
     wide: bool = False     # memory-bound: expect 16-byte global loads (LDG.E.128)
+    tma: bool = False      # expect tensor-memory-accelerator loads (UTMALDG) in the SASS
 
 
 def _attrs(v: "Variant") -> dict:
@@ -56,7 +57,7 @@ def variants() -> list[Variant]:
     rope = {"q_ptr": bf, "k_ptr": bf, "qo_ptr": bf, "ko_ptr": bf, "cu_ptr": "*i32", "cos_ptr": f32, "sin_ptr": f32,
             "q_scale": "fp32", "sqn": "i32", "sqh": "i32", "sqd": "i32", "skn": "i32", "skh": "i32", "skd": "i32",
             "HALF": "i32", "DH": "i32"}
-    flash = {"q_ptr": bf, "k_ptr": bf, "v_ptr": bf, "out_ptr": bf, "cu_ptr": "*i32", "cos_ptr": f32, "sin_ptr": f32,
+    flash = {"q_ptr": bf, "k_src": bf, "v_src": bf, "out_ptr": bf, "cu_ptr": "*i32", "cos_ptr": f32, "sin_ptr": f32,
              "q_scale": "fp32", "sqn": "i32", "sqh": "i32", "sqd": "i32", "skn": "i32", "skh": "i32", "skd": "i32",
              "svn": "i32", "svh": "i32", "svd": "i32", "son": "i32", "soh": "i32", "sod": "i32", "DH": "i32"}
     norm = {"x_ptr": bf, "delta_ptr": bf, "w_ptr": bf, "xo_ptr": bf, "out_ptr": bf, "D": "i32", "eps": "fp32"}
@@ -87,16 +88,23 @@ def variants() -> list[Variant]:
                 for r in ("kernel", "q", "fused")]
     configs += [(64, torch.bfloat16, dataclasses.replace(bf16_64, block_m=128, warps=8, rope="fused", split_tail=True,
                                                          acc_in_dot=True))]
+    configs += [(64, torch.bfloat16, dataclasses.replace(bf16_64, rope=r, split_tail=True, acc_in_dot=True, tma=True))
+                for r in ("q", "fused")]
     for dh, dt, c in configs:
         fp32 = dt == torch.float32
-        types = {**flash, **{k: f32 for k in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}} if fp32 else flash
+        types = {**flash, **{k: f32 for k in ("q_ptr", "k_src", "v_src", "out_ptr")}} if fp32 else flash
+        if c.tma:   # k and v as tensor descriptors of [BLOCK_N, dh] blocks (k in halves when rotated here)
+            types = dict(types, k_src=f"tensordesc<bf16[{c.block_n}, {dh // 2 if c.rope == 'fused' else dh}]>",
+                         v_src=f"tensordesc<bf16[{c.block_n}, {dh}]>")
         extra = "" if c == attention_triton.attention_config(dt, dh) else \
-            f" {c.block_m}x{c.block_n} rope={c.rope} split={int(c.split_tail)} acc={int(c.acc_in_dot)}"
+            f" {c.block_m}x{c.block_n} rope={c.rope} split={int(c.split_tail)} acc={int(c.acc_in_dot)}" + \
+            (" tma" if c.tma else "")
         out.append(Variant(f"flash attention {'fp32' if fp32 else 'bf16'} dh{dh}{' (ieee)' if fp32 else ''}{extra}",
                            attention_triton._flash_kernel, types,
                            dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, DH_P=dh, IEEE=fp32, ROPE_Q=c.rope != "kernel",
-                                ROPE_K=c.rope == "fused", SPLIT_TAIL=c.split_tail, ACC_IN_DOT=c.acc_in_dot, **ones),
-                           num_warps=c.warps, num_stages=c.stages, wgmma=not fp32,
+                                ROPE_K=c.rope == "fused", SPLIT_TAIL=c.split_tail, ACC_IN_DOT=c.acc_in_dot, TMA=c.tma,
+                                **ones),
+                           num_warps=c.warps, num_stages=c.stages, wgmma=not fp32, tma=c.tma,
                            div16=("sqn", "sqh", "skn", "skh", "svn", "svh", "son", "soh", "DH")))
     for delta in (False, True):
         out.append(Variant(f"rms-norm bf16 d1024{' + residual add' if delta else ''}", norm_triton._rms_norm_kernel, norm,
@@ -130,6 +138,8 @@ class Result:
     wgmma_expected: bool
     wide_loads: bool       # 16-byte global loads present
     wide_expected: bool
+    tma: bool = False      # TMA loads (UTMALDG) present
+    tma_expected: bool = False
 
 
 def _tool(name: str) -> str:
@@ -161,7 +171,7 @@ def compile_variant(v: Variant, arch: int = 90) -> Result:
                   if ":" in part)
     spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", ptxas.stdout + ptxas.stderr))
     return Result(v.name, int(fields["REG"]), spills, int(k.metadata.shared),
-                  "HGMMA" in sass, v.wgmma, "LDG.E.128" in sass, v.wide)
+                  "HGMMA" in sass, v.wgmma, "LDG.E.128" in sass, v.wide, "UTMALDG" in sass, v.tma)
 
 
 def spill_probe() -> Variant:
@@ -185,11 +195,13 @@ def main(argv=None) -> list[Result]:
         print(json.dumps([dataclasses.asdict(r) for r in results]))
         return results
     print(f"Triton {triton.__version__}, target sm_90 (H100/H200); compiled here, no GPU used")
-    print(f"{'kernel':42s} {'regs':>5s} {'spill B':>8s} {'smem B':>8s}  {'wgmma':14s} 16-byte loads")
+    w = max(len(r.name) for r in results)
+    print(f"{'kernel':{w}s} {'regs':>5s} {'spill B':>8s} {'smem B':>8s}  {'wgmma':14s} {'16-byte loads':16s} TMA loads")
     for r in results:
-        print(f"{r.name:42s} {r.registers:5d} {r.spill_bytes:8d} {r.shared_bytes:8d}  "
+        print(f"{r.name:{w}s} {r.registers:5d} {r.spill_bytes:8d} {r.shared_bytes:8d}  "
               f"{('yes' if r.wgmma else 'no') + (' (expected)' if r.wgmma_expected else ''):14s} "
-              f"{'yes' if r.wide_loads else 'no'}{' (expected)' if r.wide_expected else ''}")
+              f"{('yes' if r.wide_loads else 'no') + (' (expected)' if r.wide_expected else ''):16s} "
+              f"{'yes' if r.tma else 'no'}{' (expected)' if r.tma_expected else ''}")
     return results
 
 

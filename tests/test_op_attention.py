@@ -59,12 +59,16 @@ def test_triton_small_tiles_match_reference():
 
 
 @pytest.mark.parametrize("rope", ["kernel", "q", "fused"])
-@pytest.mark.parametrize("split_tail,acc_in_dot", [(False, False), (True, False), (False, True), (True, True)])
-def test_triton_configurations_match_reference(rope, split_tail, acc_in_dot):
+@pytest.mark.parametrize("split_tail,acc_in_dot,tma", [(False, False, False), (True, False, False),
+                                                       (False, True, False), (True, True, False),
+                                                       (False, False, True), (True, True, True)])
+def test_triton_configurations_match_reference(rope, split_tail, acc_in_dot, tma):
     """Every configuration the GPU sweep (bench/attn_sweep.py) may choose: where RoPE happens, the
-    unmasked key blocks with a masked tail, the accumulation inside the dot. Small tiles, so a sequence
-    spans several query and key blocks, ends in a partial block (45 = 2 x 16 + 13), or fits in one
-    partial block (7), or in exactly one full block (16); q, k, v strided views of one qkv tensor."""
+    unmasked key blocks with a masked tail, the accumulation inside the dot, k and v through tensor
+    descriptors. Small tiles, so a sequence spans several query and key blocks, ends in a partial
+    block (45 = 2 x 16 + 13) whose descriptor reads run into the next sequence, fits in one partial
+    block (7), or in exactly one full block (16, the last: its reads end at the tensor's end);
+    q, k, v strided views of one qkv tensor."""
     pytest.importorskip("triton", reason="Triton not installed")
     from stemgen.kernels.attention_triton import FlashConfig, attention
 
@@ -72,12 +76,12 @@ def test_triton_configurations_match_reference(rope, split_tail, acc_in_dot):
     q, k, v = torch.randn(113, 3, 2, 32, generator=torch.Generator().manual_seed(4)).unbind(1)
     cos, sin = rope_tables(45, 32)
     want = attention_ref(q, k, v, segments, cos, sin)
-    cfg = FlashConfig(16, 16, 4, rope=rope, split_tail=split_tail, acc_in_dot=acc_in_dot)
+    cfg = FlashConfig(16, 16, 4, rope=rope, split_tail=split_tail, acc_in_dot=acc_in_dot, tma=tma)
     got = on_device(attention)(q, k, v, segments, cos, sin, config=cfg)
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
 
 
-def test_triton_rope_in_flash_needs_a_power_of_two_head_dim():
+def test_triton_configurations_refuse_what_they_cannot_run():
     pytest.importorskip("triton", reason="Triton not installed")
     from stemgen.kernels.attention_triton import FlashConfig, attention
 
@@ -85,5 +89,11 @@ def test_triton_rope_in_flash_needs_a_power_of_two_head_dim():
     cos, sin = rope_tables(5, 24)
     with pytest.raises(ValueError, match="power-of-two head dim"):
         attention(q, q, q, [(1, 5)], cos, sin, config=FlashConfig(16, 16, 4, rope="q"))
+    with pytest.raises(ValueError, match="tma needs a power-of-two head dim"):
+        attention(q, q, q, [(1, 5)], cos, sin, config=FlashConfig(16, 16, 4, tma=True))
+    q, k, v = torch.randn(5, 3, 32, 2).transpose(2, 3).unbind(1)   # a head's entries strided: no descriptor
+    cos, sin = rope_tables(5, 32)
+    with pytest.raises(ValueError, match="tma needs k rows of heads side by side"):
+        attention(q, k, v, [(1, 5)], cos, sin, config=FlashConfig(16, 16, 4, rope="fused", tma=True))
     with pytest.raises(ValueError, match="'kernel', 'q' or 'fused'"):
         FlashConfig(16, 16, 4, rope="both")

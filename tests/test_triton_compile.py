@@ -1,7 +1,8 @@
 """Every Triton kernel compiles for Hopper (sm_90) here, without a GPU (Triton's ahead-of-time
 compiler and bundled ptxas; tests/compile_sm90.py, run in a subprocess since the test session runs
 Triton in interpreter mode): no register spills, shared memory within a block's 227 KB,
-attention's dots on wgmma, 16-byte loads in the memory-bound kernels. The interpreter tests check the arithmetic; this checks that the same
+attention's dots on wgmma (and its tensor-descriptor configurations on TMA), 16-byte loads in the
+memory-bound kernels. The interpreter tests check the arithmetic; this checks that the same
 source lowers to real GPU code at StemGen's shapes. Not a speed figure."""
 import json
 import os
@@ -42,3 +43,4 @@ def test_every_kernel_compiles_for_sm90_without_spills():
         assert r["shared_bytes"] <= 227 * 1024 and r["registers"] <= 255, r
         assert r["wgmma"] or not r["wgmma_expected"], f"{r['name']}: no HGMMA in the SASS (not on wgmma)"
         assert r["wide_loads"] or not r["wide_expected"], f"{r['name']}: no 16-byte global loads (LDG.E.128)"
+        assert r["tma"] or not r["tma_expected"], f"{r['name']}: no TMA loads (UTMALDG) in the SASS"
