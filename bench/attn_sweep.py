@@ -38,8 +38,7 @@ SMOKE_OPTIONS = [("kernel", False, False, False), ("q", True, False, True), ("fu
 
 
 def label(c) -> str:
-    return (f"({c.block_m}, {c.block_n}, {c.warps}, {c.stages}) rope={c.rope} split_tail={int(c.split_tail)} "
-            f"acc_in_dot={int(c.acc_in_dot)} tma={int(c.tma)}")
+    return c.text()   # what STEMGEN_FLASH_CONFIG takes
 
 
 def timer(smoke: bool):

@@ -6,7 +6,7 @@
 # publish them in bench/RESULTS.md.
 #   bash bench/gpu_run.sh            # about 6-8 minutes on one H100 (estimate)
 #   SMOKE=1 bash bench/gpu_run.sh    # the same steps on a CPU with tiny shapes: checks the script only
-#   ONLY="tests kernels" bash ...     # only these steps (tests kernels attn paper graphs profile profile-graphs
+#   ONLY="tests kernels" bash ...     # only these steps (tests kernels attn paper graphs attn-paper profile profile-graphs
 #                                     # sweep sweep-graphs e2e report), e.g. to split the work over two 10-minute calls
 set -uo pipefail
 OUT=${OUT:-bench/gpu-out}
@@ -57,6 +57,17 @@ step paper $py -m stemgen bench --batch 1 "${size[@]}" "${eager[@]}" --json "$OU
 # 3b. the same with the trunk replayed from CUDA graphs (engine only)
 [ ${#graphs[@]} -gt 0 ] && step graphs $py -m stemgen bench --batch 1 --no-baseline "${graphs[@]}" \
     --json "$OUT/gpu-paper-20s-graphs.json"
+# 3b'. the same with the attention sweep's best configuration (step attn), if it is not the engine's
+attn_best() {
+    local best
+    best=$($py -c "import json, sys; r = json.load(open(sys.argv[1])); b = r.get('best', {}).get('config', '')
+print(b if b and b != r['default'] else '')" "$OUT/attn-sweep.json") || return 1
+    if [ -z "$best" ]; then echo "the engine's attention configuration is the sweep's best (or no sweep ran)"; return 0; fi
+    echo "STEMGEN_FLASH_CONFIG=$best"
+    STEMGEN_FLASH_CONFIG=$best timeout "${STEP_TIMEOUT:-300}" $py -m stemgen bench --batch 1 --no-baseline \
+        "${size[@]}" "${graphs[@]}" --json "$OUT/attn-best-paper-20s.json"
+}
+[ -f "$OUT/attn-sweep.json" ] && step attn-paper attn_best
 # 3c. where a step's time goes (top kernels), eager and with CUDA graphs
 step profile $py bench/profile_step.py "${prof[@]}"
 [ ${#graphs[@]} -gt 0 ] && step profile-graphs $py bench/profile_step.py "${graphs[@]}"

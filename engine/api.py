@@ -65,7 +65,8 @@ def _triton_status(device: torch.device) -> str:
     except ImportError:
         return "not installed" + (": CUDA runs the PyTorch reference ops" if device.type == "cuda" else "")
     use = "in use" if device.type == "cuda" else "used on CUDA only"
-    return f"triton {triton.__version__}: {use}"
+    flash = os.environ.get("STEMGEN_FLASH_CONFIG")
+    return f"triton {triton.__version__}: {use}" + (f"; flash attention STEMGEN_FLASH_CONFIG={flash}" if flash else "")
 
 
 def _graphs_status() -> str:

@@ -107,6 +107,8 @@ def select_ops(device: torch.device, dtype: torch.dtype) -> Ops:
         return Ops()
     missing = unavailable(backend, device)
     if missing is None and backend == "triton":
+        from ..kernels.attention_triton import check_env
+        check_env()   # a malformed STEMGEN_FLASH_CONFIG is the user's error, not a reason to fall back
         problem = triton_selfcheck(device, dtype)
         missing = problem and f"the Triton kernels failed their self-check: {problem}"
     if missing is None:

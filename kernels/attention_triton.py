@@ -13,7 +13,10 @@ Every configuration computes the reference's result (tests/test_op_attention.py)
 is a GPU measurement (bench/attn_sweep.py), and `attention_config` holds the measured choice."""
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -39,16 +42,69 @@ class FlashConfig:
     def __post_init__(self):
         if self.rope not in ("kernel", "q", "fused"):
             raise ValueError(f"FlashConfig.rope is 'kernel', 'q' or 'fused', not {self.rope!r}")
+        for name in ("block_m", "block_n"):
+            n = getattr(self, name)
+            if n < 16 or n & (n - 1):
+                raise ValueError(f"FlashConfig.{name} is a power of two >= 16, not {n}")
+        if self.warps not in (1, 2, 4, 8, 16) or self.stages < 1:
+            raise ValueError(f"FlashConfig: warps is 1, 2, 4, 8 or 16 and stages >= 1, not {self.warps}, {self.stages}")
+
+    def text(self) -> str:
+        """``key=value,...``: what STEMGEN_FLASH_CONFIG takes (bench/attn_sweep.py prints these)."""
+        return ",".join(f"{f.name}={int(v) if isinstance(v, bool) else v}"
+                        for f in dataclasses.fields(self) for v in [getattr(self, f.name)])
 
 
-def attention_config(dtype: torch.dtype, dh: int) -> FlashConfig:
+ENV = "STEMGEN_FLASH_CONFIG"
+
+
+@functools.lru_cache(maxsize=64)
+def parse_flash_config(text: str, base: FlashConfig) -> FlashConfig:
+    """``base`` with the ``key=value`` pairs of ``text`` (comma separated, as FlashConfig.text()
+    writes them) applied; ValueError naming the problem otherwise."""
+    fields = {f.name: f.type for f in dataclasses.fields(FlashConfig)}
+    changes = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, eq, value = part.partition("=")
+        key, value = key.strip(), value.strip()
+        if not eq or key not in fields:
+            raise ValueError(f"{ENV}={text!r}: {part!r} is not key=value with a key of {', '.join(fields)}")
+        if key == "rope":
+            changes[key] = value
+        elif fields[key] == "bool":
+            if value not in ("0", "1"):
+                raise ValueError(f"{ENV}={text!r}: {key} is 0 or 1, not {value!r}")
+            changes[key] = value == "1"
+        else:
+            if not value.isdigit() or int(value) < 1:
+                raise ValueError(f"{ENV}={text!r}: {key} is a whole number >= 1, not {value!r}")
+            changes[key] = int(value)
+    try:
+        return dataclasses.replace(base, **changes)
+    except ValueError as e:
+        raise ValueError(f"{ENV}={text!r}: {e}") from None
+
+
+def check_env() -> None:
+    """ValueError (one line) if STEMGEN_FLASH_CONFIG is set and malformed."""
+    text = os.environ.get(ENV)
+    if text:
+        parse_flash_config(text, attention_config(torch.bfloat16, 64, env=False))
+
+
+def attention_config(dtype: torch.dtype, dh: int, env: bool = True) -> FlashConfig:
     """What the engine runs. Tiles that compile for sm_90 without register spills under Triton 3.6
     and 3.8 (tests/compile_sm90.py checks): fp32 (ieee dots, no tensor cores) needs smaller tiles,
     head dims over 64 need 8 warps. bf16 dh 64 (64, 64, 4 warps, RoPE kernel) as timed on an H200
-    (bench/RESULTS.md); the other options are not yet timed on a GPU, so they stay off."""
+    (bench/RESULTS.md); the other options are not yet timed on a GPU, so they stay off.
+    STEMGEN_FLASH_CONFIG (e.g. ``rope=q,tma=1``) overrides the fields it names, for trying the
+    sweep's choices in whole generations (with ``env``)."""
     if dtype == torch.float32:
-        return FlashConfig(32, 16, 8) if dh > 64 else FlashConfig(64, 32, 8)
-    return FlashConfig(64, 64, 8) if dh > 64 else FlashConfig(64, 64, 4)
+        base = FlashConfig(32, 16, 8) if dh > 64 else FlashConfig(64, 32, 8)
+    else:
+        base = FlashConfig(64, 64, 8) if dh > 64 else FlashConfig(64, 64, 4)
+    text = os.environ.get(ENV) if env else None
+    return parse_flash_config(text, base) if text else base
 
 
 @triton.jit

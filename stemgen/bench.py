@@ -140,6 +140,8 @@ def machine_info(device: torch.device) -> dict:
             "device": str(device)}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+        if os.environ.get("STEMGEN_FLASH_CONFIG"):   # a run trying another attention configuration
+            info["flash_config"] = os.environ["STEMGEN_FLASH_CONFIG"]
     return info
 
 

@@ -461,7 +461,8 @@ def bench(
     Console(soft_wrap=True, width=max(console.width, 130)).print(t)
     m, st = report["machine"], report["settings"]
     console.print(f"machine: {m.get('gpu') or m['processor']}, {m['cpu_threads']} threads, torch {m['torch']}; "
-                  f"engine {st['engine_dtype']}, baseline {st['baseline_dtype'] or 'not run'}", highlight=False)
+                  f"engine {st['engine_dtype']}, baseline {st['baseline_dtype'] or 'not run'}"
+                  + (f"; STEMGEN_FLASH_CONFIG={m['flash_config']}" if m.get("flash_config") else ""), highlight=False)
     if json_path is not None:
         run_guarded(atomic_write_text, json_path, json.dumps(report, indent=2) + "\n")
 

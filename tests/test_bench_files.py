@@ -47,7 +47,7 @@ def test_attention_sweep_script_runs(tmp_path):
     report = json.loads(out.read_text())
     tried = {c["config"] for c in report["configs"]}
     assert len(report["shapes"]) == 1 and len(tried) == 4 + 3   # every option, then the best three on the next tile
-    assert {c.split(") ", 1)[1] for c in tried} == {
-        "rope=kernel split_tail=0 acc_in_dot=0 tma=0", "rope=q split_tail=1 acc_in_dot=0 tma=1",
-        "rope=fused split_tail=0 acc_in_dot=1 tma=0", "rope=fused split_tail=1 acc_in_dot=1 tma=1"}
+    assert {c.split(",stages=1,", 1)[1] for c in tried} == {
+        "rope=kernel,split_tail=0,acc_in_dot=0,tma=0", "rope=q,split_tail=1,acc_in_dot=0,tma=1",
+        "rope=fused,split_tail=0,acc_in_dot=1,tma=0", "rope=fused,split_tail=1,acc_in_dot=1,tma=1"}
     assert report["best"]["config"] in tried and report["best"]["config"] in res.stdout

@@ -1,5 +1,7 @@
 """Attention of the packed batch: every fast variant in the kernels table (Triton) vs the PyTorch
 reference (RoPE + SDPA per sequence): packed sequences of unequal lengths, odd head dims."""
+import os
+
 import pytest
 import torch
 
@@ -97,3 +99,54 @@ def test_triton_configurations_refuse_what_they_cannot_run():
         attention(q, k, v, [(1, 5)], cos, sin, config=FlashConfig(16, 16, 4, rope="fused", tma=True))
     with pytest.raises(ValueError, match="'kernel', 'q' or 'fused'"):
         FlashConfig(16, 16, 4, rope="both")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="Triton's CPU interpreter gets tl.dot on bf16 wrong; this check needs a GPU")
+@pytest.mark.parametrize("rope", ["kernel", "q", "fused"])
+@pytest.mark.parametrize("tma", [False, True])
+def test_triton_configurations_bf16_on_gpu(rope, tma):
+    """The sweep's options in bf16 on the hardware, at the engine's tile and the larger one: sequences
+    of several blocks with partial tails, q, k, v strided views of one qkv tensor."""
+    from stemgen.kernels.attention_triton import FlashConfig, attention
+
+    segments = [(2, 200), (1, 77), (1, 64)]
+    g = torch.Generator().manual_seed(5)
+    q, k, v = torch.randn(541, 3, 4, 64, generator=g).to("cuda", torch.bfloat16).unbind(1)
+    cos, sin = (t.cuda() for t in rope_tables(200, 64))
+    want = attention_ref(q.float(), k.float(), v.float(), segments, cos, sin)
+    for tile in [(64, 64, 4, 3), (128, 64, 8, 3)]:
+        cfg = FlashConfig(*tile, rope=rope, split_tail=True, acc_in_dot=True, tma=tma)
+        got = attention(q, k, v, segments, cos, sin, config=cfg).float()
+        assert (got - want).abs().max() <= 3e-2 * want.abs().max(), cfg
+
+
+def test_flash_config_from_the_environment(monkeypatch):
+    """STEMGEN_FLASH_CONFIG overrides the fields it names (as the sweep prints them) in what the engine
+    runs, and the engine's Triton ops then compute the reference's result; a malformed value is one
+    clear error when the Triton ops are chosen, not a fallback."""
+    pytest.importorskip("triton", reason="Triton not installed")
+    from stemgen.engine.backend import select_ops
+    from stemgen.kernels.attention_triton import FlashConfig, attention, attention_config, parse_flash_config
+
+    base = attention_config(torch.float32, 32)
+    assert parse_flash_config(base.text(), FlashConfig(16, 16, 1)) == base   # text() round-trips
+    monkeypatch.setenv("STEMGEN_FLASH_CONFIG", "block_m=16, block_n=16, rope=fused, split_tail=1, tma=1")
+    cfg = attention_config(torch.float32, 32)
+    assert (cfg.block_m, cfg.block_n, cfg.warps, cfg.rope, cfg.split_tail, cfg.acc_in_dot, cfg.tma) == \
+        (16, 16, base.warps, "fused", True, False, True)
+    segments = [(2, 45), (1, 7)]
+    q, k, v = torch.randn(97, 3, 2, 32, generator=torch.Generator().manual_seed(6)).unbind(1)
+    cos, sin = rope_tables(45, 32)
+    want = attention_ref(q, k, v, segments, cos, sin)
+    assert (on_device(attention)(q, k, v, segments, cos, sin) - want).abs().max() <= 1e-5 * want.abs().max()
+    for bad, why in [("rope=both", "'kernel', 'q' or 'fused'"), ("tma=yes", "tma is 0 or 1"),
+                     ("block_m=48", "power of two >= 16"), ("tiles=64", "not key=value with a key of")]:
+        monkeypatch.setenv("STEMGEN_FLASH_CONFIG", bad)
+        with pytest.raises(ValueError, match=why):
+            attention_config(torch.float32, 32)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":   # the Triton ops can be chosen
+            monkeypatch.setenv("STEMGEN_BACKEND", "triton")
+            with pytest.raises(ValueError, match=f"STEMGEN_FLASH_CONFIG='{bad}'"):
+                select_ops(device, torch.float32)
