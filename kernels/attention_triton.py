@@ -37,7 +37,8 @@ class FlashConfig:
     rope: str = "kernel"        # "kernel", "q" or "fused": see the module's docstring
     split_tail: bool = False    # full key blocks run without masks, the partial last block apart
     acc_in_dot: bool = False    # p @ v accumulates into acc inside the dot (no separate add)
-    tma: bool = False           # k and v blocks through tensor descriptors (Hopper's TMA unit)
+    tma: bool = False           # k and v blocks through tensor descriptors (Hopper's TMA unit); for
+    #                             16-bit dtypes: fp32 at the fp32 tiles computes right but spills registers
 
     def __post_init__(self):
         if self.rope not in ("kernel", "q", "fused"):
@@ -97,8 +98,8 @@ def attention_config(dtype: torch.dtype, dh: int, env: bool = True) -> FlashConf
     and 3.8 (tests/compile_sm90.py checks): fp32 (ieee dots, no tensor cores) needs smaller tiles,
     head dims over 64 need 8 warps. bf16 dh 64 (64, 64, 4 warps, RoPE kernel) as timed on an H200
     (bench/RESULTS.md); the other options are not yet timed on a GPU, so they stay off.
-    STEMGEN_FLASH_CONFIG (e.g. ``rope=q,tma=1``) overrides the fields it names, for trying the
-    sweep's choices in whole generations (with ``env``)."""
+    STEMGEN_FLASH_CONFIG (e.g. ``rope=q,tma=1``) overrides the fields it names, for every dtype and
+    head dim, for trying the sweep's choices in whole generations (with ``env``)."""
     if dtype == torch.float32:
         base = FlashConfig(32, 16, 8) if dh > 64 else FlashConfig(64, 32, 8)
     else:

@@ -44,7 +44,9 @@ def render_generation(name: str, rep: dict) -> list[str]:
              f"Device: **{where}** ({m['device']}); torch {m['torch']}, Python {m['python']}.",
              f"Model {s['model']}, {s['parameters'] / 1e6:.1f}M parameters; {s['duration_s']:.1f} s "
              f"({s['frames']} frames); steps {s['steps']}; guidance {s['guidance']}; engine {s['engine_dtype']}"
-             f"{' with CUDA graphs' if s.get('cuda_graphs') else ''}; {base}.", ""]
+             f"{' with CUDA graphs' if s.get('cuda_graphs') else ''}; {base}"
+             + (f"; attention configuration STEMGEN_FLASH_CONFIG={m['flash_config']}" if m.get("flash_config") else "")
+             + ".", ""]
     rows = []
     for r, run, x in result_rows(rep):
         ratio = f"**{r['speedup_frames_per_s']:.2f}x**" if run == "engine" and "baseline" in r else ""

@@ -90,7 +90,12 @@ def test_bench_report_renders_figures_from_files(tiny_bench, tmp_path):
     assert f"**{ratio:.2f}x**" in md and "gen.json" in md and "ops.json" in md
     assert "Test GPU 80GB" in md and "| attention T=500 | sdpa | 3.000 | 1.50x |" in md
     assert "| norm T=7 | reference | 4.000 | 4.00x |" in md and "| norm T=7 | triton | 1.000 |  |" in md
-    assert "Throughput saturates at batch" in md
+    assert "Throughput saturates at batch" in md and "STEMGEN_FLASH_CONFIG" not in md
+    rep["machine"]["flash_config"] = "rope=q,tma=1"   # a run with another attention configuration says so
+    tried = tmp_path / "tried.json"
+    tried.write_text(json.dumps(rep))
+    assert runner.invoke(app, ["bench-report", str(tried), "--out", str(out)]).exit_code == 0
+    assert "attention configuration STEMGEN_FLASH_CONFIG=rope=q,tma=1." in out.read_text()
 
 
 def test_bench_report_bad_inputs(tmp_path):
