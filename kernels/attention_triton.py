@@ -63,16 +63,17 @@ ENV = "STEMGEN_FLASH_CONFIG"
 def parse_flash_config(text: str, base: FlashConfig) -> FlashConfig:
     """``base`` with the ``key=value`` pairs of ``text`` (comma separated, as FlashConfig.text()
     writes them) applied; ValueError naming the problem otherwise."""
-    fields = {f.name: f.type for f in dataclasses.fields(FlashConfig)}
+    fields = [f.name for f in dataclasses.fields(FlashConfig)]
     changes = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, eq, value = part.partition("=")
         key, value = key.strip(), value.strip()
         if not eq or key not in fields:
             raise ValueError(f"{ENV}={text!r}: {part!r} is not key=value with a key of {', '.join(fields)}")
-        if key == "rope":
+        kind = type(getattr(base, key))
+        if kind is str:
             changes[key] = value
-        elif fields[key] == "bool":
+        elif kind is bool:
             if value not in ("0", "1"):
                 raise ValueError(f"{ENV}={text!r}: {key} is 0 or 1, not {value!r}")
             changes[key] = value == "1"
@@ -88,23 +89,21 @@ def parse_flash_config(text: str, base: FlashConfig) -> FlashConfig:
 
 def check_env() -> None:
     """ValueError (one line) if STEMGEN_FLASH_CONFIG is set and malformed."""
-    text = os.environ.get(ENV)
-    if text:
-        parse_flash_config(text, attention_config(torch.bfloat16, 64, env=False))
+    attention_config(torch.bfloat16, 64)   # parses it
 
 
-def attention_config(dtype: torch.dtype, dh: int, env: bool = True) -> FlashConfig:
+def attention_config(dtype: torch.dtype, dh: int) -> FlashConfig:
     """What the engine runs. Tiles that compile for sm_90 without register spills under Triton 3.6
     and 3.8 (tests/compile_sm90.py checks): fp32 (ieee dots, no tensor cores) needs smaller tiles,
     head dims over 64 need 8 warps. bf16 dh 64 (64, 64, 4 warps, RoPE kernel) as timed on an H200
     (bench/RESULTS.md); the other options are not yet timed on a GPU, so they stay off.
     STEMGEN_FLASH_CONFIG (e.g. ``rope=q,tma=1``) overrides the fields it names, for every dtype and
-    head dim, for trying the sweep's choices in whole generations (with ``env``)."""
+    head dim, for trying the sweep's choices in whole generations."""
     if dtype == torch.float32:
         base = FlashConfig(32, 16, 8) if dh > 64 else FlashConfig(64, 32, 8)
     else:
         base = FlashConfig(64, 64, 8) if dh > 64 else FlashConfig(64, 64, 4)
-    text = os.environ.get(ENV) if env else None
+    text = os.environ.get(ENV)
     return parse_flash_config(text, base) if text else base
 
 
