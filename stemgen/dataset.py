@@ -87,7 +87,7 @@ def generate_dataset(files: list[Path], outs: list[Path], model: str, instrument
     results = ds.map_batches(
         EngineWorker, fn_constructor_args=(model, instrument, sampling.to_dict(), device, dtype, bits),
         batch_size=batch_size, concurrency=workers, num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
-        max_restarts=-1, max_task_retries=-1).take_all()
+    ).take_all()  # Ray Data restarts a dead worker actor and retries its batch by default (tested)
     for row in results:
         if row["error"]:
             summary["failed"] += 1
