@@ -67,8 +67,8 @@ def engine(tmp_path_factory):
 def requests(engine):
     g = torch.Generator().manual_seed(0)
     out = []
-    for i, (T, guidance, steps) in enumerate([(23, "multi", (3, 2, 2, 1)), (9, "single", (2, 2, 1, 1)),
-                                              (16, "none", (4, 1, 1, 1))]):
+    for i, (T, guidance, steps) in enumerate([(13, "multi", (3, 2, 2, 1)), (5, "single", (2, 2, 1, 1)),
+                                              (8, "none", (4, 1, 1, 1))]):
         ctx = torch.randint(0, CFG.codebook_size, (1, CFG.n_q, T), generator=g)
         out.append(Request(engine.config.lm, ctx, torch.tensor([i % 2]), SamplingConfig(steps=steps, guidance=guidance,
                                                                                    seed=i)))
