@@ -39,10 +39,6 @@ SMOKE_OPTIONS = [("kernel", False, False, False), ("q", True, False, True), ("fu
                  ("fused", True, True, True)]
 
 
-def label(c) -> str:
-    return c.text()   # what STEMGEN_FLASH_CONFIG takes
-
-
 def timer(smoke: bool):
     """ms per call: CUDA events over a CUDA graph of the call on a GPU; wall time on a CPU (smoke)."""
     if smoke:
@@ -77,8 +73,8 @@ def main(argv=None):
     default = attention_config(dt, dh)
     name = "CPU (smoke)" if args.smoke else torch.cuda.get_device_name()
     print(f"device {name}, torch {torch.__version__}, triton {triton.__version__}; engine's configuration: "
-          f"{label(default)}")
-    report = {"device": name, "torch": torch.__version__, "triton": triton.__version__, "default": label(default),
+          f"{default.text()}")
+    report = {"device": name, "torch": torch.__version__, "triton": triton.__version__, "default": default.text(),
               "shapes": [], "configs": []}
     cases = []
     for rows, T in shapes:
@@ -108,24 +104,23 @@ def main(argv=None):
             try:
                 err = (fn().float() - case["ref"]).abs().max().item()
                 if not err <= 3e-2 * case["ref"].abs().max().item():   # NaN too
-                    print(f"  {label(c)}: WRONG (max err {err:.3g})")
+                    print(f"  {c.text()}: WRONG (max err {err:.3g})")
                     return None
                 times.append(bench(fn))
             except Exception as e:  # out of shared memory / registers for this tile, or a CUDA error
                 text = str(e).strip()
-                print(f"  {label(c)}: failed ({type(e).__name__}: {text.splitlines()[0][:120] if text else ''})")
+                print(f"  {c.text()}: failed ({type(e).__name__}: {text.splitlines()[0][:120] if text else ''})")
                 if "CUDA error" in text or "illegal" in text:   # sticky: every later launch would fail too
-                    raise SystemExit(f"stopped: a CUDA error in {label(c)} leaves the device unusable; "
+                    raise SystemExit(f"stopped: a CUDA error in {c.text()} leaves the device unusable; "
                                      f"the configurations before it are in the JSON")
                 return None
         ratios = [case["t_sdpa"] / t for case, t in zip(cases, times)]
         mean = statistics.geometric_mean(ratios)
-        print(f"  {label(c)}: " + ", ".join(f"{t * 1e3:.1f} us ({r:.2f}x)" for t, r in zip(times, ratios))
+        print(f"  {c.text()}: " + ", ".join(f"{t * 1e3:.1f} us ({r:.2f}x)" for t, r in zip(times, ratios))
               + f"; geomean {mean:.2f}x SDPA alone{'  (engine)' if c == default else ''}")
-        report["configs"].append({"config": label(c), "us": [t * 1e3 for t in times], "vs_sdpa": ratios,
+        report["configs"].append({"config": c.text(), "us": [t * 1e3 for t in times], "vs_sdpa": ratios,
                                   "geomean_vs_sdpa": mean})
-        if report["configs"]:
-            report["best"] = max(report["configs"], key=lambda e: e["geomean_vs_sdpa"])
+        report["best"] = max(report["configs"], key=lambda e: e["geomean_vs_sdpa"])
         save()   # after every configuration: a sweep cut short by a time limit keeps what it measured
         return mean
 
