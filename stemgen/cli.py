@@ -726,19 +726,22 @@ def table3_cmd(model: str = typer.Option("demo", "--model", "-m", help="model di
                seconds: float = typer.Option(10.0, "--seconds", help="context length (the model's training window)"),
                steps: Optional[str] = typer.Option("magnet", "--steps", help="steps per level or a preset"),
                seed: int = typer.Option(0, "--seed"),
-               stems: str = typer.Option("bass,drums", "--stems", help="stems to generate, comma-separated"),
-               settings: str = typer.Option("naive,paper,deaf,ceiling", "--settings",
-                                            help="settings to run, comma-separated (e.g. naive,paper)")):
+               stems: Optional[str] = typer.Option(None, "--stems",
+                                                   help="stems to generate, comma-separated (default: bass and drums)"),
+               settings: Optional[str] = typer.Option(None, "--settings",
+                                                      help="settings to run, comma-separated, e.g. naive,paper "
+                                                      "(default: all four)")):
     """The paper's Table 3 at toy scale: naive / paper settings / deaf (another song's context) / codec
     ceiling, scored against each song's ground truth (chord roots, beat grid, tempo), MIRDD and FAD."""
     from .engine import Engine
-    from .evaluation.listening import markdown_table, run_table3
+    from .evaluation.listening import INSTRUMENTS, SETTINGS, markdown_table, run_table3
 
     def work():
         engine = Engine.from_pretrained(_model_dir(model), device="cpu", dtype="float32")
         try:
             res = run_table3(engine, corpus, out, songs=songs, seconds=seconds, steps=_parse_steps(steps),
-                             seed=seed, log=_train_logger(), instruments=_csv(stems), settings=_csv(settings))
+                             seed=seed, log=_train_logger(), instruments=INSTRUMENTS if stems is None else _csv(stems),
+                             settings=SETTINGS if settings is None else _csv(settings))
         finally:
             engine.close()
         atomic_write_text(out / "table3.json", json.dumps(res, indent=1))

@@ -84,10 +84,10 @@ def generate_dataset(files: list[Path], outs: list[Path], model: str, instrument
                  **({} if address else {"num_cpus": max(os.cpu_count() or 1, workers * cpus_per_worker)}))
     t0 = time.perf_counter()
     ds = ray.data.from_items([{"src": s, "out": o} for s, o in todo])
+    # Ray Data restarts a dead worker actor and retries its batch by default (tested)
     results = ds.map_batches(
         EngineWorker, fn_constructor_args=(model, instrument, sampling.to_dict(), device, dtype, bits),
-        batch_size=batch_size, concurrency=workers, num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
-    ).take_all()  # Ray Data restarts a dead worker actor and retries its batch by default (tested)
+        batch_size=batch_size, concurrency=workers, num_cpus=cpus_per_worker, num_gpus=gpus_per_worker).take_all()
     for row in results:
         if row["error"]:
             summary["failed"] += 1
