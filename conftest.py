@@ -1,4 +1,5 @@
 import os
+import sys
 
 import torch
 
@@ -6,3 +7,9 @@ import torch
 # imported); serves tests/ and bench/.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The repository root's folders (kernels/, engine/, ...) are the installed package `stemgen`'s
+# subpackages, not top-level modules: with the root on sys.path, `kernels` would shadow the
+# `kernels` package that transformers probes for. Tests import the project as `stemgen` only.
+_root = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _root]

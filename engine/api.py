@@ -137,6 +137,68 @@ class Engine:
         self.model_dir = model_dir
         self.max_frames = default_max_frames(lm.device)   # frames (rows x length) per scheduler step
         self._service: GenerationService | None = None
+        self.text_encoder = None   # MAGNeT models: engine.text.TextEncoder
+
+    @property
+    def kind(self) -> str:
+        """'stemgen' (a context + instrument model) or 'magnet' (text-conditioned)."""
+        return self.config.lm.arch
+
+    def require_kind(self, kind: str) -> None:
+        if self.kind != kind:
+            what = {"stemgen": "a context (audio or codes) and an instrument", "magnet": "a text prompt (--text)"}
+            raise RequestError(f"this is a {'MAGNeT' if self.kind == 'magnet' else 'StemGen'} model: it takes "
+                               f"{what[self.kind]}, not {what[kind]}")
+
+    # ---- MAGNeT (text-conditioned) models ----
+
+    def text_memory(self, text: str | None = None, conditioning: torch.Tensor | None = None):
+        """A request's text memory from a prompt, or from precomputed T5 encoder output [L, width]
+        (services can cache those); None for neither (unconditioned)."""
+        self.require_kind("magnet")
+        if conditioning is not None:
+            t5 = torch.as_tensor(conditioning)
+            if not t5.is_floating_point() or not bool(torch.isfinite(t5).all()):
+                raise RequestError("conditioning must be a finite float tensor [tokens, width] (T5 encoder output)")
+            return self.lm.project_text(t5)
+        if text is None:
+            return None
+        return self.lm.project_text(self.text_encoder.encode(text))
+
+    def segment_frames(self) -> int:
+        return self.config.lm.segment_frames
+
+    def text_request(self, text: str | None = None, frames: int | None = None, target: torch.Tensor | None = None,
+                     conditioning=None, progress=None, sampling: SamplingConfig | None = None, **overrides):
+        """A MAGNeT request (engine.magnet_request): ``frames`` long (default: the model's segment), or
+        as long as ``target`` [Q, T] (MASK where to generate; a prompt's frames fixed = continuation)."""
+        from .magnet_request import MagnetRequest
+        memory = self.text_memory(text, conditioning)
+        if frames is None and target is None:
+            frames = self.segment_frames()
+        return MagnetRequest(self.config.lm, memory, self._sampling(sampling, overrides), length=frames,
+                             target=target, progress=progress)
+
+    def generate_text_tokens(self, text: str | list[str], frames: int | None = None, target=None, progress=None,
+                             variations: int = 1, sampling: SamplingConfig | None = None, **overrides):
+        """Codes [Q, T] for a prompt (or a list: one batch, one result each; ``variations`` each with
+        seeds seed, seed+1, ...), in this thread."""
+        prompts = [text] if isinstance(text, str) or text is None else list(text)
+        base = self._sampling(sampling, overrides)
+        reqs = [self.text_request(p, frames, target, progress=progress, sampling=dataclasses.replace(base, seed=base.seed + i))
+                for p in prompts for i in range(variations)]
+        out = [t.cpu() for t in run_requests(self.runner, reqs, self.max_frames)]
+        return out[0] if isinstance(text, str) and variations == 1 else out
+
+    def submit_text(self, text: str | None = None, frames: int | None = None, target=None, conditioning=None,
+                    progress=None, sampling: SamplingConfig | None = None, **overrides) -> GenerationHandle:
+        """Queue a MAGNeT request for the batched scheduler (safe from any thread): text requests of
+        every thread share forwards. ``.result()`` -> codes [Q, T]."""
+        try:
+            req = self.text_request(text, frames, target, conditioning, progress, sampling, **overrides)
+        except (ValueError, TypeError) as e:
+            return GenerationService.failed(e)
+        return self.service.submit(req)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, device: str | torch.device | None = "auto",
@@ -153,13 +215,23 @@ class Engine:
         device = pick_device(device)
         dtype = resolve_dtype(dtype) if dtype else default_dtype(device)
         lm = load_lm(model_dir / config.weights["lm"], config.lm, device=device, dtype=dtype)
-        graphs = use_cuda_graphs(lm, cuda_graphs)
+        if config.lm.arch == "magnet" and cuda_graphs:
+            raise ValueError("CUDA graphs are not implemented for MAGNeT models yet (their text memory is not a "
+                             "graph input): drop --cuda-graphs")
+        graphs = use_cuda_graphs(lm, cuda_graphs) if config.lm.arch != "magnet" else None
         explicit = cuda_graphs is True or (cuda_graphs is None and os.environ.get("STEMGEN_CUDA_GRAPHS") == "1")
         codec = None
         if load_codec_weights and config.codec:
             ccfg = CodecConfig.from_dict(config.codec)
             codec = load_codec(model_dir / config.weights["codec"], ccfg, device=device)
-        return cls(config, lm, codec, model_dir, graphs=graphs, service_graphs=explicit)
+        engine = cls(config, lm, codec, model_dir, graphs=graphs, service_graphs=explicit)
+        if config.lm.arch == "magnet":
+            from .text import TextEncoder
+            engine.text_encoder = TextEncoder(model_dir / config.weights["text_encoder"], device=device)
+            if engine.text_encoder.width != config.lm.text_dim:
+                raise ModelFormatError(f"{model_dir}: the text encoder's width is {engine.text_encoder.width}, the LM's "
+                                       f"text projection takes {config.lm.text_dim}; re-run `stemgen convert`")
+        return engine
 
     @property
     def instruments(self) -> list[str]:
@@ -192,6 +264,7 @@ class Engine:
                         extra_conditions: list[int] | tuple[int, ...] = (), progress=None,
                         sampling: SamplingConfig | None = None, **overrides):
         """context [C-1, Q, T] codes -> generated target codes [Q, T] (on the CPU), in this thread."""
+        self.require_kind("stemgen")
         conditions = torch.tensor([self.instrument_id(instrument), *extra_conditions], dtype=torch.int64)
         req = Request(self.config.lm, context, conditions, self._sampling(sampling, overrides), target=target,
                       progress=progress)
@@ -205,6 +278,7 @@ class Engine:
         handle whose result raises its own error; other requests are unaffected. ``sampling``: a
         SamplingConfig (default: the model's), with ``overrides`` by field name."""
         try:
+            self.require_kind("stemgen")
             conditions = torch.tensor([self.instrument_id(instrument), *extra_conditions], dtype=torch.int64)
             req = Request(self.config.lm, context, conditions, self._sampling(sampling, overrides), target=target,
                           progress=progress)
@@ -227,10 +301,14 @@ class Engine:
             return AudioHandle(self, GenerationService.failed(e), None)
         return AudioHandle(self, self.submit(ctx, instrument, progress=progress, sampling=sampling, **overrides), x)
 
-    def decode(self, tokens: torch.Tensor, context: np.ndarray) -> Generation:
-        """Generated codes [Q, T] -> the peak-safe stem, trimmed to the context's length."""
+    def decode(self, tokens: torch.Tensor, context: np.ndarray | None) -> Generation:
+        """Generated codes [Q, T] -> the peak-safe stem, trimmed to the context's length (no context:
+        T frames of audio, e.g. a MAGNeT generation)."""
         codec = self.require_codec()
-        stem = codec.decode(tokens[None])[0].float().cpu().numpy()[:, : context.shape[1]]
+        stem = codec.decode(tokens[None])[0].float().cpu().numpy()
+        if context is None:
+            context = np.zeros_like(stem)
+        stem = stem[:, : context.shape[1]]
         stem, gain = peak_safe(stem)
         return Generation(stem=np.ascontiguousarray(stem), sample_rate=codec.cfg.sample_rate, tokens=tokens,
                           context=context, gain=gain)
@@ -260,11 +338,18 @@ class Engine:
 
     def prepare_context(self, audio: np.ndarray, sample_rate: int) -> tuple[np.ndarray, torch.Tensor]:
         """Audio [channels, N] at any rate -> (audio at the codec's format, context codes [C-1, Q, T])."""
-        codec = self.require_codec()
+        self.require_kind("stemgen")
         lm = self.config.lm
         if lm.n_channels - 1 != 1:
             raise ValueError(f"this model takes {lm.n_channels - 1} context token streams; audio generation "
                              "supports models with one context stream (use generate_tokens)")
+        return self.prepare_audio(audio, sample_rate)
+
+    def prepare_audio(self, audio: np.ndarray, sample_rate: int) -> tuple[np.ndarray, torch.Tensor]:
+        """Audio [channels, N] at any rate -> (audio at the codec's format, codes [1, Q, T]): a StemGen
+        context, or a MAGNeT prompt / take."""
+        codec = self.require_codec()
+        lm = self.config.lm
         if codec.cfg.bins != lm.codebook_size or codec.cfg.n_q < lm.n_q:
             raise ModelFormatError(f"codec ({codec.cfg.n_q} levels x {codec.cfg.bins} codes) does not fit the LM "
                                    f"({lm.n_q} levels x {lm.codebook_size} codes)")
@@ -292,13 +377,23 @@ class Engine:
                                    "`stemgen convert --lm CKPT --codec SRC --out DIR`")
         return self.codec
 
-    def generate(self, context, instrument: str | int, sample_rate: int | None = None, progress=None,
-                 **sampling):
+    def generate(self, context=None, instrument: str | int | None = None, sample_rate: int | None = None,
+                 progress=None, text: str | None = None, seconds: float | None = None, **sampling):
         """One generation, in this thread.
 
-        ``context`` audio [channels, N] or [N] (numpy, any rate; give ``sample_rate``) -> a
-        ``Generation`` whose stem has exactly the context's duration at the codec rate; or context
-        codes (an integer tensor [C-1, Q, T]) -> generated codes [Q, T]."""
+        StemGen models: ``context`` audio [channels, N] or [N] (numpy, any rate; give ``sample_rate``) ->
+        a ``Generation`` whose stem has exactly the context's duration at the codec rate; or context
+        codes (an integer tensor [C-1, Q, T]) -> generated codes [Q, T].
+        MAGNeT models: ``text`` (and ``seconds``, default the model's segment) -> a ``Generation``."""
+        if text is not None or self.kind == "magnet":
+            if context is not None or instrument is not None:
+                self.require_kind("stemgen")
+            self.require_kind("magnet")
+            frames = None if seconds is None else self.frames(seconds)
+            tokens = self.generate_text_tokens(text, frames, progress=progress, **sampling)
+            return self.decode(tokens, None)
+        if instrument is None:
+            raise RequestError("generate(context, instrument): name the instrument of the new stem")
         if isinstance(context, torch.Tensor) and not context.is_floating_point():
             return self.generate_tokens(context, instrument, progress=progress, **sampling)
         if sample_rate is None:

@@ -71,17 +71,81 @@ class LMConfig:
         d["cond_sizes"] = list(self.cond_sizes)
         return d
 
+    arch = "stemgen"
+
     @classmethod
     def from_dict(cls, d: dict) -> "LMConfig":
         from .schema import LM_SPEC, check
         return cls(**check(d, LM_SPEC, "lm config"))
 
 
+@dataclass(frozen=True)
+class MagnetConfig:
+    """An audiocraft MAGNeT LM (SPEC 9): one token stream of n_q levels, text conditioning by
+    cross-attention to a T5 memory projected to d_model, LayerNorm with bias, GELU feed-forward,
+    sinusoidal positions, self-attention restricted to +-``band`` frames at levels >= 1."""
+    d_model: int
+    n_heads: int
+    n_layers: int
+    n_q: int
+    codebook_size: int
+    ffn_hidden: int
+    text_dim: int                    # the T5 encoder's width (output_proj: text_dim -> d_model)
+    band: int = 5                    # subcodes_context; 0 would be a level's own frame only
+    norm_eps: float = 1e-5
+    max_period: float = 10000.0      # sinusoidal positions
+    segment_frames: int = 500        # the model's fixed length (segment_duration x frame rate)
+    span_len: int = 3
+    arch: str = "magnet"
+
+    def __post_init__(self):
+        if self.d_model % self.n_heads:
+            raise ModelFormatError(f"lm config: d_model must be divisible by n_heads (got {self})")
+        if self.arch != "magnet":
+            raise ModelFormatError(f"lm config: arch {self.arch!r} is not 'magnet'")
+
+    n_channels = 1                   # class attributes, not fields: the target stream only, no categories
+    cond_sizes = ()
+
+    @property
+    def mask_id(self) -> int:
+        return self.codebook_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MagnetConfig":
+        from .schema import MAGNET_SPEC, check
+        return cls(**check(d, MAGNET_SPEC, "lm config"))
+
+
+def magnet_sampling_defaults(steps=(20, 10, 10, 10), temperature: float = 3.0, top_k: int = 0,
+                             top_p: float = 0.9, **rest) -> SamplingConfig:
+    """MAGNeT's generation defaults (audiocraft's MAGNeT.set_generation_params)."""
+    return SamplingConfig(steps=tuple(steps), guidance="magnet", temperature=temperature, top_k=top_k, top_p=top_p,
+                          **rest)
+
+
+def lm_config_from_dict(d) -> "LMConfig | MagnetConfig":
+    """The LM config of its architecture (``arch``; absent: a StemGen LM)."""
+    arch = d.get("arch", "stemgen") if isinstance(d, dict) else "stemgen"
+    if arch == "magnet":
+        return MagnetConfig.from_dict(d)
+    if arch != "stemgen":
+        raise ModelFormatError(f"lm config: unknown arch {str(arch)[:40]!r}; this engine runs 'stemgen' and 'magnet'")
+    return LMConfig.from_dict({k: v for k, v in d.items() if k != "arch"})
+
+
 @dataclass
 class SamplingConfig:
     """Sampler defaults (SPEC section 4; the paper's setting)."""
     steps: tuple[int, ...] = (128, 64, 32, 32)
-    guidance: str = "multi"          # "multi" (3 rows) | "single" (2 rows) | "none" (1 row)
+    guidance: str = "multi"          # "multi" (3 rows) | "single" (2 rows) | "none" (1 row) | "magnet" (MAGNeT's)
     cfg_context: float = 3.0         # lambda_a (multi-source)
     cfg_instrument: float = 3.0      # lambda_i (multi-source)
     cfg_scale: float = 3.0           # lambda (single-source)
@@ -92,6 +156,11 @@ class SamplingConfig:
     w_causal: float = 0.1
     w_random: float = 1.0
     seed: int = 0
+    # MAGNeT's decoding (engine.magnet_sampling; unused by StemGen models): CFG coefficient annealed
+    # from max to min with the mask ratio, spans of span_len frames re-masked as chunks or by stride
+    max_cfg_coef: float = 10.0
+    min_cfg_coef: float = 1.0
+    span_arrangement: str = "nonoverlap"    # "nonoverlap" (the paper's) | "stride1"
 
     def __post_init__(self):
         from .schema import SAMPLING_SPEC, check
@@ -102,18 +171,23 @@ class SamplingConfig:
         except ModelFormatError as e:
             raise RequestError(str(e).replace("sampling.", "sampling option ", 1)) from None
         self.steps = tuple(int(s) for s in self.steps)
-        if self.guidance not in ("multi", "single", "none"):
+        if self.span_arrangement not in ("nonoverlap", "stride1"):
+            raise ValueError(f"span_arrangement must be 'nonoverlap' or 'stride1', got {self.span_arrangement!r}")
+        if self.guidance not in ("multi", "single", "none", "magnet"):
             raise ValueError(f"guidance must be 'multi', 'single' or 'none', got {self.guidance!r}")
         if not self.steps or min(self.steps) < 1:
             raise ValueError(f"steps must be >= 1 per level, got {self.steps}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not (0.0 <= self.top_p <= 1.0 if self.guidance == "magnet" else 0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in {'[0' if self.guidance == 'magnet' else '(0'}, 1] "
+                             f"(MAGNeT: 0 = off; StemGen: 1 = off), got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
 
     def guidance_weights(self) -> list[float]:
+        if self.guidance == "magnet":
+            return [1.0, 0.0]   # rows: conditioned, unconditioned (the annealed coefficient is per step)
         if self.guidance == "multi":
             return [self.cfg_context, self.cfg_instrument, 1.0 - self.cfg_context - self.cfg_instrument]
         if self.guidance == "single":
@@ -143,6 +217,13 @@ class ModelConfig:
     window: int | None = None  # training window in frames: longer contexts are generated window by window
 
     def __post_init__(self):
+        if self.lm.arch == "magnet":
+            if self.instruments:
+                raise ModelFormatError("config: a MAGNeT model is conditioned on text; it has no instruments")
+            if not self.weights.get("text_encoder"):
+                raise ModelFormatError("config: a MAGNeT model needs weights.text_encoder (its T5 folder); "
+                                       "re-run `stemgen convert --text-encoder T5_FOLDER`")
+            return
         if len(self.instruments) != self.lm.cond_sizes[0]:
             raise ModelFormatError(
                 f"config: {len(self.instruments)} instrument names but the instrument table has "
@@ -178,7 +259,7 @@ class ModelConfig:
             codec = CodecConfig.from_dict(codec).to_dict()
             if weights["codec"] is None:
                 raise ModelFormatError("config.json: a codec config but no weights.codec file name")
-        return cls(lm=LMConfig.from_dict(d["lm"]), instruments=list(d["instruments"]), sampling=sampling,
+        return cls(lm=lm_config_from_dict(d["lm"]), instruments=list(d["instruments"]), sampling=sampling,
                    codec=codec, dtype=d.get("dtype", "float32"), weights=weights,
                    untrained=bool(d.get("untrained", False)), window=d.get("window"))
 

@@ -25,8 +25,12 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def expected_shapes(cfg: LMConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor of the engine's LM weight file, by name."""
+def expected_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the engine's LM weight file, by name (per architecture)."""
+    return architecture(cfg)[1](cfg)
+
+
+def stemgen_shapes(cfg: LMConfig) -> dict[str, tuple[int, ...]]:
     d, h, Q, V = cfg.d_model, cfg.ffn_hidden, cfg.n_q, cfg.codebook_size
     shapes = {
         "tok_emb": (Q * (V + 2), cfg.channel_dim),
@@ -53,12 +57,55 @@ class Layer(nn.Module):
         self.w2 = nn.Parameter(torch.empty(d, h))
 
 
-class StemGenEngineLM(nn.Module):
+class PackedLM(nn.Module):
+    """What every architecture shares: the packed forward over several requests' guidance rows and
+    the level heads (``heads`` [Q, V, d]). An architecture defines ``hidden(pairs)``; the runner,
+    scheduler and CUDA graphs only call these methods and never ask which architecture runs."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.heads.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.heads.device
+
+    @torch.inference_mode()
+    def forward_requests(self, requests: list[tuple]) -> list[torch.Tensor]:
+        """One forward over the guidance rows of several requests of different lengths, packed
+        (no padding). Each request is (tokens [R, C, Q, T], conditions, level, positions):
+        only head ``level`` is computed, and only at frames ``positions`` (int64 [M]; None: all).
+        Returns per request fp32 logits [R, M, V]. Attention never mixes requests."""
+        return self.level_logits(requests, self.hidden([(t, c) for t, c, _, _ in requests]))
+
+    def level_logits(self, requests: list[tuple], x: torch.Tensor) -> list[torch.Tensor]:
+        """fp32 logits of each request's level head at its positions, from the packed hidden states
+        ``x`` [sum R*T, d] (see forward_requests)."""
+        rows, start = [], 0
+        for tokens, _, level, positions in requests:
+            R, T = tokens.shape[0], tokens.shape[-1]
+            seg = x[start: start + R * T].view(R, T, -1)
+            start += R * T
+            rows.append(seg if positions is None else seg[:, positions])
+        out: list[torch.Tensor | None] = [None] * len(requests)
+        for level in sorted({r[2] for r in requests}):  # one GEMM per level present
+            idx = [i for i, r in enumerate(requests) if r[2] == level]
+            flat = torch.cat([rows[i].reshape(-1, rows[i].shape[-1]) for i in idx])
+            logits = head_logits(flat, self.heads[level])
+            for i, part in zip(idx, logits.split([rows[i].shape[0] * rows[i].shape[1] for i in idx])):
+                out[i] = part.view(rows[i].shape[0], rows[i].shape[1], -1)
+        return out
+
+    def hidden(self, requests: list[tuple]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class StemGenEngineLM(PackedLM):
     def __init__(self, cfg: LMConfig):
         super().__init__()
         self.cfg = cfg
-        self.tok_emb = nn.Parameter(torch.empty(expected_shapes(cfg)["tok_emb"]))
-        self.cond_emb = nn.Parameter(torch.empty(expected_shapes(cfg)["cond_emb"]))
+        self.tok_emb = nn.Parameter(torch.empty(stemgen_shapes(cfg)["tok_emb"]))
+        self.cond_emb = nn.Parameter(torch.empty(stemgen_shapes(cfg)["cond_emb"]))
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.Parameter(torch.empty(cfg.d_model))
         self.heads = nn.Parameter(torch.empty(cfg.n_q, cfg.codebook_size, cfg.d_model))
@@ -66,13 +113,8 @@ class StemGenEngineLM(nn.Module):
         self.ops = Ops()  # hot-path implementations; set for the device/dtype at load (engine.backend)
         self._rope_cache: dict = {}
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.norm.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.norm.device
+    def rebuild_buffers(self, device) -> None:
+        self.cond_offsets = _cond_offsets(self.cfg, device)
 
     def rope(self, T: int, device):
         """cos, sin [T, head_dim / 2] fp32 for positions 0..T-1, computed in fp64 on ``device`` (no
@@ -97,32 +139,6 @@ class StemGenEngineLM(nn.Module):
         B, _, Q, T = tokens.shape
         x = self.hidden([(tokens, conditions)])
         return torch.einsum("btd,qvd->bqtv", x.view(B, T, -1), self.heads).float()
-
-    @torch.inference_mode()
-    def forward_requests(self, requests: list[tuple]) -> list[torch.Tensor]:
-        """One forward over the guidance rows of several requests of different lengths, packed
-        (no padding). Each request is (tokens [R, C, Q, T], conditions [R, S], level, positions):
-        only head ``level`` is computed, and only at frames ``positions`` (int64 [M]; None: all).
-        Returns per request fp32 logits [R, M, V]. Attention never mixes requests."""
-        return self.level_logits(requests, self.hidden([(t, c) for t, c, _, _ in requests]))
-
-    def level_logits(self, requests: list[tuple], x: torch.Tensor) -> list[torch.Tensor]:
-        """fp32 logits of each request's level head at its positions, from the packed hidden states
-        ``x`` [sum R*T, d] (see forward_requests)."""
-        rows, start = [], 0
-        for tokens, _, level, positions in requests:
-            R, T = tokens.shape[0], tokens.shape[-1]
-            seg = x[start: start + R * T].view(R, T, -1)
-            start += R * T
-            rows.append(seg if positions is None else seg[:, positions])
-        out: list[torch.Tensor | None] = [None] * len(requests)
-        for level in sorted({r[2] for r in requests}):  # one GEMM per level present
-            idx = [i for i, r in enumerate(requests) if r[2] == level]
-            flat = torch.cat([rows[i].reshape(-1, rows[i].shape[-1]) for i in idx])
-            logits = head_logits(flat, self.heads[level])
-            for i, part in zip(idx, logits.split([rows[i].shape[0] * rows[i].shape[1] for i in idx])):
-                out[i] = part.view(rows[i].shape[0], rows[i].shape[1], -1)
-        return out
 
     def hidden(self, requests: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Final-norm hidden states [sum R*T, d] of the packed rows of all requests."""
@@ -178,7 +194,16 @@ def head_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return linear(x, w).float()
 
 
-def load_lm(path: str | Path, cfg: LMConfig, device="cpu", dtype: str | torch.dtype = "float32") -> StemGenEngineLM:
+def architecture(cfg):
+    """(module class, expected_shapes function) of the config's architecture: the one place that
+    knows which architectures exist (one module each: this one, engine.magnet)."""
+    if cfg.arch == "magnet":
+        from .magnet import MagnetLM, magnet_shapes
+        return MagnetLM, magnet_shapes
+    return StemGenEngineLM, stemgen_shapes
+
+
+def load_lm(path: str | Path, cfg: LMConfig, device="cpu", dtype: str | torch.dtype = "float32") -> PackedLM:
     """Check every tensor of the safetensors file against the config (names, shapes, float dtype)
     before use, then build the LM on the meta device and assign the (cast) weights."""
     state = read_weights(path, expected_shapes(cfg), "the LM config in config.json", "tensor",
@@ -187,13 +212,13 @@ def load_lm(path: str | Path, cfg: LMConfig, device="cpu", dtype: str | torch.dt
 
 
 def lm_from_state(cfg: LMConfig, state: dict[str, torch.Tensor], device="cpu",
-                  dtype: str | torch.dtype = "float32") -> StemGenEngineLM:
+                  dtype: str | torch.dtype = "float32") -> PackedLM:
     """Build the LM on the meta device and assign already-validated engine tensors to it."""
     with torch.device("meta"):
-        model = StemGenEngineLM(cfg)
+        model = architecture(cfg)[0](cfg)
     state = {k: v.to(device=device, dtype=resolve_dtype(dtype)) for k, v in state.items()}
     model.load_state_dict(state, assign=True, strict=True)
-    model.cond_offsets = _cond_offsets(cfg, device)  # built on meta above; a buffer, not a weight
+    model.rebuild_buffers(device)  # buffers were built on meta above
     model.ops = select_ops(torch.device(device), resolve_dtype(dtype))
     return model.eval().requires_grad_(False)
 

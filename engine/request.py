@@ -187,6 +187,12 @@ class Request:
                 dict(seed=s.seed, level=self.level, step=self.step, temperature=s.temperature, top_k=s.top_k,
                      top_p=s.top_p, w_confidence=s.w_confidence, w_causal=s.w_causal, w_random=s.w_random))
 
+    def sample(self, ops, logits: torch.Tensor):
+        """This step's guidance + sampling + rank score -> what commit takes."""
+        args, kwargs = self.sample_args()
+        tok, _, score = ops.guide_sample_rank(logits, *args, **kwargs)
+        return tok, score
+
     def commit(self, tok: torch.Tensor, score: torch.Tensor) -> None:
         """Keep the best-ranked candidates (as many as the schedule fixes this step), then advance."""
         q, pos = self.level, self._positions

@@ -82,12 +82,10 @@ class Runner:
             self._sample([active[i] for i in group], logits)
 
     def _sample(self, requests: list[Request], logits: list) -> None:
-        sample = self.model.ops.guide_sample_rank
+        """Each request's own decoding policy (StemGen's ranking, MAGNeT's spans) on its logits."""
         for r, lg in zip(requests, logits):
             try:
-                args, kwargs = r.sample_args()
-                tok, _, score = sample(lg, *args, **kwargs)
-                r.commit(tok, score)
+                r.commit(*r.sample(self.model.ops, lg))
             except Exception as e:  # noqa: BLE001 - one request's failure is its own
                 r.error = e
 

@@ -48,16 +48,18 @@ CODEC_SPEC = {
 }
 SAMPLING_SPEC = {
     "steps": Field("ints", 1, 100000, max_len=64, required=False),
-    "guidance": Field("str", choices=("multi", "single", "none"), required=False),
+    "guidance": Field("str", choices=("multi", "single", "none", "magnet"), required=False),
     "cfg_context": Field("float", -1e3, 1e3, required=False), "cfg_instrument": Field("float", -1e3, 1e3, required=False),
     "cfg_scale": Field("float", -1e3, 1e3, required=False), "temperature": Field("float", 0.0, 1e3, required=False),
     "top_k": Field("int", 0, 1 << 16, required=False), "top_p": Field("float", 0.0, 1.0, required=False),
     "w_confidence": Field("float", -1e3, 1e3, required=False), "w_causal": Field("float", -1e3, 1e3, required=False),
     "w_random": Field("float", -1e3, 1e3, required=False), "seed": Field("int", 0, (1 << 63) - 1, required=False),
+    "max_cfg_coef": Field("float", -1e3, 1e3, required=False), "min_cfg_coef": Field("float", -1e3, 1e3, required=False),
+    "span_arrangement": Field("str", choices=("nonoverlap", "stride1"), required=False),
 }
 MODEL_SPEC = {
     "format": Field("str"), "format_version": Field("int", 0, 1 << 20), "lm": Field("dict"),
-    "codec": Field("dict", required=False, nullable=True), "instruments": Field("strs", max_len=1 << 20),
+    "codec": Field("dict", required=False, nullable=True), "instruments": Field("strs", max_len=1 << 20, required=False),
     "sampling": Field("dict", required=False, nullable=True),
     "dtype": Field("str", choices=("float32", "bfloat16", "float16"), required=False),
     "weights": Field("dict", required=False, nullable=True), "untrained": Field("bool", required=False),
@@ -72,7 +74,17 @@ TRAIN_SPEC = {
     "ffn_multiple_of": Field("int", 1, 1 << 16, required=False), "rope_theta": LM_SPEC["rope_theta"],
     "norm_eps": LM_SPEC["norm_eps"], "cond_dropout": Field("float", 0.0, 1.0, required=False),
 }
-WEIGHTS_SPEC = {"lm": Field("name"), "codec": Field("name", required=False, nullable=True)}
+WEIGHTS_SPEC = {"lm": Field("name"), "codec": Field("name", required=False, nullable=True),
+                "text_encoder": Field("name", required=False, nullable=True)}   # a folder (MAGNeT's T5)
+# an audiocraft MAGNeT LM (engine.config.MagnetConfig); sizes as LM_SPEC
+MAGNET_SPEC = {
+    "d_model": LM_SPEC["d_model"], "n_heads": LM_SPEC["n_heads"], "n_layers": LM_SPEC["n_layers"],
+    "n_q": LM_SPEC["n_q"], "codebook_size": LM_SPEC["codebook_size"], "ffn_hidden": LM_SPEC["ffn_hidden"],
+    "text_dim": Field("int", 1, 16384), "band": Field("int", 0, 1 << 20, required=False),
+    "norm_eps": LM_SPEC["norm_eps"], "max_period": Field("float", 1.0, 1e9, required=False),
+    "segment_frames": Field("int", 1, 1 << 20, required=False), "span_len": Field("int", 1, 1024, required=False),
+    "arch": Field("str", choices=("magnet",)),
+}
 
 
 def _is_int(v) -> bool:
@@ -111,7 +123,7 @@ def _check_value(v, f: Field, where: str):
             bad(f"{v!r} must be a plain file name inside the model directory (no folders, no '..')")
         return v
     if f.kind in ("ints", "strs"):
-        if isinstance(v, list) and not v and f.kind == "ints" and not f.required:
+        if isinstance(v, list) and not v and not f.required:
             return []
         if not isinstance(v, list) or not v or len(v) > f.max_len:
             bad(f"must be a non-empty list of at most {f.max_len} items")

@@ -3,4 +3,6 @@ of its fast variants (C++ on the CPU, Triton on CUDA; the Triton code in <op>_tr
 it). `OPS` is the table every other part reads (kernels.registry)."""
 # each module registers its op; this order (the order of a step) is the order `stemgen info` shows
 from . import embedding, attention, norm, swiglu, sampling  # noqa: F401, I001
+# MAGNeT's ops (engine.magnet)
+from . import layer_norm, band_attention, cross_attention, gelu, magnet_sampling  # noqa: F401, I001
 from .registry import OPS  # noqa: F401

@@ -133,6 +133,8 @@ def convert(lm: Path = typer.Option(..., "--lm", help=f"LM checkpoint: {describe
                                                     + ", ".join(f.name for f in formats('lm'))),
             codec_format: Optional[str] = typer.Option(None, "--codec-format", help="override format detection: "
                                                        + ", ".join(f.name for f in formats('codec'))),
+            text_encoder: Optional[Path] = typer.Option(None, "--text-encoder", help="MAGNeT: the local T5 folder "
+                                                        "(t5-base for the music models), stored in the model directory"),
             dtype: str = typer.Option("float32", help="stored weight dtype: float32, bfloat16, float16"),
             force: bool = typer.Option(False, "--force", help="replace an existing output directory")):
     """Convert checkpoints into one engine model directory (config.json + safetensors)."""
@@ -144,8 +146,15 @@ def convert(lm: Path = typer.Option(..., "--lm", help=f"LM checkpoint: {describe
     from .weights_convert.pickles import PickleFile
 
     def work():
+        from .weights_convert.formats import detect, get
         source = PickleFile(lm)   # unpickled once: detection, conversion and the training window
-        lm_cfg, instruments, lm_state = convert_train_checkpoint(source, lm_format, resolve_dtype(dtype))
+        fmt = get("lm", lm_format) if lm_format else detect("lm", source)
+        if fmt.name == "magnet":
+            from .weights_convert.magnet import convert_magnet
+            return convert_magnet(source, out, codec, codec_format, text_encoder, resolve_dtype(dtype), force)
+        if text_encoder is not None:
+            raise ModelFormatError("--text-encoder is for MAGNeT checkpoints; this LM is a StemGen model")
+        lm_cfg, instruments, lm_state = convert_train_checkpoint(source, fmt.name, resolve_dtype(dtype))
         weights, codec_cfg = {"lm": lm_state}, None
         if codec is not None:
             codec_cfg, weights["codec"] = convert_codec(codec, codec_format)

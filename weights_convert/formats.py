@@ -28,6 +28,8 @@ class Format:
 
 FORMATS = [
     Format("train", "lm", "a `stemgen train` checkpoint, model.pt", ".lm:is_train", ".lm:read_train"),
+    Format("magnet", "lm", "an audiocraft MAGNeT state_dict.bin (with --text-encoder T5_FOLDER)", ".magnet:is_magnet",
+           ".magnet:read_magnet"),
     Format("audiocraft", "codec", "an audiocraft compression_state_dict.bin", ".codec:is_audiocraft",
            ".codec:read_audiocraft"),
     Format("hf", "codec", "a HF transformers Encodec folder, config.json + model.safetensors", ".codec:is_hf",

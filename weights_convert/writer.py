@@ -13,8 +13,10 @@ from ..engine.fileutil import atomic_dir, default_permissions
 
 
 def write_model_dir(out: str | Path, config: ModelConfig, weights: dict[str, dict[str, torch.Tensor]],
-                    overwrite: bool = False) -> Path:
-    """weights: {"lm": state, "codec": state-or-missing}; file names come from config.weights."""
+                    overwrite: bool = False, extra=None) -> Path:
+    """weights: {"lm": state, "codec": state-or-missing}; file names come from config.weights.
+    ``extra(tmp)`` writes further parts (a MAGNeT model's text encoder folder) inside the same
+    temporary directory."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise ModelFormatError(f"{out}: already exists; choose another --out or pass --force to replace it")
@@ -29,5 +31,7 @@ def write_model_dir(out: str | Path, config: ModelConfig, weights: dict[str, dic
             save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / fname),
                       metadata={"format": "stemgen-engine", "part": part})
             default_permissions(tmp / fname)  # safetensors creates 0600 files; one policy: the umask's
+        if extra is not None:
+            extra(tmp)
         (tmp / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     return out
