@@ -38,23 +38,26 @@ def pick_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-def backends(device: torch.device, dtype: torch.dtype | None = None) -> dict[str, str]:
-    """What runs where (reported by `stemgen info`)."""
+def backends(device: torch.device, dtype: torch.dtype | None = None, arch: str | None = None) -> dict[str, str]:
+    """What runs where (reported by `stemgen info`): every op of the table, or those of ``arch``."""
     from .. import cpp_ext
     from ..kernels import OPS
     from .backend import select_ops
+    from .model import ARCH_OPS
 
     default = default_dtype(device)
     ops = select_ops(device, dtype or default)
+    shown = [op for op in OPS.values() if arch is None or op.name in ARCH_OPS[arch]]
     return {
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "LM dtype (default)": str(default).replace("torch.", "")
         + (" (CPU has native bf16)" if device.type == "cpu" and default == torch.bfloat16 else ""),
-        **{op.title: ops.names[op.name] for op in OPS.values()},
+        **{op.title: ops.names[op.name] for op in shown},
         "codec": "PyTorch (engine.codec, fp32; RVQ encode as a GEMM: faster here than the C++ op)",
         "C++ extension": cpp_ext.status(),
         "triton": _triton_status(device),
-        "CUDA graphs": _graphs_status() if device.type == "cuda" else "CUDA only",
+        "CUDA graphs": ("not for MAGNeT models yet" if arch == "magnet" else _graphs_status()) if device.type == "cuda"
+        else "CUDA only",
         "torch": torch.__version__,
     }
 
@@ -189,6 +192,48 @@ class Engine:
                 for p in prompts for i in range(variations)]
         out = [t.cpu() for t in run_requests(self.runner, reqs, self.max_frames)]
         return out[0] if isinstance(text, str) and variations == 1 else out
+
+    def generate_text(self, text: str | list[str], seconds: float | None = None, variations: int = 1,
+                      take: np.ndarray | None = None, take_rate: int | None = None, regions=(), progress=None,
+                      sampling: SamplingConfig | None = None, window: int | None = None, overlap: int | None = None,
+                      **overrides) -> list[Generation]:
+        """MAGNeT: audio for a prompt (or each prompt of a list, all in one batch), ``variations``
+        each (seeds seed, seed+1, ...), ``seconds`` long (default: the model's segment). ``take``
+        (audio [channels, N] at ``take_rate``): without ``regions`` a prompt continued to the end (its
+        frames fixed in every level, as audiocraft's generate_continuation); with ``regions``
+        [(start_s, end_s)] only those ranges regenerated (inpainting). Longer than the model's segment:
+        window by window, each continuing the previous one's last ``overlap`` frames. Results in the
+        order prompt 0's variations, prompt 1's, ..."""
+        self.require_kind("magnet")
+        prompts = [text] if isinstance(text, str) else list(text)
+        if not prompts:
+            raise RequestError("no text prompt given")
+        encoded = [self.text_memory(p) for p in prompts]    # validated and encoded once per prompt
+        base = self._sampling(sampling, overrides)
+        given = None
+        if take is not None:
+            if take_rate is None:
+                raise RequestError("a take needs its sample rate")
+            _, codes = self.prepare_audio(take, take_rate)
+            codes = codes[0]
+            T = codes.shape[-1] if seconds is None and regions else self.frames(seconds) if seconds else \
+                max(codes.shape[-1], self.segment_frames())
+            given = self.partial_target(codes, T, regions)
+        else:
+            T = self.frames(seconds) if seconds is not None else self.segment_frames()
+        if T < 1:
+            raise RequestError(f"{seconds} s is shorter than one codec frame")
+        jobs = [(mem, i) for mem in encoded for i in range(variations)]
+        tokens = [given.clone() if given is not None else
+                  torch.full((self.config.lm.n_q, T), self.mask_id, dtype=torch.int64) for _ in jobs]
+        for k, (a, b, _) in enumerate(self.windows(T, window, overlap)):
+            from .magnet_request import MagnetRequest
+            reqs = [MagnetRequest(self.config.lm, mem, dataclasses.replace(base, seed=base.seed + i + 1000 * k),
+                                  target=tok[:, a:b].clone(), progress=progress)
+                    for (mem, i), tok in zip(jobs, tokens)]
+            for tok, out in zip(tokens, run_requests(self.runner, reqs, self.max_frames)):
+                tok[:, a:b] = out.cpu()
+        return [self.decode(tok, None) for tok in tokens]
 
     def submit_text(self, text: str | None = None, frames: int | None = None, target=None, conditioning=None,
                     progress=None, sampling: SamplingConfig | None = None, **overrides) -> GenerationHandle:

@@ -124,6 +124,9 @@ class MagnetConfig:
         return cls(**check(d, MAGNET_SPEC, "lm config"))
 
 
+MAGNET_KNOBS = ("steps", "temperature", "top_k", "top_p", "seed", "max_cfg_coef", "min_cfg_coef", "span_arrangement")
+
+
 def magnet_sampling_defaults(steps=(20, 10, 10, 10), temperature: float = 3.0, top_k: int = 0,
                              top_p: float = 0.9, **rest) -> SamplingConfig:
     """MAGNeT's generation defaults (audiocraft's MAGNeT.set_generation_params)."""
@@ -198,6 +201,12 @@ class SamplingConfig:
         d = dataclasses.asdict(self)
         d["steps"] = list(self.steps)
         return d
+
+    def knobs(self) -> dict:
+        """The settings this decoding uses (MAGNeT's or StemGen's), for display."""
+        d = self.to_dict()
+        names = MAGNET_KNOBS if self.guidance == "magnet" else [k for k in d if k not in MAGNET_KNOBS[-3:]]
+        return {k: d[k] for k in names}
 
     @classmethod
     def from_dict(cls, d: dict) -> "SamplingConfig":

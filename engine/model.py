@@ -194,6 +194,12 @@ def head_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return linear(x, w).float()
 
 
+# the ops each architecture's step runs (`stemgen info` shows a model's own)
+ARCH_OPS = {"stemgen": ("embed_sum", "attention", "rms_norm", "add_rms_norm", "silu_mul", "guide_sample_rank"),
+            "magnet": ("embed_sum", "layer_norm", "add_layer_norm", "band_attention", "cross_attention", "gelu",
+                       "magnet_sample")}
+
+
 def architecture(cfg):
     """(module class, expected_shapes function) of the config's architecture: the one place that
     knows which architectures exist (one module each: this one, engine.magnet)."""

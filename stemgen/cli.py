@@ -87,7 +87,7 @@ def info(model_dir: Optional[Path] = typer.Argument(None, help="engine model dir
         Engine.from_pretrained(model_dir, device="cpu", dtype="float32")  # the same checks as generate
         n_params = sum(math.prod(s) for s in expected_shapes(cfg.lm).values())
         stored = _stored_dtype(model_dir / cfg.weights["lm"])
-        return cfg, n_params, stored, backends(pick_device(device))
+        return cfg, n_params, stored, backends(pick_device(device), arch=cfg.lm.arch)
 
     cfg, n_params, stored, be = run_guarded(gather)
     if as_json:
@@ -96,16 +96,23 @@ def info(model_dir: Optional[Path] = typer.Argument(None, help="engine model dir
         return
     t = Table(title=f"stemgen model: {model_dir}".replace("[", "\\["), show_header=False)
     lm = cfg.lm
-    rows = [("LM", f"d_model {lm.d_model}, {lm.n_heads} heads, {lm.n_layers} layers, ffn {lm.ffn_hidden}"),
-            ("tokens", f"Q = {lm.n_q} levels x {lm.codebook_size} codes, {lm.n_channels} channels "
-                       f"(last = target)"),
-            ("conditions", f"{len(lm.cond_sizes)} source(s), sizes {list(lm.cond_sizes)}"),
-            ("parameters", f"{n_params / 1e6:.2f} M"),
-            ("stored dtype", stored),
-            ("instruments", ", ".join(cfg.instruments)),
+    rows = [("model kind", "MAGNeT (text-conditioned; generate --text)" if lm.arch == "magnet" else
+             "StemGen (context + instrument; generate CONTEXT -i INSTRUMENT)"),
+            ("LM", f"d_model {lm.d_model}, {lm.n_heads} heads, {lm.n_layers} layers, ffn {lm.ffn_hidden}")]
+    if lm.arch == "magnet":
+        rows += [("tokens", f"Q = {lm.n_q} levels x {lm.codebook_size} codes; segment {lm.segment_frames} frames; "
+                            f"levels >= 1 attend +-{lm.band} frames; spans of {lm.span_len}"),
+                 ("text encoder", f"{cfg.weights.get('text_encoder')}/ (T5, width {lm.text_dim})")]
+    else:
+        rows += [("tokens", f"Q = {lm.n_q} levels x {lm.codebook_size} codes, {lm.n_channels} channels "
+                            f"(last = target)"),
+                 ("conditions", f"{len(lm.cond_sizes)} source(s), sizes {list(lm.cond_sizes)}"),
+                 ("instruments", ", ".join(cfg.instruments))]
+    rows += [("parameters", f"{n_params / 1e6:.2f} M"),
+             ("stored dtype", stored),
             ("codec", "none (add one with `stemgen convert --codec SRC`)" if not cfg.codec else
              json.dumps(cfg.codec)),
-            ("sampling", ", ".join(f"{k}={v}" for k, v in cfg.sampling.to_dict().items()))]
+            ("sampling", ", ".join(f"{k}={v}" for k, v in cfg.sampling.knobs().items()))]
     rows += [(f"backend: {k}", v) for k, v in be.items()]
     from rich.text import Text
     for k, v in rows:
@@ -199,11 +206,23 @@ def _numbered(path: Path, i: int, n: int) -> Path:
 
 @app.command()
 def generate(
-    context: Path = typer.Argument(..., help="context audio (wav, flac, ogg, mp3): the music the stem must fit; "
-                                   "or a folder of contexts (or a .txt list of files): each one's stem goes to "
-                                   "--out FOLDER, all through one batched run"),
-    instrument: str = typer.Option(..., "--instrument", "-i", help="instrument of the new stem (see `stemgen "
-                                   "info`); several, comma-separated (drums,bass), layer one after another"),
+    context: Optional[Path] = typer.Argument(None, help="context audio (wav, flac, ogg, mp3): the music the stem must "
+                                             "fit; or a folder of contexts (or a .txt list of files): each one's stem "
+                                             "goes to --out FOLDER, all through one batched run (StemGen models)"),
+    instrument: Optional[str] = typer.Option(None, "--instrument", "-i", help="instrument of the new stem (see "
+                                             "`stemgen info`); several, comma-separated (drums,bass), layer one after "
+                                             "another (StemGen models)"),
+    text: Optional[str] = typer.Option(None, "--text", "-t", help="MAGNeT models: the music to generate, e.g. "
+                                       "\"90s rock with heavy drums\"; or @PROMPTS.txt: one prompt per line, each to "
+                                       "--out FOLDER/NNN.wav, all in one batch"),
+    seconds: Optional[float] = typer.Option(None, "--seconds", help="MAGNeT: length of the music (default: the "
+                                            "model's segment, e.g. 10 s; longer runs window by window)"),
+    span_arrangement: Optional[str] = typer.Option(None, "--span-arrangement", help="MAGNeT: nonoverlap (the "
+                                                   "paper's) or stride1 (overlapping spans)"),
+    max_cfg_coef: Optional[float] = typer.Option(None, "--max-cfg-coef", help="MAGNeT: CFG coefficient at the "
+                                                 "first step of a level (annealed to --min-cfg-coef)"),
+    min_cfg_coef: Optional[float] = typer.Option(None, "--min-cfg-coef", help="MAGNeT: CFG coefficient at the "
+                                                 "last step of a level"),
     out: Path = typer.Option(..., "--out", "-o", help="output stem (.wav; .flac, .ogg, .mp3 where libsndfile "
                              "writes them); a folder for layering and folder runs"),
     keep: Optional[Path] = typer.Option(None, "--keep", help="an existing take of the instrument: keep it, and "
@@ -259,6 +278,18 @@ def generate(
     from .workflows import edit_take, parse_regions
 
     _route_warnings()
+    knobs = dict(seed=seed, steps=_parse_steps(steps), guidance=guidance, cfg_context=cfg_context,
+                 cfg_instrument=cfg_instrument, cfg_scale=cfg_scale, w_causal=w_causal, w_confidence=w_confidence,
+                 w_random=w_random, temperature=temperature, top_k=top_k, top_p=top_p,
+                 span_arrangement=span_arrangement, max_cfg_coef=max_cfg_coef, min_cfg_coef=min_cfg_coef)
+    if text is not None:
+        if context is not None or instrument is not None:
+            fail("--text is for MAGNeT models, which take no context or --instrument (a StemGen model takes those)")
+        from .magnet_cli import generate_text
+        return generate_text(text, out, model, seconds, keep, regenerate, window, overlap, mix, variations, device,
+                             dtype, bits, knobs)
+    if context is None or instrument is None:
+        fail("give a CONTEXT and --instrument (StemGen models), or --text (MAGNeT models)")
 
     instruments = [s.strip() for s in instrument.split(",") if s.strip()]
     mode = "folder" if context.is_dir() or context.suffix.lower() == ".txt" else \
@@ -266,12 +297,10 @@ def generate(
 
     def load_engine():
         engine = Engine.from_pretrained(_model_dir(model), device=device, dtype=dtype, cuda_graphs=cuda_graphs)
+        engine.require_kind("stemgen")
         for inst in instruments:
             engine.instrument_id(inst)
-        sampling = engine.sampling(seed=seed, steps=_parse_steps(steps), guidance=guidance, cfg_context=cfg_context,
-                                   cfg_instrument=cfg_instrument, cfg_scale=cfg_scale, w_causal=w_causal,
-                                   w_confidence=w_confidence, w_random=w_random,
-                                   temperature=temperature, top_k=top_k, top_p=top_p)
+        sampling = engine.sampling(**knobs)
         check_steps(sampling.steps, engine.config.lm.n_q)
         return engine, sampling
 

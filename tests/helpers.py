@@ -127,3 +127,26 @@ NEEDS_CPP = _needs_cpp()   # a mark for the tests of the C++ ops' own checks
 def on_device(fn):
     """``fn`` itself on a machine without CUDA; on a GPU machine, on CUDA copies (on_cuda)."""
     return on_cuda(fn) if torch.cuda.is_available() else fn
+
+
+def tiny_audiocraft_codec(path: Path, bins: int = 256, seed: int = 0) -> Path:
+    """A tiny random Encodec 32 kHz (SEANet 4 filters, ratios 8,5,4,4, 1 LSTM layer, 4 x ``bins`` RVQ)
+    saved as audiocraft's compression_state_dict.bin, for end-to-end tests of converted models."""
+    from encodec.modules import SEANetDecoder, SEANetEncoder
+    from encodec.quantization import ResidualVectorQuantizer
+
+    torch.manual_seed(seed)
+    sea = dict(channels=1, dimension=16, n_filters=4, ratios=[8, 5, 4, 4], n_residual_layers=1, true_skip=True,
+               pad_mode="constant", causal=False, norm="weight_norm", lstm=1, compress=2)
+    model = torch.nn.ModuleDict({"encoder": SEANetEncoder(**sea), "decoder": SEANetDecoder(**sea),
+                                 "quantizer": ResidualVectorQuantizer(dimension=16, n_q=4, bins=bins)}).eval()
+    with torch.no_grad():
+        for layer in model["quantizer"].vq.layers:
+            layer._codebook.embed.normal_()
+    xp = (f"sample_rate: 32000\nchannels: 1\ncompression_model: encodec\nencodec: {{causal: false, renormalize: false}}\n"
+          f"seanet: {{dimension: 16, n_filters: 4, n_residual_layers: 1, ratios: [8, 5, 4, 4], kernel_size: 7, "
+          f"residual_kernel_size: 3, last_kernel_size: 7, dilation_base: 2, pad_mode: constant, true_skip: true, "
+          f"compress: 2, lstm: 1, causal: false, decoder: {{trim_right_ratio: 1.0}}}}\n"
+          f"rvq: {{n_q: 4, bins: {bins}}}\n")
+    torch.save({"best_state": model.state_dict(), "xp.cfg": xp, "version": "1.3.0", "exported": True}, path)
+    return path

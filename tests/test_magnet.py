@@ -147,3 +147,205 @@ def test_decoding_equals_audiocraft_step_by_step(model_dir, name):
     for call, (got, ref) in enumerate(zip(seen, want)):
         assert torch.equal(got, ref), f"step {call} (level {gen['stage_per_call'][call]}) differs"
     assert torch.equal(req.tokens, REF[f"gen_{name}_tokens"][0])
+
+
+@pytest.fixture(scope="module")
+def full_model(tmp_path_factory):
+    """The fixture checkpoint converted with a tiny random codec, through the CLI as a user would."""
+    from helpers import tiny_audiocraft_codec
+    from typer.testing import CliRunner
+
+    from stemgen.cli import app
+    tmp = tmp_path_factory.mktemp("magnet_cli")
+    codec = tiny_audiocraft_codec(tmp / "compression_state_dict.bin")
+    out = tmp / "model"
+    res = CliRunner().invoke(app, ["convert", "--lm", str(FIX / "state_dict.bin"), "--codec", str(codec),
+                                   "--text-encoder", str(FIX / "t5-tiny"), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def cli(*args):
+    from typer.testing import CliRunner
+
+    from stemgen.cli import app
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+FAST = ["--steps", "3,2,1,1"]
+
+
+def test_generate_text_cli_end_to_end(full_model, tmp_path):
+    import soundfile as sf
+    res = cli("generate", "--model", full_model, "--text", "90s rock with heavy drums", "--seconds", 2,
+              "--out", tmp_path / "song.wav", "--variations", 2, "--seed", 3, *FAST)
+    assert res.exit_code == 0, res.output
+    a, sr = sf.read(tmp_path / "song_1.wav")
+    b, _ = sf.read(tmp_path / "song_2.wav")
+    assert sr == 32000 and len(a) == len(b) == 64000 and not (a == b).all()
+    # the same seed is the same file; variation 2 is the run with seed + 1
+    res = cli("generate", "--model", full_model, "--text", "90s rock with heavy drums", "--seconds", 2,
+              "--out", tmp_path / "again.wav", "--seed", 4, *FAST)
+    assert res.exit_code == 0, res.output
+    assert (sf.read(tmp_path / "again.wav")[0] == b).all()
+
+
+def test_generate_text_continuation_inpainting_and_long_form(full_model, tmp_path):
+    """--keep continues a prompt (its frames fixed in every level), --regenerate inpaints ranges of a
+    take, --seconds beyond the segment runs window by window: tokens checked through the API."""
+    import numpy as np
+
+    from stemgen.engine.api import Engine
+    engine = Engine.from_pretrained(full_model, device="cpu", dtype="float32")
+    sr = 32000
+    take = 0.3 * np.sin(2 * np.pi * 220 * np.arange(3 * sr) / sr)[None].astype(np.float32)
+    _, codes = engine.prepare_audio(take, sr)
+    codes = codes[0]
+    kw = dict(steps=(3, 2, 1, 1), sampling=None)
+    cont = engine.generate_text("calm piano", seconds=4.0, take=take[:, : sr], take_rate=sr, **kw)[0]
+    assert torch.equal(cont.tokens[:, :50], codes[:, :50]) and cont.tokens.shape[-1] == 200
+    inpaint = engine.generate_text("calm piano", take=take, take_rate=sr, regions=[(1.0, 2.0)], **kw)[0]
+    assert torch.equal(inpaint.tokens[:, :50], codes[:, :50]) and torch.equal(inpaint.tokens[:, 100:], codes[:, 100:])
+    assert not torch.equal(inpaint.tokens[:, 50:100], codes[:, 50:100])
+    long = engine.generate_text("calm piano", seconds=25.0, **kw)[0]   # segment 10 s: 3 windows
+    assert long.tokens.shape[-1] == 1250 and (long.tokens < engine.config.lm.codebook_size).all()
+    assert long.stem.shape[-1] == 25 * sr
+
+
+def test_prompt_file_is_one_batch_equal_to_single_runs(full_model, tmp_path):
+    import soundfile as sf
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("90s rock with heavy drums\n\ncalm piano\n")
+    res = cli("generate", "--model", full_model, "--text", f"@{prompts}", "--seconds", 1, "--out",
+              tmp_path / "batch", *FAST)
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "batch").iterdir()) == ["1.wav", "2.wav"]
+    res = cli("generate", "--model", full_model, "--text", "calm piano", "--seconds", 1, "--out",
+              tmp_path / "single.wav", *FAST)
+    assert res.exit_code == 0, res.output
+    assert (sf.read(tmp_path / "batch" / "2.wav")[0] == sf.read(tmp_path / "single.wav")[0]).all()
+
+
+def test_batched_text_requests_equal_solo_runs(full_model):
+    """fp32 batch invariance: MAGNeT requests of different prompts, lengths and settings packed in one
+    scheduler give each one the tokens of its solo run."""
+    from stemgen.engine.api import Engine
+    from stemgen.engine.runner import run_requests
+    engine = Engine.from_pretrained(full_model, device="cpu", dtype="float32")
+    specs = [("90s rock with heavy drums", 60, "nonoverlap", 1), ("calm piano", 47, "stride1", 2),
+             ("calm piano", 60, "nonoverlap", 3)]
+    make = lambda p, T, arr, seed: engine.text_request(p, T, steps=(4, 2, 2, 1), span_arrangement=arr, seed=seed)  # noqa: E731
+    solo = [run_requests(engine.runner, [make(*s)])[0] for s in specs]
+    together = run_requests(engine.runner, [make(*s) for s in specs])
+    for a, b in zip(solo, together):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--text", ""], "prompt is empty"),
+    (["--text", "x" * 5000], "at most 4096"),
+    (["--text", "ok", "ctx.wav"], "no context"),
+    (["--text", "ok", "-i", "bass"], "no context"),
+    (["--text", "ok", "--span-arrangement", "zigzag"], "span_arrangement"),
+])
+def test_text_cli_bad_input_is_one_line(full_model, tmp_path, args, needle):
+    res = cli("generate", "--model", full_model, "--out", tmp_path / "o.wav", *args)
+    assert res.exit_code != 0 and needle in res.output, res.output
+    assert "Traceback" not in res.output and not (tmp_path / "o.wav").exists()
+
+
+def test_context_on_magnet_and_text_on_stemgen_say_which_model_takes_what(full_model, tmp_path):
+    import numpy as np
+    import soundfile as sf
+    sf.write(tmp_path / "ctx.wav", np.zeros(32000, dtype=np.float32), 32000)
+    res = cli("generate", tmp_path / "ctx.wav", "-i", "bass", "--model", full_model, "--out", tmp_path / "o.wav")
+    assert res.exit_code != 0 and "MAGNeT model: it takes a text prompt" in res.output, res.output
+    res = cli("generate", "--text", "rock", "--model", "demo", "--out", tmp_path / "o.wav")
+    assert res.exit_code != 0 and "StemGen model" in res.output, res.output
+
+
+def test_info_shows_the_model_kind_and_defaults(full_model):
+    res = cli("info", full_model, "--json")
+    assert res.exit_code == 0, res.output
+    cfg = json.loads(res.stdout)["config"]
+    assert cfg["lm"]["arch"] == "magnet" and cfg["sampling"]["guidance"] == "magnet"
+    res = cli("info", full_model)
+    assert res.exit_code == 0 and "MAGNeT" in res.output and "nonoverlap" in res.output, res.output
+
+
+def fixture_checkpoint():
+    return torch.load(FIX / "state_dict.bin", map_location="cpu", weights_only=True)
+
+
+def convert_cli(tmp_path, lm, text_encoder=FIX / "t5-tiny"):
+    args = ["convert", "--lm", lm, "--out", tmp_path / "out"]
+    return cli(*args, *(["--text-encoder", text_encoder] if text_encoder else []))
+
+
+def saved(tmp_path, ck, name="state_dict.bin"):
+    torch.save(ck, tmp_path / name)
+    return tmp_path / name
+
+
+def edit_cfg(ck, **changes):
+    import yaml
+    root = yaml.safe_load(ck["xp.cfg"])
+    for path, value in changes.items():
+        node = root
+        *parents, last = path.split("__")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    return {**ck, "xp.cfg": yaml.safe_dump(root)}
+
+
+def wide_t5(tmp_path):
+    from transformers import AutoTokenizer, T5Config, T5EncoderModel
+    torch.manual_seed(0)
+    model = T5EncoderModel(T5Config(d_model=48, d_kv=8, num_heads=2, num_layers=1, d_ff=32, vocab_size=81))
+    model.save_pretrained(tmp_path / "t5-wide")
+    AutoTokenizer.from_pretrained(FIX / "t5-tiny").save_pretrained(tmp_path / "t5-wide")
+    return tmp_path / "t5-wide"
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("no_text_encoder", "pass its T5 text encoder with --text-encoder"),
+    ("wide_t5", "T5 encoder's width is 48"),
+    ("musicgen", "MusicGen is not supported; MAGNeT is"),
+    ("truncated", "cannot be read as a PyTorch checkpoint"),
+    ("leftover_key", "unexpected tensor 'transformer.layers.0.self_attn.in_proj_bias'"),
+    ("missing_key", "missing tensor 'transformer.layers.1.cross_attention.in_proj_weight'"),
+    ("huge_dim", "transformer_lm.dim"),
+    ("nan_heads", "xp.cfg transformer_lm.num_heads: must be an integer"),
+    ("bias", "transformer_lm.bias_attn is 'True'; the engine's MAGNeT needs False"),
+    ("yaml_tag", "xp.cfg"),
+])
+def test_bad_checkpoints_are_one_line_and_write_nothing(tmp_path, case, needle):
+    ck, t5 = fixture_checkpoint(), FIX / "t5-tiny"
+    if case == "no_text_encoder":
+        t5 = None
+    elif case == "wide_t5":
+        t5 = wide_t5(tmp_path)
+    elif case == "musicgen":
+        ck = edit_cfg(ck, lm_model="transformer_lm")
+    elif case == "leftover_key":
+        ck["best_state"] = {**ck["best_state"], "transformer.layers.0.self_attn.in_proj_bias": torch.zeros(192)}
+    elif case == "missing_key":
+        ck["best_state"] = {k: v for k, v in ck["best_state"].items()
+                            if k != "transformer.layers.1.cross_attention.in_proj_weight"}
+        ck["best_state"].pop("transformer.layers.1.cross_attention.out_proj.weight")
+    elif case == "huge_dim":
+        ck = edit_cfg(ck, transformer_lm__dim=1 << 40)
+    elif case == "nan_heads":
+        ck = edit_cfg(ck, transformer_lm__num_heads=float("nan"))
+    elif case == "bias":
+        ck = edit_cfg(ck, transformer_lm__bias_attn=True)
+    elif case == "yaml_tag":
+        ck = {**ck, "xp.cfg": "lm_model: !!binary aGVsbG8=\ntransformer_lm: {dim: !!python/name:os.system }\n"}
+    src = saved(tmp_path, ck)
+    if case == "truncated":
+        src.write_bytes(src.read_bytes()[:5000])
+    res = convert_cli(tmp_path, src, t5)
+    assert res.exit_code != 0 and needle in res.output, res.output
+    assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -98,13 +98,24 @@ def magnet_config(root: dict, where: str) -> tuple[MagnetConfig, dict, str]:
            "codebook_size": get(lm, "card"), "ffn_hidden": ffn, "text_dim": 1, "arch": "magnet",
            "band": get(lm, "subcodes_context", 5), "segment_frames": segment,
            "span_len": get(masking, "span_len", 3)}
-    cfg = MagnetConfig.from_dict(doc)   # the schema: types and ranges
+    try:
+        cfg = MagnetConfig.from_dict(doc)   # the schema: types and ranges
+    except ModelFormatError as e:
+        text = str(e)
+        for ours, theirs in XP_NAMES.items():
+            text = text.replace(f"lm config.{ours}:", f"xp.cfg {theirs}:")
+        raise ModelFormatError(f"{where}: {text}") from None
     gen = (get(get(root, "generate") or {}, "lm") or {})
     sampling = {"steps": get(gen, "decoding_steps", [20, 10, 10, 10]), "temperature": get(gen, "temp", 3.0),
                 "top_k": get(gen, "top_k", 0), "top_p": get(gen, "top_p", 0.9)}
     return cfg, sampling, t5_name
 
 
+# engine config field -> the xp.cfg field it comes from (for error messages)
+XP_NAMES = {"d_model": "transformer_lm.dim", "n_heads": "transformer_lm.num_heads",
+            "n_layers": "transformer_lm.num_layers", "n_q": "transformer_lm.n_q", "codebook_size": "transformer_lm.card",
+            "ffn_hidden": "transformer_lm.hidden_scale x dim", "band": "transformer_lm.subcodes_context",
+            "segment_frames": "segment_duration x compression_model_framerate", "span_len": "masking.span_len"}
 _LAYER = re.compile(r"^transformer\.layers\.(\d+)\.(.+)$")
 _PER_LAYER = {"self_attn.in_proj_weight": "wqkv", "self_attn.out_proj.weight": "wo",
               "cross_attention.out_proj.weight": "cross_wo", "linear1.weight": "w1", "linear2.weight": "w2",
@@ -161,9 +172,25 @@ def map_state(cfg: MagnetConfig, state: dict, where: str) -> dict[str, torch.Ten
     else:
         raise ModelFormatError(f"{where}: missing tensor '{PROJ}weight' (the text conditioner's output projection)")
     expected = magnet_shapes(MagnetConfig(**{**cfg.to_dict(), "text_dim": cfg_text}))
+    missing = [k for k in expected if k not in out]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ModelFormatError(f"{where}: missing tensor {source_name(missing[0])!r}{more} (the checkpoint's xp.cfg "
+                               f"has {cfg.n_layers} layers)")
     check_shapes({k: tuple(v.shape) for k, v in out.items()}, expected, where, "the checkpoint's xp.cfg")
     check_finite(out, where)
     return out
+
+
+def source_name(engine_name: str) -> str:
+    """The audiocraft key an engine tensor comes from (for error messages)."""
+    layer, _, name = engine_name.partition(".")[2].partition(".")
+    for src, dst in _PER_LAYER.items():
+        if dst == name:
+            return f"transformer.layers.{layer}.{src}"
+    if name in ("cross_wq", "cross_wkv"):
+        return f"transformer.layers.{layer}.cross_attention.in_proj_weight"
+    return engine_name
 
 
 def read_magnet(path: Path, load):
