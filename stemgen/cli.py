@@ -278,7 +278,7 @@ def generate(
     from .workflows import edit_take, parse_regions
 
     _route_warnings()
-    knobs = dict(seed=seed, steps=_parse_steps(steps), guidance=guidance, cfg_context=cfg_context,
+    knobs = dict(seed=seed, steps=run_guarded(_parse_steps, steps), guidance=guidance, cfg_context=cfg_context,
                  cfg_instrument=cfg_instrument, cfg_scale=cfg_scale, w_causal=w_causal, w_confidence=w_confidence,
                  w_random=w_random, temperature=temperature, top_k=top_k, top_p=top_p,
                  span_arrangement=span_arrangement, max_cfg_coef=max_cfg_coef, min_cfg_coef=min_cfg_coef)

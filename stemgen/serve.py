@@ -2,6 +2,7 @@
 Concurrent HTTP requests become requests of one GenerationService, so they share forwards.
 
     POST   /v1/jobs                 multipart: file (audio), instrument, sampling options -> 202 {"id", ...}
+                                    (StemGen models); or JSON {"text", "seconds", options} (MAGNeT models)
     GET    /v1/jobs/{id}            status, progress (steps done / total), error
     GET    /v1/jobs/{id}/audio      the stem (?format=wav|flac), once done
     DELETE /v1/jobs/{id}            cancel
@@ -18,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 
 @dataclass
@@ -49,6 +51,7 @@ class Job:
 
 SAMPLING_FIELDS = ("seed", "steps", "guidance", "cfg_context", "cfg_instrument", "cfg_scale", "temperature",
                    "top_k", "top_p", "w_confidence", "w_causal", "w_random")
+TEXT_FIELDS = ("seed", "steps", "temperature", "top_k", "top_p", "max_cfg_coef", "min_cfg_coef", "span_arrangement")
 
 
 def create_app(engine, limits: Limits | None = None):
@@ -162,7 +165,54 @@ def create_app(engine, limits: Limits | None = None):
         check_steps(sampling.steps, engine.config.lm.n_q)
         return audio.T, sr, instrument, sampling
 
-    def start(audio, sr, instrument, sampling) -> Job:
+    async def parse_text(request: Request, sync: bool):
+        """A MAGNeT job: JSON {"text": str, "seconds": number (default: the model's segment), options}."""
+        length = int(request.headers.get("content-length") or 0)
+        if length > 1 << 20:
+            raise BadRequest(413, "a JSON text job is at most 1 MB")
+        try:
+            body = await request.json()
+        except Exception:  # noqa: BLE001 - the JSON parser's own errors
+            raise BadRequest(400, "the body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise BadRequest(400, 'the body must be a JSON object: {"text": "...", "seconds": 10}')
+        unknown = sorted(set(body) - set(TEXT_FIELDS) - {"text", "seconds"})
+        if unknown:
+            raise BadRequest(400, f"unknown field(s): {', '.join(unknown)[:200]}; options are text, seconds, "
+                                  f"{', '.join(TEXT_FIELDS)}")
+        text, seconds = body.get("text"), body.get("seconds")
+        if not isinstance(text, str):
+            raise BadRequest(400, 'the JSON body needs "text": a string describing the music')
+        if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
+                                    or not 0 < seconds <= (limits.max_sync_seconds if sync else limits.max_seconds)):
+            raise BadRequest(400, f"seconds must be a number in (0, "
+                                  f"{limits.max_sync_seconds if sync else limits.max_seconds:g}]")
+        opts = {k: (tuple(body[k]) if k == "steps" and isinstance(body[k], list) else body[k])
+                for k in TEXT_FIELDS if body.get(k) is not None}
+        try:
+            sampling = engine.sampling(**opts)
+        except TypeError:
+            raise BadRequest(400, "an option has a value of the wrong type") from None
+        from .engine.request import check_steps
+        check_steps(sampling.steps, engine.config.lm.n_q)
+        from starlette.concurrency import run_in_threadpool
+        frames = engine.frames(seconds) if seconds is not None else engine.segment_frames()
+        memory = await run_in_threadpool(engine.text_memory, text)   # T5 off the event loop
+        return memory, frames, None, sampling
+
+    async def parse_any(request: Request, sync: bool):
+        if request.headers.get("content-type", "").split(";")[0].strip() == "application/json":
+            if engine.kind != "magnet":
+                raise BadRequest(400, "this is a StemGen model: send a multipart form with the context audio "
+                                      "(file) and an instrument; JSON text jobs are for MAGNeT models")
+            return ("text", *(await parse_text(request, sync)))
+        if engine.kind == "magnet":
+            raise BadRequest(400, 'this is a MAGNeT model: send JSON {"text": "...", "seconds": 10} '
+                                  "(Content-Type: application/json)")
+        return ("audio", *(await parse(request, sync)))
+
+    def start(kind: str, a, b, c, sampling) -> Job:
+        """Queue a job: kind "audio" (audio, sample rate, instrument) or "text" (memory, frames, -)."""
         with lock:
             live = [j for j in jobs.values() if j.status in ("queued", "running")]
             if len(live) >= limits.max_jobs:
@@ -171,25 +221,32 @@ def create_app(engine, limits: Limits | None = None):
                 oldest = min((j for j in jobs.values() if j.status not in ("queued", "running")),
                              key=lambda j: j.created)
                 del jobs[oldest.id]
-            job = Job(uuid.uuid4().hex, instrument, sum(sampling.steps))
+            job = Job(uuid.uuid4().hex, c if kind == "audio" else "", sum(sampling.steps))
             jobs[job.id] = job
 
         def progress(level, step, n):
             job.status = "running"
             job.steps_done += 1
 
-        handle = engine.submit_audio(audio, instrument, sr, progress=progress, sampling=sampling)
+        if kind == "audio":   # (audio, sample rate, instrument)
+            handle = engine.submit_audio(a, c, b, progress=progress, sampling=sampling)
+            future = handle.inner.future
+        else:                 # (text memory, frames): the codes are decoded when the job settles
+            from .engine.magnet_request import MagnetRequest
+            handle = engine.service.submit(MagnetRequest(engine.config.lm, a, sampling, length=b, progress=progress))
+            future = handle.future
         job.handle = handle
 
         def finished(_fut):
             decoder.submit(settle, job)
 
-        handle.inner.future.add_done_callback(finished)
+        future.add_done_callback(finished)
         return job
 
     def settle(job: Job) -> None:
         try:
-            job.result = job.handle.result()
+            res = job.handle.result()
+            job.result = engine.decode(res, None) if isinstance(res, torch.Tensor) else res
             job.status, job.steps_done = "done", job.total_steps
             m_requests.labels("done").inc()
         except Exception as e:  # noqa: BLE001
@@ -221,7 +278,7 @@ def create_app(engine, limits: Limits | None = None):
 
     @app.post("/v1/jobs", status_code=202, summary="queue a generation")
     async def submit(request: Request):
-        job = start(*(await parse(request, sync=False)))
+        job = start(*(await parse_any(request, sync=False)))
         return job.view()
 
     @app.get("/v1/jobs/{job_id}", summary="status and progress")
@@ -247,7 +304,7 @@ def create_app(engine, limits: Limits | None = None):
     async def generate_sync(request: Request, format: str = "wav"):
         import asyncio
 
-        job = start(*(await parse(request, sync=True)))
+        job = start(*(await parse_any(request, sync=True)))
         while job.status in ("queued", "running") or job.result is None and job.status == "done":
             await asyncio.sleep(0.05)
         if job.status != "done":
@@ -263,7 +320,7 @@ def create_app(engine, limits: Limits | None = None):
     async def readyz():
         if not app.state.ready:
             return JSONResponse({"ready": False}, status_code=503)
-        return {"ready": True, "model": str(engine.model_dir), "instruments": engine.instruments}
+        return {"ready": True, "model": str(engine.model_dir), "kind": engine.kind, "instruments": engine.instruments}
 
     @app.get("/metrics")
     async def metrics():
