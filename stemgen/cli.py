@@ -133,8 +133,14 @@ def _stored_dtype(path: Path) -> str:
 
 
 @app.command()
-def convert(lm: Path = typer.Option(..., "--lm", help=f"LM checkpoint: {describe_formats('lm')}"),
-            out: Path = typer.Option(..., "--out", help="output model directory (must not exist unless --force)"),
+def convert(lm: Optional[Path] = typer.Option(None, "--lm", help=f"LM checkpoint: {describe_formats('lm')}"),
+            out: Optional[Path] = typer.Option(None, "--out", help="output model directory (must not exist unless "
+                                               "--force)"),
+            from_hf_cache: Optional[str] = typer.Option(None, "--from-hf-cache", help="a MAGNeT repo id that "
+                                                        "audiocraft already downloaded (e.g. facebook/magnet-small-"
+                                                        "10secs): found offline in the Hugging Face cache with its "
+                                                        "codec and T5, converted into stemgen's cache (or --out); "
+                                                        "then --model REPO works"),
             codec: Optional[Path] = typer.Option(None, "--codec", help=f"codec: {describe_formats('codec')}"),
             lm_format: Optional[str] = typer.Option(None, "--lm-format", help="override format detection: "
                                                     + ", ".join(f.name for f in formats('lm'))),
@@ -151,6 +157,16 @@ def convert(lm: Path = typer.Option(..., "--lm", help=f"LM checkpoint: {describe
     from .weights_convert.codec import convert_codec
     from .weights_convert.lm import training_window
     from .weights_convert.pickles import PickleFile
+
+    if from_hf_cache is not None:
+        if lm is not None or codec is not None or text_encoder is not None:
+            fail("--from-hf-cache finds the LM, codec and text encoder itself; drop --lm/--codec/--text-encoder")
+        from .weights_convert.hf_cache import convert_from_hf_cache
+        path = run_guarded(lambda: convert_from_hf_cache(from_hf_cache, out, resolve_dtype(dtype), force))
+        console.print(f"wrote {path}; use it with --model {from_hf_cache}")
+        return
+    if lm is None or out is None:
+        fail("give --lm CKPT and --out DIR (or --from-hf-cache REPO)")
 
     def work():
         from .weights_convert.formats import detect, get

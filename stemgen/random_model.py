@@ -5,13 +5,13 @@ cost); for music use the trained demo model (`--model demo`, the default) or you
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import torch
 
 from .engine.codec import Codec, CodecConfig, expected_codec_shapes
 from .engine.config import CODEC_WEIGHTS, ModelConfig, ModelFormatError
+from .engine.models import cache_root
 from .train import StemGenLM, preset
 from .weights_convert.lm import convert_train_state, engine_lm_config
 from .weights_convert.writer import write_model_dir
@@ -19,12 +19,6 @@ from .weights_convert.writer import write_model_dir
 RANDOM_VERSION = 1
 RANDOM_SEED = 1234
 RANDOM_LM = dict(d_model=256, n_heads=4, n_layers=4)  # the real token layout, a CPU-friendly size
-
-
-def cache_root() -> Path:
-    if os.environ.get("STEMGEN_CACHE"):
-        return Path(os.environ["STEMGEN_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "stemgen"
 
 
 def random_dir() -> Path:

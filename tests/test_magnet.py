@@ -425,3 +425,50 @@ def test_half_precision_30s_length_is_finite_and_close(model_dir, dtype, tol):
         out[dt] = lm.forward_requests([(codes.expand(2, -1, -1, -1), TextRows(text, 1, None), 0, None)])[0]
     assert torch.isfinite(out[dtype]).all()
     assert rel_err(out[dtype], out["float32"]) < tol
+
+
+def fake_hub_repo(hub: Path, repo: str, files: dict) -> None:
+    """A repo as huggingface_hub caches it: models--org--name/{refs/main, snapshots/<commit>/...}."""
+    root = hub / ("models--" + repo.replace("/", "--"))
+    snap = root / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text("0" * 40)
+    for name, write in files.items():
+        write(snap / name)
+
+
+def test_convert_from_the_hf_cache_offline(tmp_path, monkeypatch):
+    """audiocraft's download layout in the HF cache (LM repo with a weightless codec pointer, the HF
+    encodec folder, google-t5/t5-base) -> `stemgen convert --from-hf-cache REPO`, then --model REPO."""
+    import shutil
+
+    from transformers import EncodecConfig, EncodecModel
+    hub = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("STEMGEN_CACHE", str(tmp_path / "stemgen"))
+    import huggingface_hub.constants as hc
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(hub))
+    pointer = {"pretrained": "facebook/encodec_32khz", "xp.cfg": "", "version": "1.3.0", "exported": True}
+    fake_hub_repo(hub, "facebook/magnet-small-10secs", {
+        "state_dict.bin": lambda p: shutil.copy(FIX / "state_dict.bin", p),
+        "compression_state_dict.bin": lambda p: torch.save(pointer, p)})
+    conf = EncodecConfig(sampling_rate=32000, audio_channels=1, num_filters=4, upsampling_ratios=[8, 5, 4, 4],
+                         codebook_size=256, hidden_size=16, codebook_dim=16, use_causal_conv=False, pad_mode="reflect",
+                         normalize=False, use_conv_shortcut=False, num_lstm_layers=1, target_bandwidths=[1.6],
+                         compress=2, chunk_length_s=None, overlap=None)
+    torch.manual_seed(0)
+    fake_hub_repo(hub, "facebook/encodec_32khz", {"model": lambda p: EncodecModel(conf).save_pretrained(p.parent)})
+    fake_hub_repo(hub, "google-t5/t5-base", {"t5": lambda p: shutil.copytree(FIX / "t5-tiny", p.parent,
+                                                                              dirs_exist_ok=True)})
+    res = cli("generate", "--model", "facebook/magnet-small-10secs", "--text", "calm piano", "--out", tmp_path / "x.wav")
+    assert res.exit_code != 0 and "stemgen convert --from-hf-cache facebook/magnet-small-10secs" in res.output
+    res = cli("convert", "--from-hf-cache", "facebook/magnet-small-10secs")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "stemgen" / "hf" / "facebook--magnet-small-10secs" / "config.json").is_file()
+    res = cli("generate", "--model", "facebook/magnet-small-10secs", "--text", "calm piano", "--seconds", 1,
+              "--out", tmp_path / "x.wav", *FAST)
+    assert res.exit_code == 0, res.output
+    res = cli("convert", "--from-hf-cache", "facebook/magnet-medium-30secs")
+    assert res.exit_code != 0 and "not in the Hugging Face cache" in res.output, res.output
