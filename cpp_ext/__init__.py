@@ -70,6 +70,18 @@ def guide_sample_rank(logits, weights, positions, masked, length: int, *, seed: 
     return torch.from_numpy(tok), torch.from_numpy(prob), torch.from_numpy(score)
 
 
+def magnet_sample(logits, positions, *, seed: int, level: int, step: int, coef: float, temperature: float,
+                  top_k: int = 0, top_p: float = 0.9):
+    """Same contract as kernels.magnet_sampling.magnet_sample_ref."""
+    R, M, V = logits.shape
+    if R not in (1, 2) or positions.shape != (M,):
+        raise ValueError(f"magnet_sample: logits [1 or 2, M, V] and positions [{M}] expected, got {list(logits.shape)}")
+    tok, prob = _native.magnet_sample(_np(logits.float(), torch.float32), _np(positions, torch.int64),
+                                      step_key(seed, level, step, STREAM_SAMPLE), float(coef), float(temperature),
+                                      int(top_k), float(top_p))
+    return torch.from_numpy(tok), torch.from_numpy(prob)
+
+
 def rvq_encode(x: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
     """x [N, D] fp32, codebooks [K, bins, D] fp32 -> codes [K, N] int64 (nearest entry per level,
     residual update), the contract of the codec's reference RVQ encode."""

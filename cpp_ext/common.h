@@ -66,3 +66,4 @@ void def_sampling(py::module_& m);
 void def_norm(py::module_& m);
 void def_swiglu(py::module_& m);
 void def_rvq(py::module_& m);
+void def_magnet_sampling(py::module_& m);

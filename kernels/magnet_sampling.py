@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .registry import Op, register
+from .registry import Op, Variant, register
 from .rng import STREAM_SAMPLE, step_key, uniform
 
 
@@ -60,4 +60,5 @@ def _selfcheck(fn, device, dtype) -> str | None:
 
 
 OP = register(Op("magnet_sample", "MAGNeT guidance+sampling", magnet_sample_ref, selfcheck=_selfcheck,
-                 reference_label="PyTorch reference (audiocraft's order of operations)"))
+                 reference_label="PyTorch reference (audiocraft's order of operations)"),
+              Variant("cpp", "..cpp_ext:magnet_sample", "C++ (cpp_ext)"))
