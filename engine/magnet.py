@@ -142,29 +142,31 @@ class MagnetLM(PackedLM):
         segs = [(t.shape[0], t.shape[-1]) for t, _ in requests]
         windows = [c.window for _, c in requests]
         x = self.embed(requests)
-        # the conditioned rows: which packed rows, their (rows, frames), their memories
-        text_idx, text_segs, texts, start = [], [], [], 0
+        # the conditioned rows: a contiguous span of packed rows per request, their (rows, frames), memories
+        spans, text_segs, texts, start = [], [], [], 0
         for (R, T), (_, c) in zip(segs, requests):
             if c.text is not None and c.n_text_rows:
-                text_idx.append(torch.arange(start, start + c.n_text_rows * T, device=x.device))
+                spans.append((start, start + c.n_text_rows * T))
                 text_segs.append((c.n_text_rows, T))
                 texts.append(c.text)
             start += R * T
-        text_idx = torch.cat(text_idx) if text_idx else None
         kvs = [self.text_kv(t) for t in texts]
         lengths = [t.length for t in texts]
         norms = [(layer.norm1_w, layer.norm1_b) for layer in self.layers] + [(self.out_norm_w, self.out_norm_b)]
         h = ops.layer_norm(x, *norms[0], eps)
-        for i, layer in enumerate(self.layers):   # each residual add is fused with the next norm
+        for i, layer in enumerate(self.layers):   # residual adds fused with the next norm where they can be
             q, k, v = linear(h, layer.wqkv).view(-1, 3, H, dh).unbind(1)
             a = ops.band_attention(q, k, v, segs, windows)
             x, h = ops.add_layer_norm(x, linear(a, layer.wo), layer.norm_cross_w, layer.norm_cross_b, eps)
-            delta = torch.zeros_like(x)
-            if text_idx is not None:
-                qc = linear(h[text_idx], layer.cross_wq).view(-1, H, dh)
-                kc = torch.cat([kv[i][0] for kv in kvs]) if len(kvs) > 1 else kvs[0][i][0]
-                vc = torch.cat([kv[i][1] for kv in kvs]) if len(kvs) > 1 else kvs[0][i][1]
-                delta[text_idx] = linear(ops.cross_attention(qc, kc, vc, text_segs, lengths), layer.cross_wo)
-            x, h = ops.add_layer_norm(x, delta, layer.norm2_w, layer.norm2_b, eps)
+            if spans:   # cross-attention of the conditioned rows only, added in place to their residual
+                hq = h[spans[0][0]: spans[0][1]] if len(spans) == 1 else torch.cat([h[a: b] for a, b in spans])
+                kc, vc = (kvs[0][i][j] if len(kvs) == 1 else torch.cat([kv[i][j] for kv in kvs]) for j in (0, 1))
+                c = linear(ops.cross_attention(linear(hq, layer.cross_wq).view(-1, H, dh), kc, vc, text_segs, lengths),
+                           layer.cross_wo)
+                done = 0
+                for a, b in spans:
+                    x[a: b] += c[done: done + b - a]
+                    done += b - a
+            h = ops.layer_norm(x, layer.norm2_w, layer.norm2_b, eps)
             x, h = ops.add_layer_norm(x, linear(ops.gelu(linear(h, layer.w1)), layer.w2), *norms[i + 1], eps)
         return h
