@@ -15,6 +15,7 @@ import os
 
 from .request import Request
 from .scheduler import Scheduler
+from .threads import ThreadGovernor
 
 
 def cpu_chunk_rows(ffn_hidden: int) -> int:
@@ -96,6 +97,8 @@ class StepLoop:
     def __init__(self, model_or_runner, max_frames: int = 1 << 15, head_subset: bool | None = None):
         self.runner = model_or_runner if isinstance(model_or_runner, Runner) else Runner(model_or_runner, head_subset)
         self.scheduler = Scheduler(self.runner.device, max_frames)
+        # on the CPU: threads sized to the cores other processes leave free (engine.threads)
+        self.governor = ThreadGovernor() if self.runner.device.type == "cpu" else None
 
     def submit(self, request: Request) -> None:
         self.scheduler.submit(request)
@@ -114,6 +117,8 @@ class StepLoop:
 
     def step(self) -> list[Request]:
         """Run one step; returns the requests that left the batch (``finished`` is true)."""
+        if self.governor is not None:
+            self.governor.update()
         left = self.scheduler.admit()
         self.runner.execute(self.scheduler.plan())
         return left + self.scheduler.retire()

@@ -204,7 +204,35 @@ def _timed(fn, device):
 def run_bench(*, model_dir=None, config_name: str = "small", duration: float = 10.0,
               steps: tuple[int, ...] = (16, 8, 4, 4), batches: tuple[int, ...] = (1, 8), device="cpu",
               dtype=None, baseline: bool = True, guidance: str = "multi", seed: int = 0,
-              cuda_graphs: bool | None = None, log=print) -> dict:
+              cuda_graphs: bool | None = None, load: int = 0, log=print) -> dict:
+    """``load``: busy-loop processes started before and stopped after the whole run (a busy machine)."""
+    if not 0 <= load <= 64:
+        raise ValueError(f"--load must be 0-64 busy processes, got {load}")
+    with BusyLoad(load):
+        return _run_bench(model_dir, config_name, duration, steps, batches, device, dtype, baseline, guidance, seed,
+                          cuda_graphs, load, log)
+
+
+class BusyLoad:
+    """``n`` processes that each keep one core busy (a spin loop in a fresh Python), for a context."""
+
+    def __init__(self, n: int):
+        self.n, self.procs = n, []
+
+    def __enter__(self):
+        import subprocess
+        import sys
+        self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(self.n)]
+        return self
+
+    def __exit__(self, *exc):
+        for p in self.procs:
+            p.kill()
+            p.wait()
+
+
+def _run_bench(model_dir, config_name, duration, steps, batches, device, dtype, baseline, guidance, seed, cuda_graphs,
+               load, log) -> dict:
     from .engine.api import pick_device, use_cuda_graphs
     from .engine.model import default_dtype, resolve_dtype
 
@@ -260,7 +288,7 @@ def run_bench(*, model_dir=None, config_name: str = "small", duration: float = 1
                          "duration_s": T / frame_rate, "steps": list(steps), "guidance": guidance,
                          "engine_dtype": str(dtype).replace("torch.", ""),
                          "baseline_dtype": "float32" if base is not None else None,
-                         "cuda_graphs": runner.graphs is not None,
+                         "cuda_graphs": runner.graphs is not None, "load": load,
                          "batches": list(batches)},
             "results": results, "saturation": sat}
 

@@ -483,6 +483,8 @@ def bench(
                                                "unless STEMGEN_CUDA_GRAPHS=0)"),
     baseline: bool = typer.Option(True, "--baseline/--no-baseline", help="also run the fp32 training-form baseline"),
     seed: int = typer.Option(0, "--seed"),
+    load: int = typer.Option(0, "--load", help="busy-loop processes kept running beside the whole benchmark "
+                             "(a busy machine: e.g. 1 on 2 cores)"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="write all figures (and the machine) as JSON"),
 ):
     """Time whole generations: the engine vs the baseline a careful peer user runs, same process."""
@@ -500,7 +502,7 @@ def bench(
                          duration=duration or (20.0 if gpu else 10.0),
                          steps=_parse_steps(steps) or ((128, 64, 32, 32) if gpu else (16, 8, 4, 4)),
                          batches=tuple(int(b) for b in batch.split(",")), device=dev, dtype=dtype,
-                         baseline=baseline, guidance=guidance, seed=seed, cuda_graphs=cuda_graphs,
+                         baseline=baseline, guidance=guidance, seed=seed, cuda_graphs=cuda_graphs, load=load,
                          log=lambda m: err_console.print(m, highlight=False, soft_wrap=True))
 
     report = run_guarded(work)
@@ -514,7 +516,8 @@ def bench(
                   rate(s['audio_s_per_wall_s']), f"{s['peak_mb']:.0f}", ratio)
     Console(soft_wrap=True, width=max(console.width, 130)).print(t)
     m, st = report["machine"], report["settings"]
-    console.print(f"machine: {m.get('gpu') or m['processor']}, {m['cpu_threads']} threads, torch {m['torch']}; "
+    console.print(f"machine: {m.get('gpu') or m['processor']}, {m['cpu_threads']} threads, torch {m['torch']}"
+                  + (f", {st['load']} busy process(es) beside it" if st.get("load") else "") + "; "
                   f"engine {st['engine_dtype']}, baseline {st['baseline_dtype'] or 'not run'}"
                   + (f"; STEMGEN_FLASH_CONFIG={m['flash_config']}" if m.get("flash_config") else ""), highlight=False)
     if json_path is not None:

@@ -1,0 +1,74 @@
+"""CPU threads sized to the cores other processes leave free (engine.threads), with /proc readings
+played back: quiet, one other busy core, our own work, niced neighbours, a fixed count."""
+import pytest
+import torch
+
+from stemgen.engine.threads import ThreadGovernor
+
+
+class Machine:
+    """/proc/stat and /proc/self/stat as counters advanced by ``run(seconds, ours, others, niced)``
+    (cores kept busy by this process, by other un-niced processes, by niced ones), 100 ticks/s."""
+
+    def __init__(self, n=2):
+        self.n, self.t, self.busy, self.total, self.mine = n, 0.0, 0, 0, 0
+
+    def run(self, seconds, ours=0.0, others=0.0):
+        self.t += seconds
+        self.busy += int(100 * seconds * (ours + others))
+        self.total += int(100 * seconds * self.n)
+        self.mine += int(100 * seconds * ours)
+
+    def governor(self):
+        return ThreadGovernor(interval=1.0, cpu=lambda: (self.busy, self.total, self.n), own=lambda: self.mine,
+                              clock=lambda: self.t, usable=self.n)
+
+
+@pytest.fixture(autouse=True)
+def keep_threads(monkeypatch):
+    monkeypatch.delenv("STEMGEN_THREADS", raising=False)
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_one_busy_core_leaves_one_thread_and_quiet_gives_both_back():
+    m = Machine(2)
+    torch.set_num_threads(2)
+    g = m.governor()
+    g.update()
+    m.run(1.5, ours=2.0)                       # quiet: the engine alone, both cores
+    assert g.update() == 2 and torch.get_num_threads() == 2
+    m.run(1.5, ours=1.0, others=1.0)           # another process takes a core
+    assert g.update() == 1 and torch.get_num_threads() == 1
+    m.run(0.5, ours=1.0, others=0.0)           # within the interval: no new decision
+    assert g.update() == 1
+    m.run(1.5, ours=1.0, others=0.0)
+    assert g.update() == 2 and torch.get_num_threads() == 2
+    m.run(1.5, ours=0.0, others=2.0)           # everything busy elsewhere: still one thread
+    assert g.update() == 1
+
+
+def test_a_fixed_count_is_kept(monkeypatch):
+    monkeypatch.setenv("STEMGEN_THREADS", "1")
+    m = Machine(2)
+    g = m.governor()
+    m.run(2, ours=2.0)
+    assert g.update() == 1 and torch.get_num_threads() == 1
+
+
+@pytest.mark.parametrize("value", ["0", "many", "-1", "nan"])
+def test_bad_thread_count_is_one_clear_error(monkeypatch, value):
+    monkeypatch.setenv("STEMGEN_THREADS", value)
+    with pytest.raises(ValueError, match="STEMGEN_THREADS"):
+        ThreadGovernor()
+
+
+def test_real_proc_readings_are_sane():
+    """On this machine's /proc: a measurement after some work of our own leaves at least one thread."""
+    g = ThreadGovernor(interval=0.0)
+    g.update()
+    x = torch.randn(300, 300)
+    for _ in range(50):
+        x = (x @ x).tanh()
+    assert 1 <= g.update() <= g.usable
