@@ -14,14 +14,15 @@ from .backend import Ops, select_ops
 from .config import LMConfig, read_weights
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "int8": torch.int8}
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A model dtype; torch.int8 is the CPU's int8 path (int8 trunk weights, fp32 everywhere else)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of float32, bfloat16, float16")
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of float32, bfloat16, float16, int8 (CPU)")
     return DTYPES[dtype]
 
 
@@ -167,7 +168,32 @@ class StemGenEngineLM(PackedLM):
 MIN_GEMM_ROWS = 256
 
 
-def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+class Int8Weight:
+    """A trunk weight of the int8 path (kernels.int8_linear): int8 [K, M] and per-channel scales,
+    with the op that multiplies by it."""
+
+    def __init__(self, w: torch.Tensor, op):
+        from ..kernels.int8_linear import quantize_weight
+        self.q, self.scale = quantize_weight(w)
+        self.op = op
+
+    @property
+    def shape(self):
+        return (self.q.shape[1], self.q.shape[0])
+
+
+def quantize_trunk(model: "PackedLM") -> None:
+    """Replace every trunk GEMM weight (TRUNK_WEIGHTS of the architecture) by its Int8Weight; the
+    embeddings, norms, level heads and the sampling stay fp32."""
+    for layer in model.layers:
+        for name in TRUNK_WEIGHTS[model.cfg.arch]:
+            w = layer._parameters.pop(name)
+            setattr(layer, name, Int8Weight(w.detach().float(), model.ops.int8_linear))
+
+
+def linear(x: torch.Tensor, w) -> torch.Tensor:
+    if isinstance(w, Int8Weight):   # exact int32 products: rows independent of the batch, no padding
+        return w.op(x, w.q, w.scale)
     n = x.shape[0]
     if n >= MIN_GEMM_ROWS or x.device.type != "cpu":
         return F.linear(x, w)
@@ -194,10 +220,13 @@ def head_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return linear(x, w).float()
 
 
+# the trunk GEMM weights of each architecture (per layer): int8 on the CPU's int8 path
+TRUNK_WEIGHTS = {"stemgen": ("wqkv", "wo", "w13", "w2"), "magnet": ("wqkv", "wo", "cross_wq", "cross_wo", "w1", "w2")}
 # the ops each architecture's step runs (`stemgen info` shows a model's own)
-ARCH_OPS = {"stemgen": ("embed_sum", "attention", "rms_norm", "add_rms_norm", "silu_mul", "guide_sample_rank"),
+ARCH_OPS = {"stemgen": ("embed_sum", "attention", "rms_norm", "add_rms_norm", "silu_mul", "guide_sample_rank",
+                         "int8_linear"),
             "magnet": ("embed_sum", "layer_norm", "add_layer_norm", "band_attention", "cross_attention", "gelu",
-                       "magnet_sample")}
+                       "magnet_sample", "int8_linear")}
 
 
 def architecture(cfg):
@@ -220,12 +249,19 @@ def load_lm(path: str | Path, cfg: LMConfig, device="cpu", dtype: str | torch.dt
 def lm_from_state(cfg: LMConfig, state: dict[str, torch.Tensor], device="cpu",
                   dtype: str | torch.dtype = "float32") -> PackedLM:
     """Build the LM on the meta device and assign already-validated engine tensors to it."""
+    dtype = resolve_dtype(dtype)
+    int8 = dtype == torch.int8
+    if int8 and torch.device(device).type != "cpu":
+        raise ValueError("--dtype int8 is the CPU's path; on a GPU use bfloat16 (the default there)")
+    compute = torch.float32 if int8 else dtype
     with torch.device("meta"):
         model = architecture(cfg)[0](cfg)
-    state = {k: v.to(device=device, dtype=resolve_dtype(dtype)) for k, v in state.items()}
+    state = {k: v.to(device=device, dtype=compute) for k, v in state.items()}
     model.load_state_dict(state, assign=True, strict=True)
     model.rebuild_buffers(device)  # buffers were built on meta above
-    model.ops = select_ops(torch.device(device), resolve_dtype(dtype))
+    model.ops = select_ops(torch.device(device), compute)
+    if int8:
+        quantize_trunk(model)
     return model.eval().requires_grad_(False)
 
 

@@ -159,13 +159,17 @@ def _cpu_name() -> str:
 def build_models(model_dir, config_name: str, device: torch.device, dtype, baseline: bool, seed: int):
     """-> (engine LM, training-form baseline model or None, frame rate, description)."""
     from .engine.config import ModelConfig
-    from .engine.model import load_lm, lm_from_state
+    from .engine.model import lm_from_state
     from .train import StemGenConfig, StemGenLM, preset
     from .weights_convert.lm import convert_train_state, engine_lm_config, train_state_from_engine
 
     if model_dir is not None:
+        from .engine.model import expected_shapes
+        from .engine.tensors import read_weights
         mc = ModelConfig.load(model_dir)
-        lm = load_lm(model_dir / mc.weights["lm"], mc.lm, device=device, dtype=dtype)
+        state = read_weights(model_dir / mc.weights["lm"], expected_shapes(mc.lm), "the LM config", "tensor",
+                             "re-run `stemgen convert`")
+        lm = lm_from_state(mc.lm, state, device, dtype)
         frame_rate = 50.0
         if mc.codec:
             from .engine.codec import CodecConfig
@@ -178,7 +182,7 @@ def build_models(model_dir, config_name: str, device: torch.device, dtype, basel
                                  instruments=list(mc.instruments), extra_cond_sizes=list(c.cond_sizes[1:]),
                                  ffn_hidden=c.ffn_hidden, rope_theta=c.rope_theta, norm_eps=c.norm_eps)
             base = StemGenLM(tcfg)
-            base.load_state_dict(train_state_from_engine(tcfg, {k: v.cpu() for k, v in lm.state_dict().items()}))
+            base.load_state_dict(train_state_from_engine(tcfg, {k: v.float() for k, v in state.items()}))
             base = base.to(device).eval()
         return lm, base, frame_rate, f"model {model_dir}"
     torch.manual_seed(seed)

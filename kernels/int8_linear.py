@@ -1,0 +1,54 @@
+"""int8 trunk GEMMs for CPUs without bf16 units: weights int8 per output channel (symmetric,
+quantized once at load), activations quantized per row at run time (symmetric, scale = max |x| /
+127), an int8 x int8 -> int32 product, then both scales applied in fp32.
+
+    x [N, K] fp32, wq [K, M] int8 (the weight transposed: the layout the GEMM reads fastest),
+    scale [M] fp32  ->  [N, M] fp32
+
+The int32 accumulation is exact, so a row's result never depends on the other rows of its batch
+(batch invariance holds exactly, as for fp32 through engine.model.linear). The reference accumulates
+the same integer products in fp64; the fast variant is PyTorch's int8 GEMM (``torch._int_mm``:
+oneDNN's s8 kernels, VNNI / AMX-int8 where the CPU has them, AVX2 otherwise)."""
+from __future__ import annotations
+
+import torch
+
+from .registry import Op, Variant, register
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N, K] -> (int8 [N, K], fp32 scale [N]) with x ~ q * scale; an all-zero row gets scale 1."""
+    x = x.float()
+    scale = x.abs().amax(dim=1) / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.round(x / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale
+
+
+def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [M, K] (out, in) -> (wq [K, M] int8, scale [M] fp32): per output channel."""
+    q, scale = quantize_rows(w)
+    return q.t().contiguous(), scale
+
+
+def int8_linear_ref(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    xq, xs = quantize_rows(x)
+    acc = xq.double() @ wq.double()                  # integers: exact in fp64 for any K here
+    return (acc.float() * xs[:, None] * scale[None, :])
+
+
+def int8_linear_intmm(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    xq, xs = quantize_rows(x)
+    return torch._int_mm(xq, wq).float() * xs[:, None] * scale[None, :]
+
+
+def _selfcheck(fn, device, dtype) -> str | None:
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(7, 40, generator=g).to(device), torch.randn(24, 40, generator=g).to(device)
+    wq, s = quantize_weight(w)
+    return None if torch.allclose(fn(x, wq, s), int8_linear_ref(x, wq, s), rtol=1e-5, atol=1e-5) else \
+        "int8 GEMM differs from its reference"
+
+
+OP = register(Op("int8_linear", "int8 trunk GEMM (--dtype int8)", int8_linear_ref, selfcheck=_selfcheck,
+                 reference_label="PyTorch reference (integer products in fp64)"),
+              Variant("cpp", ".int8_linear:int8_linear_intmm", "torch._int_mm (oneDNN int8 GEMM)"))
