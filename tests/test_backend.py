@@ -41,7 +41,7 @@ def test_cpu_choice_per_op_and_dtype(dtype):
         runs_cpp = variant is not None and variant.why_not(dtype) is None
         assert (getattr(ops, op.name) is not op.reference) == runs_cpp, op.name
         assert info[op.title] == ops.names[op.name]
-        assert ("C++" in info[op.title]) == runs_cpp
+        assert (info[op.title] == variant.label if variant else False) == runs_cpp
     assert (ops.add_rms_norm is OPS["add_rms_norm"].reference) == (dtype == torch.float32)
 
 
