@@ -241,8 +241,9 @@ def generate(
                                                  "last step of a level"),
     out: Path = typer.Option(..., "--out", "-o", help="output stem (.wav; .flac, .ogg, .mp3 where libsndfile "
                              "writes them); a folder for layering and folder runs"),
-    keep: Optional[Path] = typer.Option(None, "--keep", help="an existing take of the instrument: keep it, and "
-                                        "regenerate only --regenerate's ranges (or continue it to the context's end)"),
+    keep: Optional[Path] = typer.Option(None, "--keep", help="an existing take of the instrument (MAGNeT: a "
+                                        "recording): keep it, and regenerate only --regenerate's ranges (or continue "
+                                        "it to the context's end / to --seconds)"),
     regenerate: Optional[str] = typer.Option(None, "--regenerate", help="time ranges of --keep to regenerate, "
                                              "START:END seconds, comma-separated (e.g. 4.0:8.0,12:14)"),
     force: bool = typer.Option(False, "--force", help="folder runs: regenerate outputs that already exist"),

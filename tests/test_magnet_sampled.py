@@ -21,6 +21,8 @@ pytest.importorskip("transformers")
 from stemgen.weights_convert.magnet import convert_magnet  # noqa: E402
 from stemgen.weights_convert.pickles import PickleFile  # noqa: E402
 
+from test_magnet import run_recorded  # noqa: E402
+
 FIX = Path(__file__).parent / "fixtures" / "magnet"
 REF = load_file(str(FIX / "reference.safetensors"))
 META = json.loads((FIX / "reference.json").read_text())
@@ -33,21 +35,6 @@ def engine(tmp_path_factory):
     out = tmp_path_factory.mktemp("magnet_sampled") / "model"
     model_dir = convert_magnet(PickleFile(FIX / "state_dict.bin"), out, None, None, FIX / "t5-tiny")
     return Engine.from_pretrained(model_dir, device="cpu", dtype="float32")
-
-
-def run_recorded(lm, req):
-    """Run one request to the end with the engine's runner pieces, recording the LM input (level
-    tokens as fed to the forward) at every step (as tests/test_magnet.py)."""
-    from stemgen.engine.runner import Runner
-    runner = Runner(lm, head_subset=True)
-    req.admit(torch.device("cpu"))
-    seen = []
-    while not req.finished:
-        req.skip_idle_steps()
-        seen.append(req.tokens.clone())
-        runner.execute([req])
-        assert req.error is None, req.error
-    return seen
 
 
 def test_fixture_runs_are_the_default_sampling():
