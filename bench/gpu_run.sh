@@ -11,7 +11,7 @@
 #   ONLY="kernels profile profile-graphs sweep sweep-graphs e2e report" bash bench/gpu_run.sh
 #   SMOKE=1 bash bench/gpu_run.sh    # the same steps on a CPU with tiny shapes: checks the script only
 #   ONLY="tests kernels" bash ...     # only these steps (tests kernels attn paper graphs attn-paper profile profile-graphs
-#                                     # sweep sweep-graphs e2e report), e.g. to split the work over two 10-minute calls
+#                                     # sweep sweep-graphs e2e magnet report), e.g. to split the work over two 10-minute calls
 set -uo pipefail
 OUT=${OUT:-bench/gpu-out}
 mkdir -p "$OUT"
@@ -20,7 +20,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export STEMGEN_NO_NATIVE=1
 py=${PYTHON:-python3}
 tests=(tests/test_op_*.py tests/test_backend.py tests/test_sync_free.py tests/test_cuda_graphs.py tests/test_parity.py
-       tests/test_scheduler.py)
+       tests/test_scheduler.py tests/test_magnet.py)
 if [ "${SMOKE:-0}" = 1 ]; then   # check this script's plumbing on a CPU: tiny shapes, interpreter, no graphs
     export TRITON_INTERPRET=1 STEMGEN_BENCH_SMOKE=1
     tests=(tests/test_sync_free.py); size=(--config tiny --duration 1 --steps 2,1,1,1 --device cpu)
@@ -117,6 +117,13 @@ if [ -d .whl ] && ! $py -c "import soundfile" 2>/dev/null; then
         && export PYTHONPATH="$PYTHONPATH:/tmp/stemgen-site"
 fi
 step e2e e2e
+# 6. MAGNeT on the GPU: a random MAGNeT-small engine model (d 1024, 24 layers), 10 s, steps 20,10,10,10,
+#    bf16, batch 1 and 16 (engine only: audiocraft is not on the GPU machine unless carried)
+if [ "${SMOKE:-0}" = 1 ]; then mag=(--device cpu --seconds 1 --steps 1,1,1,1 --batch 1 --engine-dtypes float32
+                                  --random-size 64,2,4)
+else mag=(--device cuda --batch 1,16 --engine-dtypes bfloat16); fi
+step magnet $py bench/magnet_vs_audiocraft.py --random-small "$OUT/magnet-model" "${mag[@]}" --json "$OUT/magnet-small.json"
+rm -rf "$OUT/magnet-model"
 files=$(ls "$OUT"/gpu-*.json 2>/dev/null)
 [ -n "$files" ] && step report $py -m stemgen bench-report $files --out "$OUT/RESULTS.md" --title "GPU benchmark results"
 exit $status

@@ -8,6 +8,12 @@ Runs in the audiocraft reference venv (it sees the project's packages):
     PYTHONPATH=/tmp/acref/audiocraft-1.3.0 /tmp/acref/venv/bin/python bench/magnet_vs_audiocraft.py \\
         --ckpt CKPT/state_dict.bin --t5 T5_FOLDER --engine-model ENGINE_MODEL --batch 1 --json out.json
 
+Without audiocraft (a GPU machine, say) it times the engine alone; ``--random-small`` builds a random
+MAGNeT-small-shaped engine model (d 1024, 24 layers, 16 heads, card 2048, a random 2-layer T5 of
+width 768) instead of converting a checkpoint:
+
+    python bench/magnet_vs_audiocraft.py --random-small --device cuda --engine-dtypes bfloat16 --batch 1,16
+
 Both sides generate tokens only (no codec), from the same prompts, with the same settings (default:
 10 s, steps 20,10,10,10, nonoverlap, top-p 0.9, temperature 3.0 annealed, CFG 10 -> 1). audiocraft runs
 its CPU path (xformers does not load on a CPU: its torch attention backend, which replaces the band
@@ -78,11 +84,47 @@ def audiocraft_lm(ckpt: str, t5_folder: str):
     return lm.eval()
 
 
+def random_small(out: Path, d: int = 1024, layers: int = 24, heads: int = 16, card: int = 2048) -> Path:
+    """A random MAGNeT engine model of the small size, in ``out`` (engine format; no audiocraft)."""
+    import torch
+
+    from stemgen.engine.text import _transformers   # (hides a source tree's kernels/ from transformers)
+    tf = _transformers()
+    AutoTokenizer, T5Config, T5EncoderModel = tf.AutoTokenizer, tf.T5Config, tf.T5EncoderModel
+    from stemgen.engine.config import LM_WEIGHTS, MagnetConfig, ModelConfig, magnet_sampling_defaults
+    from stemgen.engine.magnet import magnet_shapes
+    from stemgen.engine.text import TEXT_ENCODER_DIR
+    from stemgen.weights_convert.writer import write_model_dir
+
+    if (out / "config.json").is_file():
+        return out
+    cfg = MagnetConfig(d_model=d, n_heads=heads, n_layers=layers, n_q=4, codebook_size=card, ffn_hidden=4 * d,
+                       text_dim=768)
+    g = torch.Generator().manual_seed(0)
+    state = {k: (torch.randn(s, generator=g) / (s[-1] ** 0.5 if len(s) > 1 else 1.0)).half()
+             if len(s) > 1 else 1 + 0.1 * torch.randn(s, generator=g) for k, s in magnet_shapes(cfg).items()}
+    config = ModelConfig(lm=cfg, instruments=[], sampling=magnet_sampling_defaults(), dtype="float16",
+                         weights={"lm": LM_WEIGHTS, "codec": None, "text_encoder": TEXT_ENCODER_DIR}, window=500)
+    tiny = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "magnet" / "t5-tiny"
+
+    def t5(tmp):
+        torch.manual_seed(0)
+        T5EncoderModel(T5Config(d_model=768, d_kv=64, num_heads=12, num_layers=2, d_ff=3072,
+                                vocab_size=len(AutoTokenizer.from_pretrained(tiny)))).save_pretrained(tmp / TEXT_ENCODER_DIR)
+        AutoTokenizer.from_pretrained(tiny).save_pretrained(tmp / TEXT_ENCODER_DIR)
+
+    return write_model_dir(out, config, {"lm": state}, extra=t5)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ckpt", required=True)
-    ap.add_argument("--t5", required=True)
-    ap.add_argument("--engine-model", required=True)
+    ap.add_argument("--ckpt", help="audiocraft state_dict.bin (omit: engine only)")
+    ap.add_argument("--t5", help="the T5 folder of --ckpt")
+    ap.add_argument("--engine-model", help="the converted engine model directory")
+    ap.add_argument("--random-small", metavar="DIR", nargs="?", const="/tmp/stemgen-magnet-small",
+                    help="build (once) and time a random MAGNeT-small engine model in DIR; engine only")
+    ap.add_argument("--random-size", default="1024,24,16", help="d_model,layers,heads of --random-small")
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch", default="1")
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--steps", default="20,10,10,10")
@@ -94,7 +136,6 @@ def main():
     a = ap.parse_args()
     project_packages()
     import torch
-    from audiocraft.modules.conditioners import ConditioningAttributes
 
     from stemgen.engine import Engine
     if a.threads:
@@ -103,10 +144,17 @@ def main():
     T = int(round(a.seconds * 50))
     prompts = ["90s rock with heavy drums", "calm piano", "lofi hip hop beat", "epic orchestral score",
                "funky bass groove", "ambient synth pad", "jazz trio with brushes", "techno with a four on the floor"]
-    lm = audiocraft_lm(a.ckpt, a.t5)
-    engines = {dt: Engine.from_pretrained(a.engine_model, device="cpu", dtype=dt) for dt in a.engine_dtypes.split(",")}
+    if a.random_small:
+        d, layers, heads = (int(x) for x in a.random_size.split(","))
+        a.engine_model = str(random_small(Path(a.random_small), d, layers, heads))
+    if not a.engine_model:
+        ap.error("give --engine-model (with --ckpt and --t5 for audiocraft) or --random-small")
+    lm = audiocraft_lm(a.ckpt, a.t5) if a.ckpt else None
+    engines = {dt: Engine.from_pretrained(a.engine_model, device=a.device, dtype=dt)
+               for dt in a.engine_dtypes.split(",")}
 
     def run_audiocraft(B, steps=steps):
+        from audiocraft.modules.conditioners import ConditioningAttributes
         attrs = [ConditioningAttributes(text={"description": prompts[i % len(prompts)]}) for i in range(B)]
         with torch.no_grad():
             out = lm.generate(conditions=attrs, max_gen_len=T, use_sampling=True, temp=3.0, top_p=0.9, top_k=0,
@@ -117,17 +165,22 @@ def main():
     def run_engine(engine, B, steps=steps):
         out = engine.generate_text_tokens([prompts[i % len(prompts)] for i in range(B)], frames=T, steps=tuple(steps),
                                           span_arrangement=a.span_arrangement)
+        if engine.lm.device.type == "cuda":
+            torch.cuda.synchronize()
         return out[0].shape[-1]
 
+    mcfg = next(iter(engines.values())).config.lm
     report = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "checkpoint": a.ckpt, "d_model": lm.dim, "layers": len(lm.transformer.layers), "seconds": a.seconds,
-              "steps": steps, "span_arrangement": a.span_arrangement, "results": []}
-    print(f"{report['cpu']}, {report['threads']} threads, torch {torch.__version__}; d {lm.dim}, "
-          f"{report['layers']} layers; {a.seconds:g} s, steps {a.steps}", flush=True)
+              "device": a.device + (f" ({torch.cuda.get_device_name()})" if a.device == "cuda" else ""),
+              "checkpoint": a.ckpt or a.engine_model, "d_model": mcfg.d_model, "layers": mcfg.n_layers,
+              "seconds": a.seconds, "steps": steps, "span_arrangement": a.span_arrangement, "results": []}
+    print(f"{report['cpu']}, {report['threads']} threads, torch {torch.__version__}, {report['device']}; "
+          f"d {mcfg.d_model}, {mcfg.n_layers} layers; {a.seconds:g} s, steps {a.steps}", flush=True)
     for B in [int(b) for b in a.batch.split(",")]:
-        runs = {"audiocraft fp32": lambda: run_audiocraft(B)}
+        runs = {"audiocraft fp32": lambda: run_audiocraft(B)} if lm is not None else {}
         runs.update({f"engine {dt}": (lambda e=e: run_engine(e, B)) for dt, e in engines.items()})
-        run_audiocraft(B, [1] * len(steps))   # warm-up (first-call allocations, T5), untimed
+        if lm is not None:
+            run_audiocraft(B, [1] * len(steps))   # warm-up (first-call allocations, T5), untimed
         for e in engines.values():
             run_engine(e, B, [1] * len(steps))
         times = {k: [] for k in runs}
@@ -138,14 +191,14 @@ def main():
                 frames[name] = fn()
                 times[name].append(time.perf_counter() - t0)
                 print(f"  batch {B} {name}: {times[name][-1]:.1f} s", flush=True)
-        base = statistics.median(times["audiocraft fp32"])
+        base = statistics.median(times["audiocraft fp32"]) if lm is not None else None
         for name, ts in times.items():
             wall = statistics.median(ts)
             row = {"batch": B, "impl": name, "wall_s": ts, "median_s": wall, "frames": frames[name],
-                   "frames_per_s": B * frames[name] / wall, "x_audiocraft": base / wall}
+                   "frames_per_s": B * frames[name] / wall, "x_audiocraft": base / wall if base else None}
             report["results"].append(row)
-            print(f"batch {B:2d} {name:18s} {wall:8.1f} s  {row['frames_per_s']:7.1f} frames/s  "
-                  f"{row['x_audiocraft']:.2f}x audiocraft", flush=True)
+            print(f"batch {B:2d} {name:18s} {wall:8.1f} s  {row['frames_per_s']:7.1f} frames/s"
+                  + (f"  {row['x_audiocraft']:.2f}x audiocraft" if base else ""), flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps(report, indent=1) + "\n")
 
