@@ -129,7 +129,8 @@ MAGNET_KNOBS = ("steps", "temperature", "top_k", "top_p", "seed", "max_cfg_coef"
 
 def magnet_sampling_defaults(steps=(20, 10, 10, 10), temperature: float = 3.0, top_k: int = 0,
                              top_p: float = 0.9, **rest) -> SamplingConfig:
-    """MAGNeT's generation defaults (audiocraft's MAGNeT.set_generation_params)."""
+    """MAGNeT's generation defaults: audiocraft's MAGNeT.set_generation_params (top-p 0.9, temperature
+    3.0 annealed, CFG 10 -> 1, steps 20,10,10,10, nonoverlap spans)."""
     return SamplingConfig(steps=tuple(steps), guidance="magnet", temperature=temperature, top_k=top_k, top_p=top_p,
                           **rest)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..engine.config import MagnetConfig, ModelFormatError, SamplingConfig, check_finite, check_shapes
+from ..engine.config import MagnetConfig, ModelFormatError, check_finite, check_shapes
 from ..engine.magnet import magnet_shapes
 from .codec import _resolve
 
@@ -57,8 +57,10 @@ def is_magnet(path: Path, load) -> bool:
     return False
 
 
-def magnet_config(root: dict, where: str) -> tuple[MagnetConfig, dict, str]:
-    """xp.cfg -> (the engine config, sampling defaults, the T5 model name)."""
+def magnet_config(root: dict, where: str) -> tuple[MagnetConfig, str]:
+    """xp.cfg -> (the engine config, the T5 model name). Its generate.lm section is the training solver's
+    evaluation setting, which audiocraft's MAGNeT API does not use: the engine's defaults are the API's
+    (MAGNeT.set_generation_params; engine.config.magnet_sampling_defaults)."""
     lm = root.get("transformer_lm")
     if not isinstance(lm, dict):
         raise ModelFormatError(f"{where}: xp.cfg has no transformer_lm section")
@@ -80,8 +82,9 @@ def magnet_config(root: dict, where: str) -> tuple[MagnetConfig, dict, str]:
                                "normalisation); not supported")
     masking = get(root, "masking") or {}
     dataset = get(root, "dataset") or {}
-    seconds = get(lm, "segment_duration", 0) or get(dataset, "segment_duration", 10)
-    rate = get(lm, "compression_model_framerate", 50)
+    # as audiocraft's loader (load_lm_model_magnet): the dataset's segment, 50 frames/s, masking's span
+    seconds = get(dataset, "segment_duration", 10)
+    rate = 50
     dim, scale = get(lm, "dim"), get(lm, "hidden_scale", 4)
 
     def number(v, what):
@@ -105,17 +108,14 @@ def magnet_config(root: dict, where: str) -> tuple[MagnetConfig, dict, str]:
         for ours, theirs in XP_NAMES.items():
             text = text.replace(f"lm config.{ours}:", f"xp.cfg {theirs}:")
         raise ModelFormatError(f"{where}: {text}") from None
-    gen = (get(get(root, "generate") or {}, "lm") or {})
-    sampling = {"steps": get(gen, "decoding_steps", [20, 10, 10, 10]), "temperature": get(gen, "temp", 3.0),
-                "top_k": get(gen, "top_k", 0), "top_p": get(gen, "top_p", 0.9)}
-    return cfg, sampling, t5_name
+    return cfg, t5_name
 
 
 # engine config field -> the xp.cfg field it comes from (for error messages)
 XP_NAMES = {"d_model": "transformer_lm.dim", "n_heads": "transformer_lm.num_heads",
             "n_layers": "transformer_lm.num_layers", "n_q": "transformer_lm.n_q", "codebook_size": "transformer_lm.card",
             "ffn_hidden": "transformer_lm.hidden_scale x dim", "band": "transformer_lm.subcodes_context",
-            "segment_frames": "segment_duration x compression_model_framerate", "span_len": "masking.span_len"}
+            "segment_frames": "dataset.segment_duration x 50", "span_len": "masking.span_len"}
 _LAYER = re.compile(r"^transformer\.layers\.(\d+)\.(.+)$")
 _PER_LAYER = {"self_attn.in_proj_weight": "wqkv", "self_attn.out_proj.weight": "wo",
               "cross_attention.out_proj.weight": "cross_wo", "linear1.weight": "w1", "linear2.weight": "w2",
@@ -197,19 +197,10 @@ def read_magnet(path: Path, load):
     """Reader of the "magnet" format -> (MagnetConfig, engine state, {"sampling": ..., "t5": name})."""
     ck = load()
     where = str(path)
-    cfg, sampling, t5_name = magnet_config(_yaml(ck.get("xp.cfg"), where), where)
+    cfg, t5_name = magnet_config(_yaml(ck.get("xp.cfg"), where), where)
     state = map_state(cfg, ck.get("best_state"), where)
     cfg = MagnetConfig(**{**cfg.to_dict(), "text_dim": state["text_proj_w"].shape[1]})
-    return cfg, state, {"sampling": sampling, "t5": t5_name}
-
-
-def magnet_sampling(defaults: dict, where: str) -> SamplingConfig:
-    """The checkpoint's generation defaults as the engine's MAGNeT sampling settings."""
-    from ..engine.config import magnet_sampling_defaults
-    try:
-        return magnet_sampling_defaults(**defaults)
-    except (TypeError, ValueError) as e:
-        raise ModelFormatError(f"{where}: xp.cfg generate.lm: {e}") from None
+    return cfg, state, {"t5": t5_name}
 
 
 def convert_magnet(source, out: Path, codec: Path | None, codec_format: str | None, text_encoder: Path | None,
@@ -238,7 +229,8 @@ def convert_magnet(source, out: Path, codec: Path | None, codec_format: str | No
         if codec_cfg.bins != cfg.codebook_size or codec_cfg.n_q < cfg.n_q:
             raise ModelFormatError(f"codec ({codec_cfg.n_q} levels x {codec_cfg.bins} codes) does not fit the "
                                    f"LM ({cfg.n_q} levels x {cfg.codebook_size} codes)")
-    config = ModelConfig(lm=cfg, instruments=[], sampling=magnet_sampling(meta["sampling"], str(path)),
+    from ..engine.config import magnet_sampling_defaults
+    config = ModelConfig(lm=cfg, instruments=[], sampling=magnet_sampling_defaults(),
                          dtype=str(dtype).split(".")[-1], codec=codec_cfg.to_dict() if codec_cfg else None,
                          weights={"lm": LM_WEIGHTS, "codec": CODEC_WEIGHTS if codec_cfg else None,
                                   "text_encoder": TEXT_ENCODER_DIR},
