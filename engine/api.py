@@ -14,7 +14,7 @@ import torch
 
 from .errors import RequestError
 from .models import resolve_model
-from .audio import AudioError, peak_safe, to_format
+from .audio import AudioError, check_budget, peak_safe, to_format
 from .codec import Codec, CodecConfig, load_codec
 from .config import ModelConfig, ModelFormatError, SamplingConfig
 from .model import StemGenEngineLM, default_dtype, load_lm, resolve_dtype
@@ -405,6 +405,8 @@ class Engine:
             raise AudioError("context audio must be [channels, samples] with at least one sample")
         if not np.isfinite(audio).all():
             raise AudioError("context audio contains NaN or infinite samples")
+        check_budget(audio.shape[1], audio.shape[0], sample_rate, codec.cfg.sample_rate, codec.cfg.channels,
+                     name="the context")   # the resampled length, before resampling
         x = to_format(audio, sample_rate, codec.cfg.sample_rate, codec.cfg.channels)
         hop = codec.cfg.hop_length
         if x.shape[1] < hop:
