@@ -84,6 +84,23 @@ def _graphs_status() -> str:
             "off); the background service (serve, folder runs) only with --cuda-graphs / STEMGEN_CUDA_GRAPHS=1")
 
 
+def check_environment() -> None:
+    """The STEMGEN_* variables that are otherwise read later (at the first request or generation),
+    checked now: a ValueError (one line) naming the first bad one. For a server's start-up."""
+    from .audio import max_samples, max_seconds
+    from .runner import cpu_chunk_rows
+
+    max_seconds()
+    max_samples()
+    cpu_chunk_rows(1)
+    choice = os.environ.get("STEMGEN_BACKEND", "auto")
+    if choice not in ("auto", "reference", "cpp", "triton"):
+        raise ValueError(f"STEMGEN_BACKEND={choice[:40]!r}: use auto, reference, cpp or triton")
+    flag = os.environ.get("STEMGEN_CUDA_GRAPHS")
+    if flag is not None and flag not in ("0", "1"):
+        raise ValueError(f"STEMGEN_CUDA_GRAPHS={flag[:40]!r}: use 1 (on) or 0 (off)")
+
+
 def default_max_frames(device: torch.device) -> int:
     """The scheduler's frame budget (rows x frames run together in a step). On a GPU, from the
     batch sweep of the paper model (H200, 20 s, multi CFG = 3 rows): throughput reaches 90% of its

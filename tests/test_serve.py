@@ -154,23 +154,45 @@ def test_sync_endpoint_and_cancel(server):
 
 
 def test_sigterm_with_jobs_in_flight_exits_cleanly(model):
+    """SIGTERM with queued jobs, a /v1/generate waiting on a long job and a client stalled halfway
+    through its upload: the jobs are cancelled at once (the waiting client gets a JSON 503), the
+    stalled connection is cut after --shutdown-grace, and the process exits 0 within that."""
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "stemgen", "serve", "--model", str(model), "--port", str(port),
-                             "--dtype", "float32"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             "--dtype", "float32", "--shutdown-grace", "2"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
+    stalled = None
     try:
         wait_up(base + "/readyz", seconds=30)
         ids = [submit(base, wav_bytes(2.0), steps="300,300,300,300").json()["id"] for _ in range(3)]
         assert httpx.get(f"{base}/v1/jobs/{ids[0]}").json()["status"] in ("queued", "running")
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(60)
+        with ThreadPoolExecutor(1) as pool:
+            sync = pool.submit(httpx.post, base + "/v1/generate",
+                               files={"file": ("c.wav", wav_bytes(20.0), "audio/wav")},
+                               data={"instrument": "bass", "steps": "3000,3000,3000,3000"}, timeout=120)
+            stalled = socket.create_connection(("127.0.0.1", port), timeout=5)
+            stalled.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=B\r\n"
+                            b"Content-Length: 100000\r\n\r\n--B\r\n")
+            t0 = time.time()
+            while httpx.get(base + "/metrics").text.count("stemgen_jobs 4.0") == 0 and time.time() - t0 < 30:
+                time.sleep(0.05)                       # the sync job is queued too
+            proc.send_signal(signal.SIGTERM)
+            t0 = time.time()
+            rc = proc.wait(30)
+            took = time.time() - t0
+            r = sync.result(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
+        if stalled is not None:
+            stalled.close()
     err = proc.stderr.read().decode()
     assert rc == 0, err[-2000:]
     assert "Traceback" not in err and "terminate called" not in err
+    assert took < 2 + 8, f"took {took:.1f} s to stop"
+    assert r.status_code == 503 and "shutting down" in r.json()["error"], r.text
 
 
 # --- hardening, round 3 ----------------------------------------------------------------------------
@@ -435,3 +457,36 @@ def test_404s_delete_and_readyz(server, model):
     assert wait(base, job["id"])["status"] == "done"
     ready = httpx.get(base + "/readyz").json()
     assert ready["model"] == model.name and "/" not in ready["model"]
+
+
+@pytest.mark.parametrize("args, env, needle", [
+    (["--port", "70000"], {}, "--port 70000"),
+    (["--max-jobs", "0"], {}, "--max-jobs"),
+    (["--job-timeout", "nan"], {}, "--job-timeout"),
+    (["--max-upload-mb", "-1"], {}, "--max-upload-mb"),
+    (["--shutdown-grace", "inf"], {}, "--shutdown-grace"),
+    ([], {"STEMGEN_MAX_SECONDS": "nan"}, "STEMGEN_MAX_SECONDS"),
+    ([], {"STEMGEN_MAX_SAMPLES": "0"}, "STEMGEN_MAX_SAMPLES"),
+    ([], {"STEMGEN_CPU_CHUNK_ROWS": "-3"}, "STEMGEN_CPU_CHUNK_ROWS"),
+    ([], {"STEMGEN_CUDA_GRAPHS": "yes"}, "STEMGEN_CUDA_GRAPHS"),
+])
+def test_serve_refuses_bad_options_before_loading_the_model(model, monkeypatch, args, env, needle):
+    from test_hardening import one_line_error
+
+    def loaded(*a, **k):
+        raise RuntimeError("the model was loaded")
+
+    monkeypatch.setattr(Engine, "from_pretrained", loaded)
+    res = CliRunner().invoke(cli_app, ["serve", "--model", str(model), "--port", str(free_port()), *args], env=env)
+    one_line_error(res, needle)
+
+
+def test_serve_refuses_a_taken_port_before_loading_the_model(model, monkeypatch):
+    from test_hardening import one_line_error
+
+    monkeypatch.setattr(Engine, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        res = CliRunner().invoke(cli_app, ["serve", "--model", str(model), "--port", str(s.getsockname()[1])])
+    one_line_error(res, "cannot listen on 127.0.0.1")
