@@ -14,7 +14,7 @@ import torch
 
 from .errors import RequestError
 from .models import resolve_model
-from .audio import AudioError, peak_safe, to_format
+from .audio import AudioError, check_budget, peak_safe, to_format
 from .codec import Codec, CodecConfig, load_codec
 from .config import ModelConfig, ModelFormatError, SamplingConfig
 from .model import StemGenEngineLM, default_dtype, load_lm, resolve_dtype
@@ -82,6 +82,23 @@ def _graphs_status() -> str:
         return f"STEMGEN_CUDA_GRAPHS={flag!r} is not 0 or 1: generation will refuse it"
     return ("on for generations in the caller's thread (default; --no-cuda-graphs or STEMGEN_CUDA_GRAPHS=0: "
             "off); the background service (serve, folder runs) only with --cuda-graphs / STEMGEN_CUDA_GRAPHS=1")
+
+
+def check_environment() -> None:
+    """The STEMGEN_* variables that are otherwise read later (at the first request or generation),
+    checked now: a ValueError (one line) naming the first bad one. For a server's start-up."""
+    from .audio import max_samples, max_seconds
+    from .runner import cpu_chunk_rows
+
+    max_seconds()
+    max_samples()
+    cpu_chunk_rows(1)
+    choice = os.environ.get("STEMGEN_BACKEND", "auto")
+    if choice not in ("auto", "reference", "cpp", "triton"):
+        raise ValueError(f"STEMGEN_BACKEND={choice[:40]!r}: use auto, reference, cpp or triton")
+    flag = os.environ.get("STEMGEN_CUDA_GRAPHS")
+    if flag is not None and flag not in ("0", "1"):
+        raise ValueError(f"STEMGEN_CUDA_GRAPHS={flag[:40]!r}: use 1 (on) or 0 (off)")
 
 
 def default_max_frames(device: torch.device) -> int:
@@ -405,6 +422,8 @@ class Engine:
             raise AudioError("context audio must be [channels, samples] with at least one sample")
         if not np.isfinite(audio).all():
             raise AudioError("context audio contains NaN or infinite samples")
+        check_budget(audio.shape[1], audio.shape[0], sample_rate, codec.cfg.sample_rate, codec.cfg.channels,
+                     name="the context")   # the resampled length, before resampling
         x = to_format(audio, sample_rate, codec.cfg.sample_rate, codec.cfg.channels)
         hop = codec.cfg.hop_length
         if x.shape[1] < hop:

@@ -1,6 +1,7 @@
 """Audio I/O: read what libsndfile reads, resample (soxr), match channels, write WAV atomically."""
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import warnings
@@ -18,14 +19,57 @@ CONTAINERS = {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG", ".mp3": "MP3"}
 MIN_SAMPLE_RATE = 4000
 MAX_SAMPLE_RATE = 384000
 MAX_CHANNELS = 32
+# decoded samples x channels one input may allocate (float32: 4 bytes each, so 512 MiB), checked
+# from the header before decoding, and again for the resampled length before resampling: a small
+# compressed file (8 channels of 96 kHz silence for 10 minutes is 0.5 MB of FLAC) would
+# otherwise decode to gigabytes
+MAX_SAMPLES = 1 << 27
+
+
+def _env_number(name: str, default: float, lo: float, hi: float, integer: bool = False) -> float:
+    """A number from the environment variable ``name`` (``default`` when unset), finite, in [lo, hi]."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or not lo <= value <= hi or (integer and not value.is_integer()):
+        what = "a whole number" if integer else "a number"
+        raise AudioError(f"{name}={text[:40]!r}: must be {what} from {lo:g} to {hi:g}")
+    return int(value) if integer else value
 
 
 def max_seconds() -> float:
     """Longest accepted input (seconds): STEMGEN_MAX_SECONDS, default 1200 (20 minutes)."""
-    try:
-        return float(os.environ.get("STEMGEN_MAX_SECONDS", "1200"))
-    except ValueError:
-        raise AudioError("STEMGEN_MAX_SECONDS must be a number of seconds") from None
+    return _env_number("STEMGEN_MAX_SECONDS", 1200.0, 0.001, 1e7)
+
+
+def max_samples() -> int:
+    """Most decoded samples x channels an input may take (before and after resampling):
+    STEMGEN_MAX_SAMPLES, default 2^27 (134,217,728: 512 MiB of float32)."""
+    return _env_number("STEMGEN_MAX_SAMPLES", MAX_SAMPLES, 1, 1 << 40, integer=True)
+
+
+def check_budget(frames: int, channels: int, sample_rate: int, target_rate: int | None = None,
+                 target_channels: int | None = None, name: str = "the audio", budget: int | None = None) -> None:
+    """Refuse, from header values alone, audio whose decoding (frames x channels) or whose
+    resampling to ``target_rate`` with ``target_channels`` would exceed the samples budget
+    (``budget``, default ``max_samples()``)."""
+    budget = max_samples() if budget is None else budget
+    if not (isinstance(sample_rate, (int, float, np.integer, np.floating)) and math.isfinite(sample_rate)
+            and sample_rate > 0):
+        raise AudioError(f"{name}: sample rate {sample_rate!r} is not a positive number of Hz")
+    if frames * channels > budget:
+        raise AudioError(f"{name}: {frames} frames x {channels} channels would decode to {frames * channels:,} "
+                         f"samples, more than the {budget:,} limit (STEMGEN_MAX_SAMPLES); trim, downmix or "
+                         "resample it first")
+    if target_rate is not None and target_channels is not None:
+        n = math.ceil(frames * target_rate / sample_rate) * target_channels
+        if n > budget:
+            raise AudioError(f"{name}: resampled to {target_rate} Hz x {target_channels} channel(s) it would "
+                             f"take {n:,} samples, more than the {budget:,} limit (STEMGEN_MAX_SAMPLES)")
 
 
 from .errors import AudioError  # noqa: E402,F401  (re-exported)
@@ -54,6 +98,7 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
     if info.frames > limit * info.samplerate:
         raise AudioError(f"{path}: {info.frames / info.samplerate:.1f} s is longer than the {limit:g} s limit; "
                          "trim it, or raise STEMGEN_MAX_SECONDS")
+    check_budget(info.frames, info.channels, info.samplerate, name=str(path))
     try:
         data, sr = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as e:  # libsndfile's errors for non-audio / corrupt files

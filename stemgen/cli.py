@@ -554,25 +554,46 @@ def serve_cmd(model: str = typer.Option("demo", "--model", "-m", help="model dir
                                                      help="longest context for POST /v1/generate"),
               max_jobs: int = typer.Option(64, "--max-jobs", help="jobs in flight (and kept for download)"),
               job_timeout: float = typer.Option(1800.0, "--job-timeout", help="seconds before a job is cancelled"),
+              shutdown_grace: float = typer.Option(5.0, "--shutdown-grace",
+                                                   help="SIGTERM: seconds given to open connections before they "
+                                                   "are cut (jobs in flight are cancelled at once)"),
               cuda_graphs: Optional[bool] = typer.Option(None, "--cuda-graphs/--no-cuda-graphs",
                                                          help="replay each step's trunk from CUDA graphs (GPU; "
                                                          "default off for the server: not yet run on a GPU "
                                                          "beside concurrent codec work)")):
     """Serve the engine over HTTP (FastAPI + uvicorn): jobs, status, results, cancel, metrics, /docs.
     Needs the serve extra: pip install -e '.[serve]'."""
+    import socket
+
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401
 
         from .serve import Limits, create_app, run_server
     except ImportError as e:
         fail(f"stemgen serve needs the serve extra ({e.name} is missing): pip install -e '.[serve]'")
     from .engine import Engine
+    from .engine.api import check_environment
 
+    limits = Limits(max_upload_mb=max_upload_mb, max_seconds=max_seconds, max_sync_seconds=max_sync_seconds,
+                    max_jobs=max_jobs, job_timeout_s=job_timeout, shutdown_grace_s=shutdown_grace)
+
+    def check():   # every option and STEMGEN_* variable, before the model loads
+        if not 1 <= port <= 65535:
+            raise ValueError(f"--port {port}: must be from 1 to 65535")
+        limits.check()
+        check_environment()
+
+    run_guarded(check)
+    try:   # bind now, so that a taken port or a bad host fails before the model loads
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except (OSError, OverflowError) as e:
+        fail(f"cannot listen on {host}:{port}: {getattr(e, 'strerror', None) or e}")
     engine = run_guarded(lambda: Engine.from_pretrained(_model_dir(model), device=device, dtype=dtype,
                                                         cuda_graphs=cuda_graphs))
-    app_ = create_app(engine, Limits(max_upload_mb=max_upload_mb, max_seconds=max_seconds,
-                                     max_sync_seconds=max_sync_seconds, max_jobs=max_jobs, job_timeout_s=job_timeout))
-    run_server(app_, host, port)
+    app_ = run_guarded(create_app, engine, limits)
+    run_server(app_, host, port, shutdown_grace=shutdown_grace, sock=sock)
 
 
 @app.command("generate-dataset")

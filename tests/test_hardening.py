@@ -179,6 +179,39 @@ def test_audio_header_limits(model, tmp_path):
     assert not (tmp_path / "o.wav").exists()
 
 
+def test_decoded_samples_budget(model, tmp_path, monkeypatch):
+    """A small file that decodes to gigabytes (8 x 96 kHz x 600 s of FLAC silence: 0.5 MB) is refused
+    from its header before any sample is decoded; the resampled length counts too; the budget is
+    STEMGEN_MAX_SAMPLES, and a NaN or out-of-range limit variable is an error, not a disabled check."""
+    import soundfile
+
+    bomb = tmp_path / "bomb.flac"
+    block = np.zeros((96000 * 10, 8), dtype=np.int16)
+    with sf.SoundFile(bomb, "w", samplerate=96000, channels=8, format="FLAC", subtype="PCM_16") as f:
+        for _ in range(60):
+            f.write(block)
+    assert bomb.stat().st_size < 1_000_000
+
+    def no_decode(*a, **k):
+        raise AssertionError("decoded")
+
+    out = tmp_path / "o.wav"
+    base = ["generate", "-i", "bass", "--out", str(out), "--model", str(model), *FAST]
+    with monkeypatch.context() as m:
+        m.setattr(soundfile, "read", no_decode)
+        res = runner.invoke(app, [*base, str(bomb)], env={"STEMGEN_MAX_SECONDS": "1200"})
+    one_line_error(res, "460,800,000 samples", "STEMGEN_MAX_SAMPLES")
+    low = tmp_path / "low.wav"
+    sf.write(low, 0.3 * np.sin(np.arange(12000) / 5), 4000)   # 12,000 samples; 96,000 at 32 kHz
+    one_line_error(runner.invoke(app, [*base, str(low)], env={"STEMGEN_MAX_SAMPLES": "50000"}), "resampled")
+    for var, value in (("STEMGEN_MAX_SAMPLES", "nan"), ("STEMGEN_MAX_SAMPLES", "0"), ("STEMGEN_MAX_SECONDS", "nan"),
+                       ("STEMGEN_MAX_SECONDS", "-1")):
+        one_line_error(runner.invoke(app, [*base, str(low)], env={var: value}), var)
+    assert not out.exists()
+    res = runner.invoke(app, [*base, str(low)], env={"STEMGEN_MAX_SAMPLES": "100000"})
+    assert res.exit_code == 0, res.output
+
+
 def test_output_collisions_and_formats(model, tmp_path):
     ctx = wav(tmp_path / "c.wav")
     before = ctx.read_bytes()

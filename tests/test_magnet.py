@@ -407,6 +407,34 @@ def test_server_text_jobs_batch_across_clients_and_equal_the_cli(full_model, tmp
         thread.join(30)
 
 
+def test_server_text_job_past_the_segment_is_windowed_as_the_cli(full_model, tmp_path):
+    """A JSON text job longer than the model's segment (10 s) runs window by window on the server,
+    each window a request of its own, and writes the CLI's bytes."""
+    import io
+
+    import httpx
+    import soundfile as sf
+    from test_serve import serving, wait
+
+    from stemgen.engine.api import Engine
+    engine = Engine.from_pretrained(full_model, device="cpu", dtype="float32")
+    widths = []
+    real_submit = engine.service.submit
+    engine.service.submit = lambda req: (widths.append(req.T), real_submit(req))[1]
+    with serving(engine, max_seconds=20) as (base, _):
+        r = httpx.post(base + "/v1/jobs", json={"text": "calm piano", "seconds": 12, "steps": [3, 2, 1, 1],
+                                                "seed": 2}, timeout=30)
+        assert r.status_code == 202, r.text
+        st = wait(base, r.json()["id"])
+        assert st["status"] == "done", st
+        got = httpx.get(f"{base}/v1/jobs/{st['id']}/audio", timeout=30).content
+    assert widths == [engine.segment_frames()] * 2 and st["windows"] == 2, widths
+    res = cli("generate", "--model", full_model, "--text", "calm piano", "--seconds", 12, "--seed", 2, "--out",
+              tmp_path / "o.wav", "--dtype", "float32", *FAST)
+    assert res.exit_code == 0, res.output
+    assert sf.read(tmp_path / "o.wav")[0].tolist() == sf.read(io.BytesIO(got))[0].tolist()
+
+
 @pytest.mark.parametrize("dtype,tol", [("bfloat16", 4e-2), ("float16", 5e-3)])
 def test_half_precision_30s_length_is_finite_and_close(model_dir, dtype, tol):
     """A 30 s model's length (1500 frames) in bf16 and fp16 (audiocraft #564: NaN in fp16): finite
