@@ -89,10 +89,12 @@ def check_environment() -> None:
     checked now: a ValueError (one line) naming the first bad one. For a server's start-up."""
     from .audio import max_samples, max_seconds
     from .runner import cpu_chunk_rows
+    from .threads import fixed_threads
 
     max_seconds()
     max_samples()
     cpu_chunk_rows(1)
+    fixed_threads()
     choice = os.environ.get("STEMGEN_BACKEND", "auto")
     if choice not in ("auto", "reference", "cpp", "triton"):
         raise ValueError(f"STEMGEN_BACKEND={choice[:40]!r}: use auto, reference, cpp or triton")

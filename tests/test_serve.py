@@ -469,6 +469,7 @@ def test_404s_delete_and_readyz(server, model):
     ([], {"STEMGEN_MAX_SAMPLES": "0"}, "STEMGEN_MAX_SAMPLES"),
     ([], {"STEMGEN_CPU_CHUNK_ROWS": "-3"}, "STEMGEN_CPU_CHUNK_ROWS"),
     ([], {"STEMGEN_CUDA_GRAPHS": "yes"}, "STEMGEN_CUDA_GRAPHS"),
+    ([], {"STEMGEN_THREADS": "0"}, "STEMGEN_THREADS"),
 ])
 def test_serve_refuses_bad_options_before_loading_the_model(model, monkeypatch, args, env, needle):
     from test_hardening import one_line_error
