@@ -86,9 +86,43 @@ MAGNET_SPEC = {
     "arch": Field("str", choices=("magnet",)),
 }
 
+# `stemgen train` options (train.trainer.TrainConfig): checked before anything is allocated, so an
+# option can ask for no more than a config.json could (the model's sizes go through TRAIN_SPEC)
+TRAIN_OPTIONS = {
+    "frames": Field("int", 8, 1 << 20), "batch_size": Field("int", 1, 1 << 16), "steps": Field("int", 0, 1 << 40),
+    "lr": Field("float", 1e-12, 10.0), "warmup": Field("int", 0, 1 << 40), "decay_every": Field("int", 1, 1 << 40),
+    "decay_rate": Field("float", 1e-9, 1.0), "weight_decay": Field("float", 0.0, 10.0),
+    "clip": Field("float", 1e-9, 1e9), "val_songs": Field("int", 1, 1 << 20), "val_every": Field("int", 1, 1 << 40),
+    "val_batches": Field("int", 1, 1 << 16), "ckpt_every": Field("int", 1, 1 << 40),
+    "seed": Field("int", 0, (1 << 32) - 1), "autocast": Field("str", choices=("auto", "bf16", "off")),
+    "blank_prob": Field("float", 0.0, 1.0), "preset": Field("str", max_len=64),
+}
+# `stemgen train-codec` options (train.codec.CodecTrainConfig); the codec's sizes go through CODEC_SPEC
+CODEC_TRAIN_OPTIONS = {
+    "batch_size": Field("int", 1, 1 << 16), "steps": Field("int", 0, 1 << 40), "lr": Field("float", 1e-12, 10.0),
+    "warmup": Field("int", 0, 1 << 40), "l1_weight": Field("float", 0.0, 1e6), "commit_weight": Field("float", 0.0, 1e6),
+    "bass_weight": Field("float", 0.0, 1e6), "chroma_weight": Field("float", 0.0, 1e6),
+    "seed": Field("int", 0, (1 << 32) - 1), "songs": Field("int", 0, 1 << 30),
+    "segment_s": Field("float", 0.01, 60.0), "fft_sizes": Field("ints", 16, 1 << 16, max_len=16),
+    "bass_sr": Field("int", 100, 384000),
+}
+
+
+def check_options(values: dict, spec: dict[str, Field]) -> None:
+    """Command-line options (``values`` by field name) against ``spec``; an error names the option
+    as typed (``--batch-size: 0 is out of range [1, 65536]``)."""
+    for name, f in spec.items():
+        if name in values and not (values[name] is None and f.nullable):
+            _check_value(values[name], f, "--" + name.replace("_", "-"))
+
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _bound(b) -> str:
+    """A range bound as people write it: 1048576, not 1.04858e+06; 1e-12 stays short."""
+    return str(int(b)) if float(b).is_integer() and abs(b) < 1e15 else f"{b:g}"
 
 
 def _check_value(v, f: Field, where: str):
@@ -103,7 +137,7 @@ def _check_value(v, f: Field, where: str):
         if isinstance(x, float) and not math.isfinite(x):
             bad(f"must be finite, got {x}")
         if f.lo is not None and x < f.lo or f.hi is not None and x > f.hi:
-            bad(f"{x} is out of range [{f.lo:g}, {f.hi:g}]")
+            bad(f"{x} is out of range [{_bound(f.lo)}, {_bound(f.hi)}]")
         return x
 
     if f.kind == "int":

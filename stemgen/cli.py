@@ -688,10 +688,13 @@ def train_codec_cmd(corpus: Path = typer.Argument(..., help="Slakh2100-layout co
         ffts = [int(n) for n in fft_sizes.split(",")]
     except ValueError:
         fail(f"--fft-sizes {fft_sizes!r}: give comma-separated integers, e.g. 2048,1024,512")
+    if not 0 <= threads <= 4096:
+        fail(f"--threads {threads}: give 0 (torch's default) to 4096")
     cfg = CodecTrainConfig(steps=steps, batch_size=batch_size, lr=lr, n_filters=n_filters, dimension=dimension,
-                           bins=bins, n_q=n_q, songs=songs, seed=seed, warmup=min(warmup, steps), l1_weight=l1_weight,
-                           bass_weight=bass_weight, chroma_weight=chroma_weight, fft_sizes=ffts,
+                           bins=bins, n_q=n_q, songs=songs, seed=seed, warmup=min(warmup, max(steps, 0)),
+                           l1_weight=l1_weight, bass_weight=bass_weight, chroma_weight=chroma_weight, fft_sizes=ffts,
                            init_from=str(init_from or ""))
+    run_guarded(cfg.check, stop_at=stop_at)   # every option and the memory, before anything is read or allocated
     path = run_guarded(train_codec, corpus, out, cfg, log=_train_logger(), threads=threads or None, stop_at=stop_at)
     console.print(f"wrote {path}")
 
@@ -733,40 +736,47 @@ def train_cmd(corpus: Path = typer.Argument(..., help="Slakh2100-layout corpus (
     import torch
 
     from .engine.api import pick_device
-    from .train.data import tokenize_corpus
-    from .train.trainer import TrainConfig, train_lm
+    from .train.data import CONTEXT_SETS, tokenize_corpus
+    from .train.trainer import TrainConfig, check_train_config, train_lm
     from .weights_convert.codec import load_codec_any
 
-    if threads:
-        torch.set_num_threads(threads)
     overrides = {k: v for k, v in dict(d_model=d_model, n_layers=n_layers, n_heads=n_heads).items() if v is not None}
     if autocast not in ("auto", "bf16", "off"):
         fail(f"--autocast {autocast!r}: use auto, bf16 or off")
     if not 0.0 <= blank_prob <= 1.0:
         fail(f"--blank-prob {blank_prob}: give a share between 0 and 1")
+    if contexts not in CONTEXT_SETS:
+        fail(f"--contexts {contexts!r}: use one of {', '.join(CONTEXT_SETS)}")
+    if not 0 <= threads <= 4096:
+        fail(f"--threads {threads}: give 0 (torch's default) to 4096")
     if init_from is not None and not init_from.is_file() and not (out / "last.pt").is_file():
         fail(f"--init-from {init_from}: no such file; give an LM checkpoint (model.pt or last.pt)")
+    cfg = TrainConfig(preset=preset_name, model=overrides, frames=frames, batch_size=batch_size, steps=steps,
+                      lr=lr, warmup=warmup, decay_every=decay_every, decay_rate=decay_rate, val_songs=val_songs,
+                      val_every=val_every, seed=seed, autocast=autocast, blank_prob=blank_prob,
+                      init_from=str(init_from or ""))
+    dev = str(run_guarded(pick_device, device))
+    run_guarded(check_train_config, cfg, None, dev)     # every option and the memory, before the codec or corpus
+    if threads:
+        torch.set_num_threads(threads)
 
     def work():
         cdc, codec_key = load_codec_any(codec)
         overrides.setdefault("codebook_size", cdc.cfg.bins)
         overrides.setdefault("n_q", cdc.cfg.n_q)
+        check_train_config(cfg, None, dev)
         log = _train_logger()
         cache_dir = tokenize_corpus(corpus, cdc, codec_key, cache or out / "tokens", contexts=contexts, log=log)
-        cfg = TrainConfig(preset=preset_name, model=overrides, frames=frames, batch_size=batch_size, steps=steps,
-                          lr=lr, warmup=warmup, decay_every=decay_every, decay_rate=decay_rate, val_songs=val_songs,
-                          val_every=val_every, seed=seed, autocast=autocast, blank_prob=blank_prob,
-                          init_from=str(init_from or ""))
         if sys.stderr.isatty():
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
             with Progress(TextColumn("training"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                           TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=err_console) as bar:
                 task = bar.add_task("train", total=steps, info="")
-                return train_lm(cache_dir, out, cfg, device=str(pick_device(device)), log=log,
+                return train_lm(cache_dir, out, cfg, device=dev, log=log,
                                 progress=lambda i, n, loss, rate: bar.update(
                                     task, completed=i, info=f"loss {loss:.3f} | {rate:.0f} frames/s"))
-        return train_lm(cache_dir, out, cfg, device=str(pick_device(device)), log=log)
+        return train_lm(cache_dir, out, cfg, device=dev, log=log)
 
     path = run_guarded(work)
     console.print(f"wrote {path}")

@@ -365,3 +365,78 @@ def test_idle_service_returns_freed_memory(model, monkeypatch):
         time.sleep(0.01)
     engine.close()
     assert calls, "the idle worker did not release memory"
+
+
+# --- round 3: the trainer, disk errors, symlinks, names -------------------------------------------
+
+TRAIN_BAD_OPTIONS = [
+    (["--n-layers", "100000"], "--n-layers: 100000 is out of range"),
+    (["--d-model", "100000000"], "--d-model"),
+    (["--n-heads", "0"], "--n-heads: 0 is out of range"),
+    (["--n-heads", "3"], "divisible by n_heads"),
+    (["--d-model", "16384", "--n-layers", "256"], "GiB to train"),
+    (["--frames", "0"], "--frames: 0 is out of range"),
+    (["--frames", "1048576", "--batch-size", "65536"], "GiB to train"),
+    (["--batch-size", "0"], "--batch-size: 0 is out of range"),
+    (["--lr", "nan"], "--lr: must be finite"),
+    (["--lr", "0"], "--lr: 0"),
+    (["--decay-every", "0"], "--decay-every"),
+    (["--decay-rate", "inf"], "--decay-rate"),
+    (["--val-songs", "0"], "--val-songs"),
+    (["--val-every", "0"], "--val-every"),
+    (["--warmup", "-1"], "--warmup"),
+    (["--seed", "-1"], "--seed"),
+    (["--preset", "huge"], "--preset 'huge'"),
+    (["--threads", "100000"], "--threads"),
+]
+
+
+@pytest.mark.parametrize("opts, needle", TRAIN_BAD_OPTIONS)
+def test_train_options_checked_before_anything_is_read_or_allocated(tmp_path, monkeypatch, opts, needle):
+    import stemgen.weights_convert.codec as wc
+    monkeypatch.setattr(wc, "load_codec_any", lambda *a, **k: pytest.fail("read the codec before checking options"))
+    res = runner.invoke(app, ["train", str(tmp_path / "corpus"), "--codec", str(tmp_path / "codec"), "--out",
+                              str(tmp_path / "run"), *opts])
+    one_line_error(res, needle)
+    assert not (tmp_path / "run").exists()
+
+
+CODEC_BAD_OPTIONS = [
+    (["--n-filters", "100000"], "--n-filters: 100000 is out of range"),
+    (["--n-filters", "1000"], "bottleneck"),
+    (["--dimension", "100000"], "--dimension"),
+    (["--bins", "1"], "--bins"),
+    (["--n-q", "1000"], "--n-q"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--batch-size", "65536", "--n-filters", "512"], "GiB to train"),
+    (["--lr", "inf"], "--lr"),
+    (["--l1-weight", "inf"], "--l1-weight"),
+    (["--fft-sizes", "65536"], "--fft-sizes: 65536 is too long"),
+    (["--fft-sizes", "0"], "--fft-sizes"),
+    (["--songs", "-1"], "--songs"),
+    (["--stop-at", "0"], "--stop-at"),
+]
+
+
+@pytest.mark.parametrize("opts, needle", CODEC_BAD_OPTIONS)
+def test_train_codec_options_checked_before_anything_is_allocated(tmp_path, monkeypatch, opts, needle):
+    pytest.importorskip("auraloss")
+    import stemgen.train.codec as tc
+    monkeypatch.setattr(tc, "build_codec", lambda *a, **k: pytest.fail("built the codec before checking options"))
+    res = runner.invoke(app, ["train-codec", str(tmp_path / "corpus"), "--out", str(tmp_path / "run"), *opts])
+    one_line_error(res, needle)
+    assert not (tmp_path / "run").exists()
+
+
+def test_trainer_api_checks_options_first(tmp_path, monkeypatch):
+    """The library entry points check too (torchrun scripts, recipes), before the cache is read."""
+    import stemgen.train.trainer as tr
+    from stemgen.train.loop import TrainError
+
+    monkeypatch.setattr(tr, "TokenCorpus", lambda *a, **k: pytest.fail("read the cache before checking options"))
+    for kw, needle in ((dict(model={"n_layers": 100000}), "--n-layers"), (dict(frames=0), "--frames"),
+                       (dict(batch_size=0), "--batch-size"), (dict(lr=float("nan")), "--lr"),
+                       (dict(model={"vocab": 3}), "model overrides")):
+        with pytest.raises(TrainError, match=needle):
+            tr.train_lm(tmp_path / "cache", tmp_path / "run", tr.TrainConfig(preset="tiny", **kw), log=lambda m: None)
+    assert not (tmp_path / "run").exists()

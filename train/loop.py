@@ -2,6 +2,7 @@
 (model, optimizer, schedule, data order, every RNG) and one error type for bad inputs."""
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -14,6 +15,25 @@ from ..engine.fileutil import atomic_file
 
 class TrainError(StemGenError):
     """A bad corpus, checkpoint or option: reported as one line by the CLI."""
+
+
+def machine_memory(device) -> int:
+    """Bytes of memory a training run on ``device`` can have at most: the GPU's, or the machine's RAM."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
+
+
+def check_memory(what: str, n_bytes: float, device, options: str) -> None:
+    """Refuse, before anything is allocated, a run whose estimated memory exceeds the device's."""
+    have = machine_memory(device)
+    if n_bytes > have:
+        raise TrainError(f"{what} needs about {n_bytes / 2 ** 30:.1f} GiB to train, more than the "
+                         f"{have / 2 ** 30:.1f} GiB of {torch.device(device).type}; lower {options}")
 
 
 def atomic_torch_save(obj, path: str | Path) -> None:

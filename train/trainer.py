@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..engine.fileutil import atomic_write_text
 from .config import StemGenConfig, preset
 from .data import PairSampler, TokenCorpus, instrument_name
-from .loop import TrainError, atomic_torch_save, load_resume
+from .loop import TrainError, atomic_torch_save, check_memory, load_resume
 from .model import StemGenLM, masked_batch
 
 
@@ -49,6 +49,44 @@ class TrainConfig:
     autocast: str = "auto"            # auto | bf16 | off
     blank_prob: float = 0.0           # share of pairs trained as the sampler's first step (not SPEC)
     init_from: str = ""               # start from these LM weights (fresh optimizer and schedule; step 0 only)
+
+
+def check_train_config(cfg: TrainConfig, instruments: list[str] | None = None, device: str = "cpu",
+                       ) -> StemGenConfig:
+    """Every option through the schema (engine/schema.py: TRAIN_OPTIONS, and TRAIN_SPEC for the
+    model's sizes, the limits a converted config.json has), then the model's training memory
+    estimated on the meta device against the machine's: all before anything is allocated.
+    Returns the model config (``instruments`` default to a placeholder for the check)."""
+    from ..engine.errors import ModelFormatError
+    from ..engine.schema import TRAIN_OPTIONS, TRAIN_SPEC, check, check_options
+    from .config import PRESETS
+
+    try:
+        check_options(asdict(cfg), TRAIN_OPTIONS)
+        if cfg.preset not in PRESETS:
+            raise TrainError(f"--preset {cfg.preset!r}: choose one of {', '.join(PRESETS)}")
+        if not isinstance(cfg.model, dict) or any(k not in TRAIN_SPEC or k == "instruments" for k in cfg.model):
+            raise TrainError(f"model overrides {sorted(map(str, cfg.model))!r}: only model sizes "
+                             f"({', '.join(k for k in TRAIN_SPEC if k != 'instruments')}) can be set")
+        check_options(cfg.model, TRAIN_SPEC)
+        mcfg = preset(cfg.preset, **{**cfg.model, "instruments": list(instruments or ["instrument"])})
+        check(mcfg.to_dict(), TRAIN_SPEC, "model config")
+    except ModelFormatError as e:
+        raise TrainError(str(e)) from None
+    except (TypeError, ValueError) as e:
+        if isinstance(e, TrainError):
+            raise
+        raise TrainError(f"model options: {e}") from None
+    with torch.device("meta"):
+        params = sum(p.numel() for p in StemGenLM(mcfg).parameters())
+    tokens = cfg.batch_size * cfg.frames
+    # weights, gradients and AdamW's two moments (fp32), and a lower bound of what one step keeps
+    # for the backward pass: per layer and token the block's inputs, q/k/v, the FFN's hidden units;
+    # the logits of every level
+    act = tokens * (mcfg.n_layers * (8 * mcfg.d_model + 3 * mcfg.ffn_hidden) + 3 * mcfg.n_q * mcfg.codebook_size)
+    check_memory(f"an LM of {params / 1e6:.1f}M parameters with --batch-size {cfg.batch_size} x --frames "
+                 f"{cfg.frames}", 16 * params + 4 * act, device, "--d-model/--n-layers/--batch-size/--frames")
+    return mcfg
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -227,6 +265,7 @@ def train_lm(cache: str | Path, out: str | Path, cfg: TrainConfig, device: str =
     (``out/model.pt``, a `stemgen.train` checkpoint that `stemgen convert --lm` reads)."""
     out = Path(out)
     dev = torch.device(device)
+    check_train_config(cfg, device=device)
     dist = _Dist(dev)
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -235,7 +274,7 @@ def train_lm(cache: str | Path, out: str | Path, cfg: TrainConfig, device: str =
     if n <= cfg.val_songs:
         raise TrainError(f"{cache}: {n} tracks; need more than --val-songs {cfg.val_songs} (held out)")
     instruments = sorted({instrument_name(c) for c in corpus_all.classes()})
-    mcfg = preset(cfg.preset, **{**cfg.model, "instruments": instruments})
+    mcfg = check_train_config(cfg, instruments, device)
     info = json.loads((Path(cache) / "index.json").read_text())
     codes_max = max(int(corpus_all.items[k]["codes"].max()) for k in range(len(corpus_all.items)))
     if codes_max >= mcfg.codebook_size:
