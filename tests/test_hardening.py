@@ -440,3 +440,98 @@ def test_trainer_api_checks_options_first(tmp_path, monkeypatch):
         with pytest.raises(TrainError, match=needle):
             tr.train_lm(tmp_path / "cache", tmp_path / "run", tr.TrainConfig(preset="tiny", **kw), log=lambda m: None)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def toy_track(tmp_path_factory):
+    from stemgen.evaluation.corpus import make_corpus
+    return make_corpus(tmp_path_factory.mktemp("toy") / "toy", songs=1, seed=3, sr=16000) / "Track00001"
+
+
+def hostile_track(toy_track, tmp_path, meta=None, edit=None):
+    """A copy of a toy-band track in a corpus of its own, its metadata.yaml replaced (text) or edited."""
+    import yaml
+    track = tmp_path / "corpus" / toy_track.name
+    shutil.copytree(toy_track, track)
+    if edit is not None:
+        doc = yaml.safe_load((track / "metadata.yaml").read_text())
+        meta = edit(doc)
+        meta = meta if isinstance(meta, str) else yaml.safe_dump(meta)
+    if meta is not None:
+        (track / "metadata.yaml").write_text(meta)
+    return track
+
+
+def _stems(edit):
+    def f(doc):
+        edit(doc["stems"])
+        return doc
+    return f
+
+
+CORPUS_CASES = [
+    (dict(meta="stems: [S00, S01]\n"), "'stems' must be a non-empty mapping"),
+    (dict(meta="stems: 5\n"), "'stems' must be a non-empty mapping"),
+    (dict(meta="- 1\n- 2\n"), "must be a YAML mapping"),
+    (dict(meta="stems: {S00: {inst_class: !!binary aGVsbG8=}}\n"), "inst_class b'hello'"),
+    (dict(edit=_stems(lambda s: s["S01"].update(inst_class=5))), "inst_class 5"),
+    (dict(edit=_stems(lambda s: s["S01"].update(inst_class="Bass\x1b[2J"))), "printable"),
+    (dict(edit=_stems(lambda s: s["S01"].update(audio_rendered="yes"))), "audio_rendered"),
+    (dict(edit=_stems(lambda s: s.update({"../../S00": s.pop("S00")}))), "plain name"),
+    (dict(edit=_stems(lambda s: s.update({"S00": [1, 2]}))), "stems.S00 must be a mapping"),
+    (dict(edit=lambda d: {**d, "audio_dir": "../../.."}), "audio_dir"),
+    (dict(edit=lambda d: {**d, "audio_dir": "/etc"}), "audio_dir"),
+    (dict(meta="stems: {S00: {inst_class: x}}\n#" + " " * (5 << 20) + "\n"), "at most 4194304"),
+    (dict(meta="stems: !!python/name:os.system\n"), "not a readable metadata.yaml"),
+    (dict(meta="[" * 20000 + "]" * 20000), "not a readable metadata.yaml"),
+    (dict(meta="stems: {S00: {inst_class: x, audio_rendered: 1" + "0" * 5000 + "}}\n"), "not a readable"),
+]
+
+
+@pytest.mark.parametrize("how, needle", CORPUS_CASES)
+def test_hostile_corpus_metadata_is_one_line(toy_track, tmp_path, how, needle):
+    from stemgen.train.data import read_track
+    from stemgen.train.loop import TrainError
+
+    track = hostile_track(toy_track, tmp_path, **how)
+    with pytest.raises(TrainError, match=re_escape(needle)) as e:
+        read_track(track, 32000)
+    assert "\n" not in str(e.value)
+
+
+def re_escape(s):
+    import re
+    return re.escape(s)
+
+
+def test_hostile_corpus_audio_gets_the_audio_limits(toy_track, tmp_path):
+    """Stems go through generate's header limits: a 1 Hz stem would expand 32000x when resampled."""
+    from stemgen.train.data import read_track, tokenize_corpus
+    from stemgen.train.loop import TrainError
+
+    track = hostile_track(toy_track, tmp_path)
+    sf.write(track / "stems" / "S01.wav", np.zeros(100), 1)
+    with pytest.raises(TrainError, match="sample rate 1 Hz"):
+        read_track(track, 32000)
+    sf.write(track / "stems" / "S01.wav", np.full(1000, np.nan), 16000, subtype="FLOAT")
+    with pytest.raises(TrainError, match="NaN"):
+        read_track(track, 32000)
+    sf.write(track / "stems" / "S01.wav", np.zeros((0, 1)), 16000)
+    with pytest.raises(TrainError, match="empty"):
+        read_track(track, 32000)
+    # a track shorter than one codec frame: one line, not an empty crop later in the sampler
+    for sid in ("S00", "S01", "S02", "S03"):
+        sf.write(track / "stems" / f"{sid}.wav", np.full(100, 0.1), 16000)
+    from stemgen.engine.codec import Codec, CodecConfig
+    from stemgen.random_model import random_codec_weights
+    cfg = CodecConfig(n_filters=4, dimension=16, bins=32, lstm_layers=1)
+    with pytest.raises(TrainError, match="shorter than one codec frame"):
+        tokenize_corpus(track.parent, Codec(cfg, random_codec_weights(cfg, 0)), "k", tmp_path / "tok",
+                        log=lambda m: None)
+
+
+def test_hostile_corpus_through_the_cli(toy_track, model, tmp_path):
+    track = hostile_track(toy_track, tmp_path, meta="stems: [S00]\n")
+    res = runner.invoke(app, ["train", str(track.parent), "--codec", str(model), "--out", str(tmp_path / "run"),
+                              "--preset", "tiny", "--val-songs", "1"])
+    one_line_error(res, "metadata.yaml", "'stems' must be")
