@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from .data import load_corpus_audio
-from .loop import TrainError, atomic_torch_save, check_memory, load_resume, restore_rng, rng_state
+from .loop import (TrainError, atomic_torch_save, check_memory, check_resumable, load_resume, restore_rng,
+                   rng_state, rng_states)
 
 
 @dataclass
@@ -220,6 +221,7 @@ def train_codec(corpus: str | Path, out: str | Path, cfg: CodecTrainConfig, resu
     ck = out / "last.pt"
     if resume and ck.is_file():
         state = load_resume(ck, "codec", asdict(cfg), log, defaults=asdict(CodecTrainConfig()))
+        check_resumable(state, ck, model, opt, sched, cfg.steps, rng_states)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..engine.fileutil import atomic_write_text
 from .config import StemGenConfig, preset
 from .data import PairSampler, TokenCorpus, instrument_name
-from .loop import TrainError, atomic_torch_save, check_memory, load_resume
+from .loop import TrainError, atomic_torch_save, check_memory, check_resumable, load_resume, rank_states
 from .model import StemGenLM, masked_batch
 
 
@@ -307,6 +307,7 @@ def train_lm(cache: str | Path, out: str | Path, cfg: TrainConfig, device: str =
     run_cfg.pop("init_from")
     if resume and ck.is_file():
         state = load_resume(ck, "lm", run_cfg, log, defaults=asdict(TrainConfig()))
+        check_resumable(state, ck, model, opt, sched, cfg.steps, rank_states(dist.world, gen))
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
