@@ -2,10 +2,35 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def output_error(path: str | Path, e: BaseException):
+    """One line for a failed write of ``path``: the OS's reason where the writer kept it (an OSError,
+    safetensors' "(os error N)"); torch's stream writer keeps none, so then a guess, said as one."""
+    import errno
+
+    from .errors import OutputError
+
+    code = e.errno if isinstance(e, OSError) else None
+    if code is None and (m := re.search(r"os error (\d+)", str(e))):
+        code = int(m.group(1))
+    if code is not None:
+        reason = os.strerror(code)
+        if code in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            reason += "; free some space (or raise the file-size limit) and run again"
+    else:
+        reason = "the write failed (a full disk or a file-size limit?)"
+        try:
+            if shutil.disk_usage(Path(path).parent).free < 1 << 20:
+                reason = "the write failed: the disk is full"
+        except OSError:
+            pass
+    return OutputError(f"cannot write {path}: {reason}; nothing was replaced")
 
 
 def default_permissions(path: str | Path) -> None:
@@ -55,14 +80,19 @@ def atomic_file(path: str | Path):
     """Yield a temporary sibling path to write; on success it replaces ``path`` (with the
     umask's permissions), on failure it is removed."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise output_error(path, e) from None
     os.close(fd)
     try:
         yield Path(tmp)
         default_permissions(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):   # the block writes the file: its OS errors are write errors
+            raise output_error(path, e) from None
         raise
 
 

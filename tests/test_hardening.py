@@ -535,3 +535,36 @@ def test_hostile_corpus_through_the_cli(toy_track, model, tmp_path):
     res = runner.invoke(app, ["train", str(track.parent), "--codec", str(model), "--out", str(tmp_path / "run"),
                               "--preset", "tiny", "--val-songs", "1"])
     one_line_error(res, "metadata.yaml", "'stems' must be")
+
+
+
+CONVERT_UNDER_LIMIT = """
+import json, resource, sys
+from typer.testing import CliRunner
+from stemgen.cli import app
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), resource.RLIM_INFINITY))
+res = [CliRunner().invoke(app, args) for args in json.loads(sys.argv[2])]
+print(json.dumps([[r.exit_code, r.stdout, r.stderr, repr(r.exception)] for r in res]))
+"""
+
+
+def test_convert_on_a_full_disk(model, tmp_path):
+    """convert under a file-size limit (as on a full disk): one error line, no output directory, no
+    temporary left; with --force the model directory it would have replaced is kept intact."""
+    cfg = StemGenConfig(d_model=64, n_heads=2, n_layers=2, codebook_size=32, ffn_multiple_of=16)
+    save_checkpoint(random_train_model(cfg), tmp_path / "a.pt")
+    existing = tmp_path / "existing"
+    shutil.copytree(model, existing)
+    before = snapshot(existing)
+    script = tmp_path / "limit.py"
+    script.write_text(CONVERT_UNDER_LIMIT)
+    runs = [["convert", "--lm", str(tmp_path / "a.pt"), "--out", str(tmp_path / "new")],
+            ["convert", "--lm", str(tmp_path / "a.pt"), "--out", str(existing), "--force"]]
+    r = subprocess.run([sys.executable, str(script), "20000", json.dumps(runs)], capture_output=True, text=True,
+                       timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    for code, out, err, exc in json.loads(r.stdout.strip().splitlines()[-1]):
+        assert code == 1 and err.startswith("error:") and len(err.strip().splitlines()) == 1, (code, err, exc)
+        assert "File too large" in err and "nothing was replaced" in err, err
+    assert not (tmp_path / "new").exists() and snapshot(existing) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "existing", "limit.py"]

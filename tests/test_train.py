@@ -363,3 +363,56 @@ def test_crafted_codec_last_pt(corpus, tmp_path):
             train_codec(corpus, tmp_path / "c", more, log=lambda m: None)
     torch.save(good, tmp_path / "c" / "last.pt")
     train_codec(corpus, tmp_path / "c", more, log=lambda m: None)    # the intact checkpoint still resumes
+
+
+DISK_FULL_SCRIPT = """
+import json, resource, sys
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), resource.RLIM_INFINITY))
+from stemgen.engine.errors import StemGenError
+from stemgen.train.codec import CodecTrainConfig, train_codec
+from stemgen.train.trainer import TrainConfig, train_lm
+res = {}
+try:
+    train_lm(sys.argv[2], sys.argv[3], TrainConfig(**json.loads(sys.argv[4])), log=lambda m: None)
+    res["lm"] = "finished"
+except StemGenError as e:
+    res["lm"] = str(e)
+try:
+    train_codec(sys.argv[5], sys.argv[6], CodecTrainConfig(**json.loads(sys.argv[7])), log=lambda m: None)
+    res["codec"] = "finished"
+except StemGenError as e:
+    res["codec"] = str(e)
+print(json.dumps(res))
+"""
+
+
+def test_full_disk_keeps_the_previous_checkpoint(cache, corpus, tmp_path):
+    """A write that fails for a file-size limit (as on a full disk): train and train-codec end in
+    one error line, the checkpoint and export they would have replaced are kept, no temporary left."""
+    pytest.importorskip("auraloss")
+    from dataclasses import asdict
+
+    from stemgen.train.codec import CodecTrainConfig, train_codec
+
+    run, crun = tmp_path / "run", tmp_path / "codec"
+    train_lm(cache, run, tiny_cfg(steps=2), log=lambda m: None)
+    ccfg = CodecTrainConfig(steps=1, batch_size=1, n_filters=4, dimension=16, bins=32, segment_s=0.25, warmup=1,
+                            fft_sizes=[512, 256])
+    train_codec(corpus, crun, ccfg, log=lambda m: None, ckpt_every=1)
+    kept = {p: p.read_bytes() for p in (run / "last.pt", run / "model.pt", crun / "last.pt",
+                                        crun / "compression_state_dict.bin")}
+    limit = 2 * (run / "loss.png").stat().st_size    # the curve fits, the checkpoints do not
+    assert limit < min(len(kept[run / "last.pt"]), len(kept[crun / "last.pt"]))
+    script = tmp_path / "full.py"
+    script.write_text(DISK_FULL_SCRIPT)
+    r = subprocess.run([sys.executable, str(script), str(limit), str(cache), str(run),
+                        json.dumps(asdict(tiny_cfg(steps=4))), str(corpus), str(crun),
+                        json.dumps({**asdict(ccfg), "steps": 2})], capture_output=True, text=True, timeout=240,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    for k, folder in (("lm", run), ("codec", crun)):   # torch's writer does not say why; the message guesses
+        assert res[k].startswith(f"cannot write {folder / 'last.pt'}: ") and "\n" not in res[k], res
+        assert "full disk or a file-size limit" in res[k], res
+    assert all(p.read_bytes() == b for p, b in kept.items())
+    assert not list(run.glob(".*tmp*")) and not list(crun.glob(".*tmp*"))

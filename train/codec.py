@@ -12,7 +12,6 @@ Training dependencies (``encodec``, ``auraloss``) are imported here only, never 
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 
 from .data import load_corpus_audio
-from .loop import (TrainError, atomic_torch_save, check_memory, check_resumable, load_resume, restore_rng,
+from .loop import (MetricsLog, TrainError, atomic_torch_save, check_memory, check_resumable, load_resume, restore_rng,
                    rng_state, rng_states)
 
 
@@ -238,7 +237,7 @@ def train_codec(corpus: str | Path, out: str | Path, cfg: CodecTrainConfig, resu
     fps = cfg.sample_rate / math.prod(cfg.ratios)
     model.train()
     t0, seen = time.time(), 0
-    metrics = open(out / "metrics.jsonl", "a")
+    metrics = MetricsLog(out / "metrics.jsonl")
     end = min(cfg.steps, stop_at or cfg.steps)
     while step < end:
         x = torch.from_numpy(random_mixes(songs, cfg.batch_size, length, rng))[:, None]
@@ -271,8 +270,7 @@ def train_codec(corpus: str | Path, out: str | Path, cfg: CodecTrainConfig, resu
                      "commit": float(q.penalty), "snr_db": float(snr), "lr": sched.get_last_lr()[0]}
             if cfg.chroma_weight:
                 rec_d["chroma"] = float(harmony)
-            metrics.write(json.dumps(rec_d) + "\n")
-            metrics.flush()
+            metrics.write(rec_d)
             eta = (cfg.steps - step) * cfg.batch_size * cfg.segment_s / max(rate, 1e-9)
             log(f"codec step {step}/{cfg.steps} loss {float(loss):.3f} stft {float(rec):.3f} "
                 + (f"chroma {float(harmony):.3f} " if cfg.chroma_weight else "")

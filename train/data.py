@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -191,16 +189,17 @@ def tokenize_corpus(corpus, codec, codec_key: str, cache: str | Path, contexts: 
         arrays[f"{i}.rms"] = torch.from_numpy(energy.astype(np.float32))
         entries.append({"track": track.name, "classes": classes, "subsets": [list(s) for s in subsets], "frames": T})
         log(f"tokenised {i + 1}/{len(tracks)} {track.name}: {len(subsets)} mixes x {T} frames")
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    fd, tmp = tempfile.mkstemp(dir=cache, suffix=".tmp")
-    os.close(fd)
-    save_file(arrays, tmp)
-    os.replace(tmp, cache / "tokens.safetensors")
-    fd, tmp = tempfile.mkstemp(dir=cache, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump({"key": key, "tracks": entries}, f)
-    os.replace(tmp, index_path)
+    from ..engine.fileutil import atomic_file, atomic_write_text, output_error
+
+    try:
+        with atomic_file(cache / "tokens.safetensors") as tmp:
+            save_file(arrays, str(tmp))
+    except SafetensorError as e:
+        raise output_error(cache / "tokens.safetensors", e) from None
+    atomic_write_text(index_path, json.dumps({"key": key, "tracks": entries}))
     return cache
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import os
 import random
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 
 from ..engine.errors import StemGenError
-from ..engine.fileutil import atomic_file
+from ..engine.fileutil import atomic_file, output_error
 
 
 class TrainError(StemGenError):
@@ -39,8 +40,37 @@ def check_memory(what: str, n_bytes: float, device, options: str) -> None:
 
 
 def atomic_torch_save(obj, path: str | Path) -> None:
-    with atomic_file(path) as tmp:
-        torch.save(obj, tmp)
+    """torch.save to a temporary sibling renamed into place: a failed write (full disk, file-size
+    limit) is one OutputError line, leaves no temporary and keeps the file it would have replaced."""
+    try:
+        with atomic_file(path) as tmp:
+            torch.save(obj, tmp)
+    except RuntimeError as e:   # torch's stream writer reports a failed write as a RuntimeError
+        raise output_error(path, e) from None
+
+
+class MetricsLog:
+    """metrics.jsonl, appended one JSON line per record; a failed write is one OutputError line."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            self.f = open(self.path, "a")
+        except OSError as e:
+            raise output_error(self.path, e) from None
+
+    def write(self, record: dict) -> None:
+        try:
+            self.f.write(json.dumps(record) + "\n")
+            self.f.flush()
+        except OSError as e:
+            raise output_error(self.path, e) from None
+
+    def close(self) -> None:
+        try:
+            self.f.close()
+        except OSError:
+            pass
 
 
 def rng_state(np_rng: np.random.Generator) -> dict:

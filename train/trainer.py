@@ -21,10 +21,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..engine.fileutil import atomic_write_text
+from ..engine.fileutil import atomic_file, atomic_write_text
 from .config import StemGenConfig, preset
 from .data import PairSampler, TokenCorpus, instrument_name
-from .loop import TrainError, atomic_torch_save, check_memory, check_resumable, load_resume, rank_states
+from .loop import (MetricsLog, TrainError, atomic_torch_save, check_memory, check_resumable, load_resume,
+                   rank_states)
 from .model import StemGenLM, masked_batch
 
 
@@ -207,10 +208,11 @@ def plot_curves(metrics_path: Path, png: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    tmp = png.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png)
+    try:
+        with atomic_file(png) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
 
 
 class _Dist:
@@ -329,7 +331,7 @@ def train_lm(cache: str | Path, out: str | Path, cfg: TrainConfig, device: str =
         log(f"LM {mcfg.d_model}d x {mcfg.n_layers} layers ({params / 1e6:.1f}M params), instruments "
             f"{', '.join(mcfg.instruments)}; {len(train_set.targets)} training targets; "
             f"{'bf16 autocast' if amp else 'fp32'} on {dev}; {dist.world} process(es)")
-    metrics = open(out / "metrics.jsonl", "a") if dist.main else None
+    metrics = MetricsLog(out / "metrics.jsonl") if dist.main else None
     t0, frames_seen, step0 = time.time(), 0, step
     model.train()
     while step < cfg.steps:
@@ -351,9 +353,8 @@ def train_lm(cache: str | Path, out: str | Path, cfg: TrainConfig, device: str =
             if progress:
                 progress(step, cfg.steps, loss_value, rate)
             if step % every == 0 or step == cfg.steps:
-                metrics.write(json.dumps({"step": step, "loss": loss_value, "grad_norm": float(gnorm),
-                                          "lr": sched.get_last_lr()[0], "frames_per_s": rate}) + "\n")
-                metrics.flush()
+                metrics.write({"step": step, "loss": loss_value, "grad_norm": float(gnorm),
+                               "lr": sched.get_last_lr()[0], "frames_per_s": rate})
                 if not progress:
                     eta = (cfg.steps - step) / max((step - step0) / (time.time() - t0), 1e-9)
                     log(f"step {step}/{cfg.steps} loss {loss_value:.3f} lr {sched.get_last_lr()[0]:.2e} "
@@ -361,8 +362,7 @@ def train_lm(cache: str | Path, out: str | Path, cfg: TrainConfig, device: str =
         if step % cfg.val_every == 0 or step == cfg.steps:
             if dist.main:
                 v = validate(model, val_batches, amp)
-                metrics.write(json.dumps({"step": step, **v}) + "\n")
-                metrics.flush()
+                metrics.write({"step": step, **v})
                 log(f"validation at step {step}: loss {v['val_loss']:.3f}; accuracy per level "
                     + " ".join(f"{v[f'val_acc_q{q}']:.3f}" for q in range(mcfg.n_q))
                     + f"; blank level 0 {v['val_blank_q0']:.3f} (NULL context {v['val_blank_null_q0']:.3f}, "
