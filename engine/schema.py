@@ -120,6 +120,19 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _show(x, limit: int = 40) -> str:
+    """A value from an untrusted document for an error line: JSON where it is JSON, else repr (YAML
+    tags give bytes, dates, sets...); short, control characters escaped either way."""
+    try:
+        text = json.dumps(x)
+    except (TypeError, ValueError, RecursionError):
+        try:
+            text = repr(x)
+        except Exception:  # noqa: BLE001 - a value whose repr fails is still named by its type
+            text = f"<{type(x).__name__}>"
+    return text[:limit]
+
+
 def _bound(b) -> str:
     """A range bound as people write it: 1048576, not 1.04858e+06; 1e-12 stays short."""
     return str(int(b)) if float(b).is_integer() and abs(b) < 1e15 else f"{b:g}"
@@ -131,13 +144,13 @@ def _check_value(v, f: Field, where: str):
 
     def number(x, integral: bool):
         if integral and not _is_int(x):
-            bad(f"must be an integer, got {json.dumps(x)[:40]}")
+            bad(f"must be an integer, got {_show(x)}")
         if not integral and not (_is_int(x) or isinstance(x, float)):
-            bad(f"must be a number, got {json.dumps(x)[:40]}")
+            bad(f"must be a number, got {_show(x)}")
         if isinstance(x, float) and not math.isfinite(x):
             bad(f"must be finite, got {x}")
         if f.lo is not None and x < f.lo or f.hi is not None and x > f.hi:
-            bad(f"{x} is out of range [{_bound(f.lo)}, {_bound(f.hi)}]")
+            bad(f"{_show(x, 60)} is out of range [{_bound(f.lo)}, {_bound(f.hi)}]")
         return x
 
     if f.kind == "int":
@@ -146,15 +159,15 @@ def _check_value(v, f: Field, where: str):
         return float(number(v, False))
     if f.kind == "bool":
         if not isinstance(v, bool):
-            bad(f"must be true or false, got {json.dumps(v)[:40]}")
+            bad(f"must be true or false, got {_show(v)}")
         return v
     if f.kind in ("str", "name"):
         if not isinstance(v, str) or not v or len(v) > f.max_len:
             bad(f"must be a non-empty string (at most {f.max_len} characters)")
         if f.choices and v not in f.choices:
-            bad(f"{v!r} is not one of {', '.join(f.choices)}")
+            bad(f"{_show(v)} is not one of {', '.join(f.choices)}")
         if f.kind == "name" and (v in (".", "..") or "/" in v or "\\" in v or "\0" in v or Path(v).is_absolute()):
-            bad(f"{v!r} must be a plain file name inside the model directory (no folders, no '..')")
+            bad(f"{_show(v)} must be a plain file name inside the model directory (no folders, no '..')")
         return v
     if f.kind in ("ints", "strs"):
         if isinstance(v, list) and not v and not f.required:

@@ -538,6 +538,43 @@ def test_hostile_corpus_through_the_cli(toy_track, model, tmp_path):
 
 
 
+TAGGED = "seanet: {n_filters: 4, dimension: 16, ratios: [8, 5, 4, 4], lstm: 1}\nrvq: {n_q: 4, bins: 32}\n"
+
+
+@pytest.mark.parametrize("xp, needle", [
+    ("sample_rate: !!binary aGVsbG8=\n" + TAGGED, "sample_rate: must be an integer, got b'hello'"),
+    ("sample_rate: 32000\nseanet: {n_filters: !!timestamp 2001-12-14, ratios: [8, 5, 4, 4]}\nrvq: {n_q: 4}\n",
+     "n_filters: must be an integer, got datetime.date(2001, 12, 14)"),
+    ("sample_rate: 32000\nseanet: {n_filters: 4, causal: !!set {a}}\nrvq: {n_q: 4}\n", "causal: must be true or false"),
+    ("sample_rate: 1" + "0" * 5000 + "\n" + TAGGED, "not valid YAML"),
+])
+def test_yaml_tags_in_a_codec_xp_cfg(tmp_path, xp, needle):
+    """YAML tags give values JSON has no words for (bytes, dates, sets): the schema's error names
+    them instead of failing to format them."""
+    from stemgen.weights_convert.codec import convert_codec
+
+    src = tmp_path / "compression_state_dict.bin"
+    torch.save({"best_state": {}, "xp.cfg": xp}, src)
+    with pytest.raises(StemGenError, match=re_escape(needle)):
+        convert_codec(src)
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda r: r["conditioners"]["description"]["t5"].update(name=b"hi"), "t5.name b'hi'"),
+    (lambda r: r.update(masking=[1, 2]), "'span_len' is a list"),
+    (lambda r: r["transformer_lm"].update(num_layers=b"x"), "transformer_lm.num_layers: must be an integer"),
+])
+def test_yaml_tags_in_a_magnet_xp_cfg(edit, needle):
+    from stemgen.weights_convert.magnet import magnet_config
+
+    root = {"transformer_lm": {"dim": 32, "num_heads": 2, "num_layers": 1, "n_q": 4, "card": 32},
+            "conditioners": {"description": {"model": "t5", "t5": {"name": "t5-base"}}}}
+    magnet_config(root, "ck")              # the document is valid as written
+    edit(root)
+    with pytest.raises(StemGenError, match=re_escape(needle)):
+        magnet_config(root, "ck")
+
+
 CONVERT_UNDER_LIMIT = """
 import json, resource, sys
 from typer.testing import CliRunner
