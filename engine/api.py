@@ -259,7 +259,7 @@ class Engine:
         config = ModelConfig.load(model_dir)
         device = pick_device(device)
         dtype = resolve_dtype(dtype) if dtype else default_dtype(device)
-        lm = load_lm(model_dir / config.weights["lm"], config.lm, device=device, dtype=dtype)
+        lm = load_lm(config.file(model_dir, "lm"), config.lm, device=device, dtype=dtype)
         if config.lm.arch == "magnet" and cuda_graphs:
             raise ValueError("CUDA graphs are not implemented for MAGNeT models yet (their text memory is not a "
                              "graph input): drop --cuda-graphs")
@@ -268,11 +268,11 @@ class Engine:
         codec = None
         if load_codec_weights and config.codec:
             ccfg = CodecConfig.from_dict(config.codec)
-            codec = load_codec(model_dir / config.weights["codec"], ccfg, device=device)
+            codec = load_codec(config.file(model_dir, "codec"), ccfg, device=device)
         engine = cls(config, lm, codec, model_dir, graphs=graphs, service_graphs=explicit)
         if config.lm.arch == "magnet":
             from .text import TextEncoder
-            engine.text_encoder = TextEncoder(model_dir / config.weights["text_encoder"], device=device)
+            engine.text_encoder = TextEncoder(config.file(model_dir, "text_encoder"), device=device)
             if engine.text_encoder.width != config.lm.text_dim:
                 raise ModelFormatError(f"{model_dir}: the text encoder's width is {engine.text_encoder.width}, the LM's "
                                        f"text projection takes {config.lm.text_dim}; re-run `stemgen convert`")

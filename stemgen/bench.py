@@ -165,7 +165,7 @@ def build_models(model_dir, config_name: str, device: torch.device, dtype, basel
 
     if model_dir is not None:
         mc = ModelConfig.load(model_dir)
-        lm = load_lm(model_dir / mc.weights["lm"], mc.lm, device=device, dtype=dtype)
+        lm = load_lm(mc.file(model_dir, "lm"), mc.lm, device=device, dtype=dtype)
         frame_rate = 50.0
         if mc.codec:
             from .engine.codec import CodecConfig

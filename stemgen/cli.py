@@ -86,7 +86,7 @@ def info(model_dir: Optional[Path] = typer.Argument(None, help="engine model dir
         cfg = ModelConfig.load(model_dir)
         Engine.from_pretrained(model_dir, device="cpu", dtype="float32")  # the same checks as generate
         n_params = sum(math.prod(s) for s in expected_shapes(cfg.lm).values())
-        stored = _stored_dtype(model_dir / cfg.weights["lm"])
+        stored = _stored_dtype(cfg.file(model_dir, "lm"))
         return cfg, n_params, stored, backends(pick_device(device), arch=cfg.lm.arch)
 
     cfg, n_params, stored, be = run_guarded(gather)

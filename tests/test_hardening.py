@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -573,6 +574,43 @@ def test_yaml_tags_in_a_magnet_xp_cfg(edit, needle):
     edit(root)
     with pytest.raises(StemGenError, match=re_escape(needle)):
         magnet_config(root, "ck")
+
+
+def test_weight_files_may_not_lead_outside_the_model_directory(model, tmp_path):
+    """A weight file that is a symlink to anywhere (another model's file, /etc/passwd) is refused by
+    generate, info and the trainer's codec reader before it is opened; links inside the folder work."""
+    inside = tmp_path / "inside"
+    shutil.copytree(model, inside)
+    (inside / "sub").mkdir()
+    (inside / "lm.safetensors").rename(inside / "sub" / "real.safetensors")
+    (inside / "lm.safetensors").symlink_to(Path("sub") / "real.safetensors")
+    Engine.from_pretrained(inside, device="cpu", dtype="float32")            # a link inside: fine
+    for name, target in (("lm.safetensors", model / "lm.safetensors"), ("codec.safetensors", Path("/etc/passwd"))):
+        bad = tmp_path / f"bad_{name.split('.')[0]}"
+        shutil.copytree(model, bad)
+        (bad / name).unlink()
+        (bad / name).symlink_to(target)
+        with pytest.raises(StemGenError, match="outside the model directory"):
+            Engine.from_pretrained(bad, device="cpu", dtype="float32")
+        one_line_error(runner.invoke(app, ["info", str(bad)]), "outside the model directory")
+    from stemgen.weights_convert.codec import load_codec_any
+    with pytest.raises(StemGenError, match="outside the model directory"):
+        load_codec_any(bad)
+
+
+def test_text_encoder_folder_may_not_lead_outside(tmp_path):
+    from stemgen.engine.config import inside_model_dir
+
+    d = tmp_path / "m"
+    (d / "text_encoder").mkdir(parents=True)
+    (d / "text_encoder" / "config.json").write_text("{}")
+    assert inside_model_dir(d, "text_encoder", recursive=True) == (d / "text_encoder").resolve()
+    (d / "text_encoder" / "spiece.model").symlink_to("/etc/passwd")
+    with pytest.raises(StemGenError, match="spiece.model: a link that leads outside"):
+        inside_model_dir(d, "text_encoder", recursive=True)
+    (d / "t5").symlink_to(tmp_path, target_is_directory=True)
+    with pytest.raises(StemGenError, match="outside the model directory"):
+        inside_model_dir(d, "t5", recursive=True)
 
 
 CONVERT_UNDER_LIMIT = """

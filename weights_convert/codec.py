@@ -283,7 +283,7 @@ def load_codec_any(src: str | Path):
         if mc.codec is None or not mc.weights.get("codec"):
             raise ModelFormatError(f"{src}: this model directory has no codec")
         cfg = CodecConfig.from_dict(mc.codec)
-        codec = load_codec(src / mc.weights["codec"], cfg)
+        codec = load_codec(mc.file(src, "codec"), cfg)
     else:
         cfg, weights = convert_codec(src)
         codec = Codec(cfg, {k: v.float() for k, v in weights.items()})
