@@ -447,20 +447,19 @@ def _generate_folder(src: Path, instruments: list[str], out: Path, force: bool, 
     def prepare():
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out}: a folder run writes a folder; give a folder path")
-        files = collect_inputs(src)
-        outs = folder_outputs(src, files, out)
+        files, outs, rejected = folder_outputs(src, collect_inputs(src), out)
         engine, sampling = load_engine()
         out.mkdir(parents=True, exist_ok=True)
-        return files, outs, engine, sampling
+        return files, outs, rejected, engine, sampling
 
-    files, outs, engine, sampling = run_guarded(prepare)
+    files, outs, rejected, engine, sampling = run_guarded(prepare)
     _note_untrained(engine)
     with Progress(TextColumn("files"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err_console, transient=True) as bar:
         task = bar.add_task("files", total=len(files))
         summary = run_folder(engine, files, outs, instruments[0], sampling, bits, force,
                              log=lambda m: _say("warning:", "yellow", m),
-                             progress=lambda i, n: bar.update(task, completed=i, total=n))
+                             progress=lambda i, n: bar.update(task, completed=i, total=n), rejected=rejected)
     engine.close()
     _report_files(summary, out)
 
@@ -596,8 +595,9 @@ def generate_dataset_cmd(
         import ray  # noqa: F401
     except ImportError:
         fail("generate-dataset needs Ray: pip install -e '.[cluster]'")
-    from .dataset import clear_stale_temporaries, generate_dataset
+    from .dataset import generate_dataset
     from .engine import Engine
+    from .engine.fileutil import clear_stale_temporaries
     from .workflows import collect_inputs, folder_outputs
 
     def prepare():
@@ -605,14 +605,14 @@ def generate_dataset_cmd(
         engine = Engine.from_pretrained(model_dir, device="cpu", load_codec_weights=False)
         engine.instrument_id(instrument)
         sampling = engine.sampling(seed=seed, steps=_parse_steps(steps))
-        files = collect_inputs(src)
-        outs = folder_outputs(src, files, out)
+        files, outs, rejected = folder_outputs(src, collect_inputs(src), out)
         out.mkdir(parents=True, exist_ok=True)
-        clear_stale_temporaries(out)
-        return str(model_dir), sampling, files, outs
+        clear_stale_temporaries(outs)
+        return str(model_dir), sampling, files, outs, rejected
 
-    model_dir, sampling, files, outs = run_guarded(prepare)
+    model_dir, sampling, files, outs, rejected = run_guarded(prepare)
     summary = run_guarded(generate_dataset, files, outs, model_dir, instrument, sampling, address=ray_address,
+                          rejected=rejected,
                           workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
                           batch_size=batch_size, device=device, dtype=dtype, bits=bits, force=force,
                           log=lambda m: _say("warning:", "yellow", m))

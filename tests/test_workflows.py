@@ -169,3 +169,34 @@ def test_long_context_cli(model, tmp_path):
     res = gen(model, ctx, "-i", "bass", "--out", tmp_path / "s.wav", "--window", "2", "--overlap", "0.5")
     assert res.exit_code == 0, res.output
     assert "windows of 2.0 s" in res.stderr and sf.info(tmp_path / "s.wav").frames == 5 * SR
+
+
+
+def test_list_run_refuses_an_input_at_its_own_output_path(model, tmp_path):
+    """A listed input that sits where its stem would be written: refused in one line (with --force it
+    was overwritten), nothing written."""
+    out = tmp_path / "out"
+    out.mkdir()
+    inside = tone(out / "a.wav", 1.0)
+    before = inside.read_bytes()
+    other = tone(tmp_path / "b.wav", 1.0)
+    lst = tmp_path / "list.txt"
+    lst.write_text(f"{inside}\n{other}\n")
+    for force in ([], ["--force"]):
+        res = gen(model, lst, "-i", "bass", "--out", out, *force)
+        assert res.exit_code == 1 and res.stderr.startswith("error:") and "is also the input" in res.stderr, res.output
+        assert len(res.stderr.strip().splitlines()) == 1
+    assert inside.read_bytes() == before and sorted(p.name for p in out.iterdir()) == ["a.wav"]
+
+
+def test_folder_run_reports_a_link_out_of_the_folder_and_goes_on(model, tmp_path):
+    src = tmp_path / "ctx"
+    src.mkdir()
+    tone(src / "a.wav", 0.5)
+    tone(src / "b.wav", 0.5, f=330)
+    (src / "away.wav").symlink_to(tone(tmp_path / "elsewhere.wav", 0.5))
+    res = gen(model, src, "-i", "bass", "--out", tmp_path / "out")
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.wav", "b.wav"]
+    assert "away.wav" in res.stderr and "outside the input folder" in res.stderr and "Traceback" not in res.output
+    assert "2 of 3 files written" in res.stdout and "1 failed" in res.stdout
