@@ -362,8 +362,8 @@ def generate(
         task = bar.add_task("decoding", total=total)
         advance = lambda q, t, n: bar.advance(task)  # noqa: E731
         if keep is not None:
-            results = [run_guarded(edit_take, engine, x, ctx, keep, context_sr, regions, instrument, sampling,
-                                   progress=advance)[0]]
+            results = run_guarded(edit_take, engine, x, ctx, keep, context_sr, regions, instrument, sampling,
+                                  progress=advance, variations=variations)[0]
         elif len(plan) > 1:
             results = [run_guarded(engine.generate_long, x, ctx, instrument, progress=advance,
                                    sampling=dataclasses.replace(sampling, seed=sampling.seed + i),

@@ -31,9 +31,10 @@ def parse_regions(text: str | None) -> list[tuple[float, float]]:
 
 
 def edit_take(engine, x: np.ndarray, ctx, take_path: Path, context_sr: int, regions, instrument, sampling,
-              progress=None):
-    """Regenerate ``regions`` of the take (or continue it to the context's length). Returns
-    (Generation, keep mask over samples)."""
+              progress=None, variations: int = 1):
+    """Regenerate ``regions`` of the take (or continue it to the context's length): ``variations``
+    of the edit, seeds seed, seed+1, ... decoded in one batch. Returns ([Generation per
+    variation], keep mask over samples)."""
     take, sr = read_audio(take_path)
     if sr != context_sr:
         raise AudioError(f"{take_path}: the take is at {sr} Hz but the context at {context_sr} Hz; "
@@ -43,16 +44,17 @@ def edit_take(engine, x: np.ndarray, ctx, take_path: Path, context_sr: int, regi
                          f"({x.shape[1] / engine.codec.cfg.sample_rate:.2f} s)")
     take_x, take_codes = engine.encode(take, sr)
     target = engine.partial_target(take_codes, ctx.shape[-1], regions)
-    gen = engine.generate_from_context(x, ctx, instrument, progress=progress, sampling=sampling, target=target)[0]
+    gens = engine.generate_from_context(x, ctx, instrument, progress=progress, sampling=sampling, target=target,
+                                        variations=variations)
     # outside the regenerated ranges the take itself is kept (crossfaded at the seams)
     csr = engine.codec.cfg.sample_rate
-    keep = np.ones(gen.stem.shape[1], dtype=bool)
+    keep = np.ones(gens[0].stem.shape[1], dtype=bool)
     for a, b in regions:
         keep[int(a * csr): int(b * csr)] = False
     keep[take_x.shape[1]:] = False
-    stem, gain = peak_safe(splice(gen.stem, take_x, keep, int(SEAM_FADE_S * csr)))
-    gen.stem, gen.gain = stem, gain
-    return gen, keep
+    for gen in gens:
+        gen.stem, gen.gain = peak_safe(splice(gen.stem, take_x, keep, int(SEAM_FADE_S * csr)))
+    return gens, keep
 
 
 def layer(engine, x: np.ndarray, instruments: list[str], sampling, progress=None):

@@ -189,6 +189,23 @@ def test_list_run_refuses_an_input_at_its_own_output_path(model, tmp_path):
     assert inside.read_bytes() == before and sorted(p.name for p in out.iterdir()) == ["a.wav"]
 
 
+def test_keep_with_variations_writes_every_variation(model, tmp_path):
+    """--keep TAKE -n 2: two variations of the edit (seeds seed, seed+1), each the single run with its
+    seed; the take outside the region in both (was: one file written and two reported)."""
+    ctx, take = tone(tmp_path / "ctx.wav", 3.0), tone(tmp_path / "take.wav", 3.0, f=110)
+    res = gen(model, ctx, "-i", "bass", "--keep", take, "--regenerate", "1.0:2.0", "--out", tmp_path / "new.wav",
+              "-n", "2")
+    assert res.exit_code == 0, res.output
+    a, b = (sf.read(tmp_path / f"new_{i}.wav")[0] for i in (1, 2))
+    single = gen(model, ctx, "-i", "bass", "--keep", take, "--regenerate", "1.0:2.0", "--out", tmp_path / "s.wav",
+                 "--seed", "1")
+    assert single.exit_code == 0, single.output
+    assert np.array_equal(b, sf.read(tmp_path / "s.wav")[0]) and not np.array_equal(a, b)
+    old, _ = sf.read(take)
+    far = np.r_[0:int(0.9 * SR), int(2.1 * SR):len(old)]
+    assert np.allclose(a[far], old[far], atol=1e-6) and np.allclose(b[far], old[far], atol=1e-6)
+
+
 def test_folder_run_reports_a_link_out_of_the_folder_and_goes_on(model, tmp_path):
     src = tmp_path / "ctx"
     src.mkdir()
