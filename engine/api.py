@@ -453,7 +453,27 @@ class Engine:
 
     def frames(self, seconds: float) -> int:
         """Codec frames in ``seconds`` (rounded)."""
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds <= 1e7:
+            raise RequestError(f"{seconds} s: give a finite number of seconds, 0 to 1e7")
         return int(round(seconds * self.require_codec().cfg.frame_rate))
+
+    def window_frames(self, window: float | None, overlap: float | None) -> tuple[int | None, int | None]:
+        """``--window`` / ``--overlap`` seconds as frames (None: the default); NaN, infinite or negative
+        seconds and a window under one frame are one RequestError line (a 0 window is not the default)."""
+        fps = self.require_codec().cfg.frame_rate
+
+        def frames(option: str, seconds, least: int):
+            if seconds is None:
+                return None
+            if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds <= 1e7:
+                raise RequestError(f"--{option} {seconds}: give a finite number of seconds, 0 to 1e7")
+            n = int(round(seconds * fps))
+            if n < least:
+                raise RequestError(f"--{option} {seconds:g} s is {n} frames at {fps:g} frames/s; give at least "
+                                   f"{least / fps:g} s")
+            return n
+
+        return frames("window", window, 1), frames("overlap", overlap, 0)
 
     def encode(self, audio: np.ndarray, sample_rate: int) -> tuple[np.ndarray, torch.Tensor]:
         """Audio [channels, N] at any rate -> (audio at the codec's format, codes [Q, T])."""
@@ -487,7 +507,10 @@ class Engine:
         """Long-form plan: (start, end, fixed) per window over T frames. ``window`` defaults to the
         model's training window (config ``window``; none: one window), ``overlap`` to a quarter of
         it; each window's first ``fixed`` frames continue the previous window's tokens."""
-        window = window or self.config.window or T
+        if window is None:
+            window = self.config.window or T
+        if window < 1:
+            raise RequestError(f"a window of {window} frames: give at least one frame")
         overlap = window // 4 if overlap is None else overlap
         if not 0 <= overlap < window:
             raise RequestError(f"overlap ({overlap} frames) must be smaller than the window ({window} frames)")

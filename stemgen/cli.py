@@ -349,8 +349,7 @@ def generate(
     engine, sampling, x, ctx, outs, mixes, context_sr, regions = run_guarded(prepare)
     _note_untrained(engine)
     duration = x.shape[1] / engine.codec.cfg.sample_rate
-    win = engine.frames(window) if window else None
-    ovl = engine.frames(overlap) if overlap is not None else None
+    win, ovl = run_guarded(engine.window_frames, window, overlap)
     plan = run_guarded(engine.windows, ctx.shape[-1], win, ovl)
     if len(plan) > 1:
         _say("note:", "bold", f"{duration:.1f} s context: {len(plan)} windows of "

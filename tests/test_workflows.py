@@ -171,7 +171,6 @@ def test_long_context_cli(model, tmp_path):
     assert "windows of 2.0 s" in res.stderr and sf.info(tmp_path / "s.wav").frames == 5 * SR
 
 
-
 def test_list_run_refuses_an_input_at_its_own_output_path(model, tmp_path):
     """A listed input that sits where its stem would be written: refused in one line (with --force it
     was overwritten), nothing written."""
@@ -204,6 +203,17 @@ def test_keep_with_variations_writes_every_variation(model, tmp_path):
     old, _ = sf.read(take)
     far = np.r_[0:int(0.9 * SR), int(2.1 * SR):len(old)]
     assert np.allclose(a[far], old[far], atol=1e-6) and np.allclose(b[far], old[far], atol=1e-6)
+
+
+@pytest.mark.parametrize("opt, needle", [(["--window", "nan"], "--window nan"), (["--window", "inf"], "--window inf"),
+                                         (["--window", "0"], "--window 0 s is 0 frames"),
+                                         (["--window", "0.001"], "is 0 frames"), (["--window", "-2"], "--window -2"),
+                                         (["--overlap", "nan"], "--overlap nan"),
+                                         (["--window", "1", "--overlap", "1e300"], "--overlap 1e+300")])
+def test_window_options_are_checked(model, tmp_path, opt, needle):
+    res = gen(model, tone(tmp_path / "c.wav", 1.0), "-i", "bass", "--out", tmp_path / "o.wav", *opt)
+    assert res.exit_code == 1 and res.stderr.startswith("error:") and needle in res.stderr, res.output
+    assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "o.wav").exists()
 
 
 def test_folder_run_reports_a_link_out_of_the_folder_and_goes_on(model, tmp_path):
