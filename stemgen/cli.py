@@ -594,6 +594,23 @@ def generate_dataset_cmd(
         import ray  # noqa: F401
     except ImportError:
         fail("generate-dataset needs Ray: pip install -e '.[cluster]'")
+    for name, v in (("--workers", workers), ("--cpus-per-worker", cpus_per_worker), ("--batch-size", batch_size)):
+        if not 1 <= v <= 1 << 16:
+            fail(f"{name} {v}: give 1 to 65536")
+    if not 0 <= gpus_per_worker <= 64:   # NaN too
+        fail(f"--gpus-per-worker {gpus_per_worker}: give 0 to 64 (fractions share a GPU)")
+    if device == "cuda" and gpus_per_worker == 0:
+        fail("--device cuda needs --gpus-per-worker > 0: Ray gives an actor without GPUs none to see")
+    if gpus_per_worker > 0 and ray_address is None:
+        # a local Ray waits forever for GPUs the machine does not have: say so instead
+        import torch
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            fail(f"--gpus-per-worker {gpus_per_worker:g}: this machine has no CUDA GPU that torch can use; drop "
+                 "the option (and --device cuda), or give --ray ADDRESS of a cluster with GPUs")
+        if workers * gpus_per_worker > n:
+            fail(f"--workers {workers} x --gpus-per-worker {gpus_per_worker:g} need {workers * gpus_per_worker:g} "
+                 f"GPUs; this machine has {n}")
     from .dataset import generate_dataset
     from .engine import Engine
     from .engine.fileutil import clear_stale_temporaries

@@ -78,6 +78,9 @@ def generate_dataset(files: list[Path], outs: list[Path], model: str, instrument
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False,
                  **({} if address else {"num_cpus": max(os.cpu_count() or 1, workers * cpus_per_worker)}))
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if gpus_per_worker > gpus:   # the actors would wait forever for them
+        raise ValueError(f"--gpus-per-worker {gpus_per_worker:g}: the Ray cluster has {gpus:g} GPUs")
     t0 = time.perf_counter()
     ds = ray.data.from_items([{"src": s, "out": o} for s, o in todo])
     # Ray Data restarts a dead worker actor and retries its batch by default (tested)

@@ -83,3 +83,21 @@ def test_only_its_own_stale_temporaries_are_cleared(setup):
                               *FAST])
     assert res.exit_code == 0 and "0 of 12 files written" in res.stdout, res.output
     assert all(p.exists() for p in keep) and not stale.exists()
+
+
+@pytest.mark.parametrize("opts, needle", [(["--gpus-per-worker", "1"], "no CUDA GPU"),
+                                          (["--gpus-per-worker", "nan"], "--gpus-per-worker nan"),
+                                          (["--device", "cuda"], "--device cuda needs --gpus-per-worker"),
+                                          (["--workers", "0"], "--workers 0")])
+def test_gpu_options_without_a_gpu_fail_at_once(setup, tmp_path, monkeypatch, opts, needle):
+    """Without a GPU, --gpus-per-worker 1 made the local Ray wait forever for one: one line instead."""
+    import torch
+
+    import stemgen.dataset as ds
+    tmp, model, src, local = setup
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(ds, "generate_dataset", lambda *a, **k: pytest.fail("started the Ray run"))
+    res = runner.invoke(app, ["generate-dataset", str(src), "-i", "bass", "--out", str(tmp_path / "o"), "--model",
+                              str(model), *opts, *FAST])
+    assert res.exit_code == 1 and res.stderr.startswith("error:") and needle in res.stderr, res.output
+    assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
