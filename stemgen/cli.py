@@ -19,14 +19,36 @@ from .weights_convert.formats import formats
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="StemGen engine: generate a stem that fits a musical context.")
-console = Console(soft_wrap=True)
-err_console = Console(stderr=True)
+
+
+def printable(text) -> str:
+    """Untrusted text (file and instrument names, paths, messages quoting them) for a terminal:
+    control and format characters (escape sequences, newlines, bidi overrides) written as Python
+    escapes, so nothing a file names can move the cursor, recolour the terminal or add a line."""
+    text = str(text)
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+class _PlainConsole(Console):
+    """A console whose plain strings are printed as they are: never read as rich markup (paths may
+    hold '['), never highlighted, control characters escaped (see ``printable``)."""
+
+    def print(self, *objects, **kwargs):
+        objects = tuple(printable(o) if isinstance(o, str) else o for o in objects)
+        kwargs.setdefault("markup", False)
+        kwargs.setdefault("highlight", False)
+        super().print(*objects, **kwargs)
+
+
+console = _PlainConsole(soft_wrap=True)
+err_console = _PlainConsole(stderr=True)
 
 
 def _say(label: str, style: str, msg: str) -> None:
-    """One line on stderr; the message is plain text, never read as markup (paths may hold '[')."""
+    """One line on stderr; the message is plain text, never read as markup (paths may hold '['),
+    its control characters escaped (a newline in a file name cannot split the line)."""
     from rich.text import Text
-    err_console.print(Text.assemble((label, style), " ", str(msg)), highlight=False, soft_wrap=True)
+    err_console.print(Text.assemble((label, style), " ", printable(msg)), highlight=False, soft_wrap=True)
 
 
 def fail(msg: str, code: int = 1):
@@ -75,7 +97,7 @@ def info(model_dir: Optional[Path] = typer.Argument(None, help="engine model dir
             return
         t = Table(title="stemgen backends", show_header=False)
         for k, v in be.items():
-            t.add_row(k, v)
+            t.add_row(printable(k), printable(v))
         console.print(t)
         return
     if model_dir is not None:
@@ -94,7 +116,8 @@ def info(model_dir: Optional[Path] = typer.Argument(None, help="engine model dir
         print(json.dumps({"config": cfg.to_dict(), "lm_parameters": n_params, "stored_dtype": stored,
                           "backends": be}, indent=2))
         return
-    t = Table(title=f"stemgen model: {model_dir}".replace("[", "\\["), show_header=False)
+    from rich.text import Text
+    t = Table(title=Text(printable(f"stemgen model: {model_dir}")), show_header=False)
     lm = cfg.lm
     rows = [("model kind", "MAGNeT (text-conditioned; generate --text)" if lm.arch == "magnet" else
              "StemGen (context + instrument; generate CONTEXT -i INSTRUMENT)"),
@@ -114,9 +137,8 @@ def info(model_dir: Optional[Path] = typer.Argument(None, help="engine model dir
              json.dumps(cfg.codec)),
             ("sampling", ", ".join(f"{k}={v}" for k, v in cfg.sampling.knobs().items()))]
     rows += [(f"backend: {k}", v) for k, v in be.items()]
-    from rich.text import Text
     for k, v in rows:
-        t.add_row(Text(k), Text(str(v)))  # names come from the file: never read as markup
+        t.add_row(Text(printable(k)), Text(printable(v)))  # names come from the file: never markup, no escapes
     console.print(t)
 
 

@@ -613,6 +613,28 @@ def test_text_encoder_folder_may_not_lead_outside(tmp_path):
         inside_model_dir(d, "t5", recursive=True)
 
 
+CONTROL_NAMES = ["bass", "dr\x1b[31mums\nFAKE: line", "\u202egnp.exe"]
+
+
+def test_control_characters_in_names_are_escaped(model, tmp_path):
+    """Instrument and file names from files are printed with their control characters escaped: no
+    terminal escape sequence, newline or bidi override reaches the terminal raw, one error line stays one."""
+    bad = edit_config(model, tmp_path, _set(["instruments"], CONTROL_NAMES))
+    res = runner.invoke(app, ["info", str(bad)])
+    assert res.exit_code == 0, res.output
+    assert "\x1b" not in res.stdout and "\u202e" not in res.stdout and "FAKE: line" in res.stdout
+    assert "dr\\x1b[31mums\\nFAKE: line" in res.stdout and "\\u202egnp.exe" in res.stdout
+    ctx = wav(tmp_path / "c.wav")
+    res = runner.invoke(app, ["generate", str(ctx), "-i", "piano\x1b]0;pwned\x07", "--out", str(tmp_path / "o.wav"),
+                              "--model", str(bad), *FAST])
+    one_line_error(res, "piano\\x1b]0;pwned\\x07", "dr\\x1b[31mums\\nFAKE: line")
+    assert "\x1b" not in res.stderr
+    weird = tmp_path / "a\nb\x1b[2J.wav"
+    res = runner.invoke(app, ["generate", str(weird), "-i", "bass", "--out", str(tmp_path / "o.wav"), "--model",
+                              str(bad), *FAST])
+    one_line_error(res, "a\\nb\\x1b[2J.wav")
+
+
 CONVERT_UNDER_LIMIT = """
 import json, resource, sys
 from typer.testing import CliRunner
