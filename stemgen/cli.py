@@ -943,5 +943,27 @@ def eval_cmd(generated: Path = typer.Option(..., "--generated", help="folder of 
         run_guarded(atomic_write_text, json_path, json.dumps(report, indent=2) + "\n")
 
 
+def _escape_help_markup() -> None:
+    """Typer renders help texts as rich markup, where '[serve]' is a style tag and vanishes
+    ("pip install -e '.'"): escape every bracketed word in the commands' docstrings and options'
+    help, so the help says what the source says."""
+    import inspect
+
+    from rich.markup import escape
+    from typer.models import ParameterInfo
+
+    for info in app.registered_commands:
+        if info.help:
+            info.help = escape(info.help)
+        if info.callback.__doc__:
+            info.callback.__doc__ = escape(info.callback.__doc__)
+        for param in inspect.signature(info.callback).parameters.values():
+            if isinstance(param.default, ParameterInfo) and param.default.help:
+                param.default.help = escape(param.default.help)
+
+
+_escape_help_markup()
+
+
 def main():  # pragma: no cover
     sys.exit(app())

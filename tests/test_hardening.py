@@ -538,7 +538,6 @@ def test_hostile_corpus_through_the_cli(toy_track, model, tmp_path):
     one_line_error(res, "metadata.yaml", "'stems' must be")
 
 
-
 TAGGED = "seanet: {n_filters: 4, dimension: 16, ratios: [8, 5, 4, 4], lstm: 1}\nrvq: {n_q: 4, bins: 32}\n"
 
 
@@ -633,6 +632,24 @@ def test_control_characters_in_names_are_escaped(model, tmp_path):
     res = runner.invoke(app, ["generate", str(weird), "-i", "bass", "--out", str(tmp_path / "o.wav"), "--model",
                               str(bad), *FAST])
     one_line_error(res, "a\\nb\\x1b[2J.wav")
+
+
+def test_help_keeps_bracketed_words():
+    """Rich markup ate '[serve]' from `serve --help` ("pip install -e '.'"); every bracketed word of
+    every command's help and options' help is shown."""
+    import re
+
+    import typer
+
+    cmd = typer.main.get_command(app)
+    for name, sub in cmd.commands.items():
+        texts = [sub.help or ""] + [p.help or "" for p in sub.params]
+        words = {m.replace("\\[", "[") for t in texts for m in re.findall(r"\\?\[[a-z][^\[\]]*\]", t)}
+        out = runner.invoke(app, [name, "--help"], env={"COLUMNS": "400"}).stdout
+        for w in words:
+            assert w in out, (name, w)
+    assert "pip install -e '.[serve]'" in runner.invoke(app, ["serve", "--help"], env={"COLUMNS": "400"}).stdout
+    assert "'.[cluster]'" in runner.invoke(app, ["generate-dataset", "--help"], env={"COLUMNS": "400"}).stdout
 
 
 CONVERT_UNDER_LIMIT = """
