@@ -301,6 +301,7 @@ CRAFTED_LAST_PT = [
     (("optimizer",), [1, 2], "not an optimizer state"),
     (("optimizer", "param_groups", 0, "params"), [0], "parameters"),
     (("optimizer", "param_groups", 0, "lr"), "fast", "param_groups[0].lr"),
+    (("optimizer", "param_groups", 0, "amsgrad"), True, "param_groups[0].amsgrad"),
     (("optimizer", "state", 0, "exp_avg"), torch.zeros(2), "optimizer.state[0].exp_avg"),
     (("optimizer", "state", 10 ** 6), {}, "keyed by this model's parameters"),
     (("scheduler", "optimizer"), 5, "schedule state"),

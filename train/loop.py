@@ -174,12 +174,19 @@ def _check_optimizer(found, opt, where: str) -> None:
     if not isinstance(got, list) or len(got) != len(groups):
         raise _Bad(f"{where}.param_groups is not a list of {len(groups)} groups")
     for i, (g, t) in enumerate(zip(got, groups)):
-        if not isinstance(g, dict) or g.get("params") != t["params"]:
+        ids = g.get("params") if isinstance(g, dict) else None
+        if not isinstance(ids, list) or not all(type(x) is int for x in ids) or ids != t["params"]:
             raise _Bad(f"{where}.param_groups[{i}] does not hold this model's parameters")
         for k, v in g.items():
-            if k in t and k != "params":
+            if k == "params":
+                continue
+            if k in t and (t[k] is None or isinstance(t[k], (bool, str))):
+                # switches (amsgrad, fused, foreach, ...) change the state a step needs: this run's own
+                if type(v) is not type(t[k]) or v != t[k]:
+                    raise _Bad(f"{where}.param_groups[{i}].{k} is {str(v)[:20]!r}, this run's is {t[k]!r}")
+            elif k in t:
                 _same(v, t[k], f"{where}.param_groups[{i}].{k}")
-            elif k not in t and not (v is None or isinstance(v, (bool, int, float, str))):
+            elif not (v is None or isinstance(v, (bool, int, float, str))):
                 raise _Bad(f"{where}.param_groups[{i}].{k} is not a setting")
     st = found["state"]
     if not isinstance(st, dict) or not set(st) <= set(state):
@@ -243,6 +250,9 @@ def check_resumable(state: dict, path: Path, model: torch.nn.Module, opt, sched,
         rng_check(state)
     except _Bad as e:
         raise TrainError(f"{path}: damaged checkpoint ({str(e)[:300]}); delete it or pass another --out to "
+                         "start afresh") from None
+    except Exception as e:  # noqa: BLE001 - whatever else a crafted file trips is the same user error
+        raise TrainError(f"{path}: damaged checkpoint ({type(e).__name__}); delete it or pass another --out to "
                          "start afresh") from None
 
 
