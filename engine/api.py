@@ -278,7 +278,7 @@ class Engine:
         config = ModelConfig.load(model_dir)
         device = pick_device(device)
         dtype = resolve_dtype(dtype) if dtype else default_dtype(device)
-        lm = load_lm(model_dir / config.weights["lm"], config.lm, device=device, dtype=dtype)
+        lm = load_lm(config.file(model_dir, "lm"), config.lm, device=device, dtype=dtype)
         if config.lm.arch == "magnet" and cuda_graphs:
             raise ValueError("CUDA graphs are not implemented for MAGNeT models yet (their text memory is not a "
                              "graph input): drop --cuda-graphs")
@@ -287,11 +287,11 @@ class Engine:
         codec = None
         if load_codec_weights and config.codec:
             ccfg = CodecConfig.from_dict(config.codec)
-            codec = load_codec(model_dir / config.weights["codec"], ccfg, device=device)
+            codec = load_codec(config.file(model_dir, "codec"), ccfg, device=device)
         engine = cls(config, lm, codec, model_dir, graphs=graphs, service_graphs=explicit)
         if config.lm.arch == "magnet":
             from .text import TextEncoder
-            engine.text_encoder = TextEncoder(model_dir / config.weights["text_encoder"], device=device)
+            engine.text_encoder = TextEncoder(config.file(model_dir, "text_encoder"), device=device)
             if engine.text_encoder.width != config.lm.text_dim:
                 raise ModelFormatError(f"{model_dir}: the text encoder's width is {engine.text_encoder.width}, the LM's "
                                        f"text projection takes {config.lm.text_dim}; re-run `stemgen convert`")
@@ -474,7 +474,27 @@ class Engine:
 
     def frames(self, seconds: float) -> int:
         """Codec frames in ``seconds`` (rounded)."""
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds <= 1e7:
+            raise RequestError(f"{seconds} s: give a finite number of seconds, 0 to 1e7")
         return int(round(seconds * self.require_codec().cfg.frame_rate))
+
+    def window_frames(self, window: float | None, overlap: float | None) -> tuple[int | None, int | None]:
+        """``--window`` / ``--overlap`` seconds as frames (None: the default); NaN, infinite or negative
+        seconds and a window under one frame are one RequestError line (a 0 window is not the default)."""
+        fps = self.require_codec().cfg.frame_rate
+
+        def frames(option: str, seconds, least: int):
+            if seconds is None:
+                return None
+            if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds <= 1e7:
+                raise RequestError(f"--{option} {seconds}: give a finite number of seconds, 0 to 1e7")
+            n = int(round(seconds * fps))
+            if n < least:
+                raise RequestError(f"--{option} {seconds:g} s is {n} frames at {fps:g} frames/s; give at least "
+                                   f"{least / fps:g} s")
+            return n
+
+        return frames("window", window, 1), frames("overlap", overlap, 0)
 
     def encode(self, audio: np.ndarray, sample_rate: int) -> tuple[np.ndarray, torch.Tensor]:
         """Audio [channels, N] at any rate -> (audio at the codec's format, codes [Q, T])."""
@@ -508,7 +528,10 @@ class Engine:
         """Long-form plan: (start, end, fixed) per window over T frames. ``window`` defaults to the
         model's training window (config ``window``; none: one window), ``overlap`` to a quarter of
         it; each window's first ``fixed`` frames continue the previous window's tokens."""
-        window = window or self.config.window or T
+        if window is None:
+            window = self.config.window or T
+        if window < 1:
+            raise RequestError(f"a window of {window} frames: give at least one frame")
         overlap = window // 4 if overlap is None else overlap
         if not 0 <= overlap < window:
             raise RequestError(f"overlap ({overlap} frames) must be smaller than the window ({window} frames)")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .fileutil import default_permissions
+from .fileutil import default_permissions, temp_prefix
 
 SUBTYPES = {"16": "PCM_16", "24": "PCM_24", "float": "FLOAT"}
 # output container per file extension (libsndfile format name); subtypes per container below
@@ -195,7 +195,7 @@ def write_audio_set(items: list[tuple[Path, np.ndarray, int]], bits: str = "16")
         for path, audio, sr in items:
             path = check_output_path(path, bits)
             ext = path.suffix.lower()
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=".tmp", dir=path.parent)
             os.close(fd)
             tmps.append((tmp, path))
             with warnings.catch_warnings():

@@ -273,6 +273,15 @@ class ModelConfig:
                    codec=codec, dtype=d.get("dtype", "float32"), weights=weights,
                    untrained=bool(d.get("untrained", False)), window=d.get("window"))
 
+    def file(self, model_dir: str | Path, part: str) -> Path:
+        """The path of weights ``part`` (lm, codec, text_encoder) in ``model_dir``, links resolved; one
+        that leads outside the model directory (a symlink to anywhere, e.g. /etc/passwd) is refused.
+        For the text encoder folder every file in it is checked the same way."""
+        name = self.weights.get(part)
+        if not name:
+            raise ModelFormatError(f"{model_dir}: config.json names no {part} weights")
+        return inside_model_dir(model_dir, name, recursive=part == "text_encoder")
+
     @classmethod
     def load(cls, model_dir: str | Path) -> "ModelConfig":
         path = Path(model_dir) / CONFIG_FILE
@@ -282,3 +291,32 @@ class ModelConfig:
             raise ModelFormatError(f"{path}: missing; a model directory made by `stemgen convert` has one")
         from .schema import load_json
         return cls.from_dict(load_json(path))
+
+
+MAX_FOLDER_FILES = 10000   # a text encoder folder holds a dozen files
+
+
+def inside_model_dir(model_dir: str | Path, name: str, recursive: bool = False) -> Path:
+    """``model_dir / name`` resolved (every symlink followed); refused, as one ModelFormatError line,
+    when it leads outside the resolved model directory. ``recursive``: a folder whose every entry
+    must stay inside too (transformers opens the files of a T5 folder by name)."""
+    root = Path(model_dir).resolve()
+    path = Path(model_dir) / name
+
+    def check(p: Path) -> Path:
+        try:
+            target = p.resolve()
+        except (OSError, RuntimeError) as e:    # RuntimeError: a symlink loop (Python < 3.13)
+            raise ModelFormatError(f"{p}: cannot be resolved ({type(e).__name__})") from None
+        if target != root and root not in target.parents:
+            raise ModelFormatError(f"{p}: a link that leads outside the model directory {model_dir}; a model "
+                                   "directory's files must be inside it (copy the file in)")
+        return target
+
+    target = check(path)
+    if recursive and target.is_dir():
+        for i, entry in enumerate(target.rglob("*")):
+            if i >= MAX_FOLDER_FILES:
+                raise ModelFormatError(f"{path}: more than {MAX_FOLDER_FILES} entries; not a text encoder folder")
+            check(entry)
+    return target

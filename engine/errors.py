@@ -17,3 +17,8 @@ class AudioError(StemGenError):
 
 class RequestError(StemGenError):
     """An invalid generation request (options, context, target)."""
+
+
+class OutputError(StemGenError):
+    """An output could not be written (a full disk, a file-size limit, permissions); nothing half-written
+    is left and a file it would have replaced is kept."""

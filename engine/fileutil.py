@@ -2,10 +2,75 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+
+TEMP_MARK = ".stemgen-"     # every temporary this project writes: .stemgen-<pid>-<name>.<random>.tmp
+_TEMP = re.compile(r"\.stemgen-(\d+)-(.+)\.[A-Za-z0-9_]+\.tmp")
+
+
+def temp_prefix(name: str) -> str:
+    """mkstemp/mkdtemp prefix of a temporary for ``name``: marked as ours and by our process, so a
+    cleanup can never take another program's (or a live run's) hidden ``.*.tmp`` files."""
+    return f"{TEMP_MARK}{os.getpid()}-{name}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return pid > 0   # someone else's live process (or a pid that cannot be ours): leave it
+    return True
+
+
+def clear_stale_temporaries(outputs: list[Path]) -> int:
+    """Remove what a killed writer of ``outputs`` left beside them: only temporaries named by
+    ``temp_prefix`` for one of these outputs, of a process no longer running. Returns how many."""
+    by_dir: dict[Path, set[str]] = {}
+    for o in outputs:
+        by_dir.setdefault(Path(o).parent, set()).add(Path(o).name)
+    n = 0
+    for folder, names in by_dir.items():
+        try:
+            entries = [e.name for e in os.scandir(folder) if e.name.startswith(TEMP_MARK)]
+        except OSError:
+            continue
+        for entry in entries:
+            m = _TEMP.fullmatch(entry)
+            if m and m.group(2) in names and not _alive(int(m.group(1))):
+                (folder / entry).unlink(missing_ok=True)
+                n += 1
+    return n
+
+
+def output_error(path: str | Path, e: BaseException):
+    """One line for a failed write of ``path``: the OS's reason where the writer kept it (an OSError,
+    safetensors' "(os error N)"); torch's stream writer keeps none, so then a guess, said as one."""
+    import errno
+
+    from .errors import OutputError
+
+    code = e.errno if isinstance(e, OSError) else None
+    if code is None and (m := re.search(r"os error (\d+)", str(e))):
+        code = int(m.group(1))
+    if code is not None:
+        reason = os.strerror(code)
+        if code in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            reason += "; free some space (or raise the file-size limit) and run again"
+    else:
+        reason = "the write failed (a full disk or a file-size limit?)"
+        try:
+            if shutil.disk_usage(Path(path).parent).free < 1 << 20:
+                reason = "the write failed: the disk is full"
+        except OSError:
+            pass
+    return OutputError(f"cannot write {path}: {reason}; nothing was replaced")
 
 
 def default_permissions(path: str | Path) -> None:
@@ -22,7 +87,7 @@ def atomic_dir(out: str | Path, replace: bool = False):
     absent or empty folder, or any existing one with ``replace``); when it fails it is removed,
     so no half-written output is ever left at ``out``."""
     out = Path(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out.name), suffix=".tmp", dir=out.parent))
     try:
         yield tmp
         default_permissions(tmp)
@@ -55,14 +120,19 @@ def atomic_file(path: str | Path):
     """Yield a temporary sibling path to write; on success it replaces ``path`` (with the
     umask's permissions), on failure it is removed."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise output_error(path, e) from None
     os.close(fd)
     try:
         yield Path(tmp)
         default_permissions(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):   # the block writes the file: its OS errors are write errors
+            raise output_error(path, e) from None
         raise
 
 

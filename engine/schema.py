@@ -86,9 +86,56 @@ MAGNET_SPEC = {
     "arch": Field("str", choices=("magnet",)),
 }
 
+# `stemgen train` options (train.trainer.TrainConfig): checked before anything is allocated, so an
+# option can ask for no more than a config.json could (the model's sizes go through TRAIN_SPEC)
+TRAIN_OPTIONS = {
+    "frames": Field("int", 8, 1 << 20), "batch_size": Field("int", 1, 1 << 16), "steps": Field("int", 0, 1 << 40),
+    "lr": Field("float", 1e-12, 10.0), "warmup": Field("int", 0, 1 << 40), "decay_every": Field("int", 1, 1 << 40),
+    "decay_rate": Field("float", 1e-9, 1.0), "weight_decay": Field("float", 0.0, 10.0),
+    "clip": Field("float", 1e-9, 1e9), "val_songs": Field("int", 1, 1 << 20), "val_every": Field("int", 1, 1 << 40),
+    "val_batches": Field("int", 1, 1 << 16), "ckpt_every": Field("int", 1, 1 << 40),
+    "seed": Field("int", 0, (1 << 32) - 1), "autocast": Field("str", choices=("auto", "bf16", "off")),
+    "blank_prob": Field("float", 0.0, 1.0), "preset": Field("str", max_len=64),
+}
+# `stemgen train-codec` options (train.codec.CodecTrainConfig); the codec's sizes go through CODEC_SPEC
+CODEC_TRAIN_OPTIONS = {
+    "batch_size": Field("int", 1, 1 << 16), "steps": Field("int", 0, 1 << 40), "lr": Field("float", 1e-12, 10.0),
+    "warmup": Field("int", 0, 1 << 40), "l1_weight": Field("float", 0.0, 1e6), "commit_weight": Field("float", 0.0, 1e6),
+    "bass_weight": Field("float", 0.0, 1e6), "chroma_weight": Field("float", 0.0, 1e6),
+    "seed": Field("int", 0, (1 << 32) - 1), "songs": Field("int", 0, 1 << 30),
+    "segment_s": Field("float", 0.01, 60.0), "fft_sizes": Field("ints", 16, 1 << 16, max_len=16),
+    "bass_sr": Field("int", 100, 384000),
+}
+
+
+def check_options(values: dict, spec: dict[str, Field]) -> None:
+    """Command-line options (``values`` by field name) against ``spec``; an error names the option
+    as typed (``--batch-size: 0 is out of range [1, 65536]``)."""
+    for name, f in spec.items():
+        if name in values and not (values[name] is None and f.nullable):
+            _check_value(values[name], f, "--" + name.replace("_", "-"))
+
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _show(x, limit: int = 40) -> str:
+    """A value from an untrusted document for an error line: JSON where it is JSON, else repr (YAML
+    tags give bytes, dates, sets...); short, control characters escaped either way."""
+    try:
+        text = json.dumps(x)
+    except (TypeError, ValueError, RecursionError):
+        try:
+            text = repr(x)
+        except Exception:  # noqa: BLE001 - a value whose repr fails is still named by its type
+            text = f"<{type(x).__name__}>"
+    return text[:limit]
+
+
+def _bound(b) -> str:
+    """A range bound as people write it: 1048576, not 1.04858e+06; 1e-12 stays short."""
+    return str(int(b)) if float(b).is_integer() and abs(b) < 1e15 else f"{b:g}"
 
 
 def _check_value(v, f: Field, where: str):
@@ -97,13 +144,13 @@ def _check_value(v, f: Field, where: str):
 
     def number(x, integral: bool):
         if integral and not _is_int(x):
-            bad(f"must be an integer, got {json.dumps(x)[:40]}")
+            bad(f"must be an integer, got {_show(x)}")
         if not integral and not (_is_int(x) or isinstance(x, float)):
-            bad(f"must be a number, got {json.dumps(x)[:40]}")
+            bad(f"must be a number, got {_show(x)}")
         if isinstance(x, float) and not math.isfinite(x):
             bad(f"must be finite, got {x}")
         if f.lo is not None and x < f.lo or f.hi is not None and x > f.hi:
-            bad(f"{x} is out of range [{f.lo:g}, {f.hi:g}]")
+            bad(f"{_show(x, 60)} is out of range [{_bound(f.lo)}, {_bound(f.hi)}]")
         return x
 
     if f.kind == "int":
@@ -112,15 +159,15 @@ def _check_value(v, f: Field, where: str):
         return float(number(v, False))
     if f.kind == "bool":
         if not isinstance(v, bool):
-            bad(f"must be true or false, got {json.dumps(v)[:40]}")
+            bad(f"must be true or false, got {_show(v)}")
         return v
     if f.kind in ("str", "name"):
         if not isinstance(v, str) or not v or len(v) > f.max_len:
             bad(f"must be a non-empty string (at most {f.max_len} characters)")
         if f.choices and v not in f.choices:
-            bad(f"{v!r} is not one of {', '.join(f.choices)}")
+            bad(f"{_show(v)} is not one of {', '.join(f.choices)}")
         if f.kind == "name" and (v in (".", "..") or "/" in v or "\\" in v or "\0" in v or Path(v).is_absolute()):
-            bad(f"{v!r} must be a plain file name inside the model directory (no folders, no '..')")
+            bad(f"{_show(v)} must be a plain file name inside the model directory (no folders, no '..')")
         return v
     if f.kind in ("ints", "strs"):
         if isinstance(v, list) and not v and not f.required:

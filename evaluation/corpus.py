@@ -204,21 +204,20 @@ def song_from_metadata(meta: dict) -> Song:
 def load_track(track: str | Path) -> tuple[dict, dict[str, tuple[np.ndarray, int]]]:
     """Read one Slakh2100-layout track: (metadata, {stem id: (mono audio, sr)}) for rendered stems.
     Works for real Slakh2100 tracks (flac stems) and toy-band tracks alike."""
-    import yaml
-
     from ..engine.audio import read_audio
+    from ..train.data import read_metadata
 
     track = Path(track)
     meta_path = track / "metadata.yaml"
     if not meta_path.is_file():
         raise ValueError(f"{track}: no metadata.yaml (not a Slakh2100-layout track)")
-    meta = yaml.safe_load(meta_path.read_text())
+    meta, audio_dir, listed = read_metadata(track)   # untrusted: size, YAML tags, types checked
     stems = {}
-    for sid, info in (meta.get("stems") or {}).items():
-        if not info.get("audio_rendered", True):
+    for sid, _, rendered in listed:
+        if not rendered:
             continue
         for ext in (".wav", ".flac"):
-            p = track / meta.get("audio_dir", "stems") / f"{sid}{ext}"
+            p = audio_dir / f"{sid}{ext}"
             if p.is_file():
                 audio, sr = read_audio(p)
                 stems[sid] = (audio.mean(axis=0), sr)

@@ -167,7 +167,7 @@ def build_models(model_dir, config_name: str, device: torch.device, dtype, basel
         from .engine.model import expected_shapes
         from .engine.tensors import read_weights
         mc = ModelConfig.load(model_dir)
-        state = read_weights(model_dir / mc.weights["lm"], expected_shapes(mc.lm), "the LM config", "tensor",
+        state = read_weights(mc.file(model_dir, "lm"), expected_shapes(mc.lm), "the LM config", "tensor",
                              "re-run `stemgen convert`")
         lm = lm_from_state(mc.lm, state, device, dtype)
         frame_rate = 50.0

@@ -19,14 +19,36 @@ from .weights_convert.formats import formats
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="StemGen engine: generate a stem that fits a musical context.")
-console = Console(soft_wrap=True)
-err_console = Console(stderr=True)
+
+
+def printable(text) -> str:
+    """Untrusted text (file and instrument names, paths, messages quoting them) for a terminal:
+    control and format characters (escape sequences, newlines, bidi overrides) written as Python
+    escapes, so nothing a file names can move the cursor, recolour the terminal or add a line."""
+    text = str(text)
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+class _PlainConsole(Console):
+    """A console whose plain strings are printed as they are: never read as rich markup (paths may
+    hold '['), never highlighted, control characters escaped (see ``printable``)."""
+
+    def print(self, *objects, **kwargs):
+        objects = tuple(printable(o) if isinstance(o, str) else o for o in objects)
+        kwargs.setdefault("markup", False)
+        kwargs.setdefault("highlight", False)
+        super().print(*objects, **kwargs)
+
+
+console = _PlainConsole(soft_wrap=True)
+err_console = _PlainConsole(stderr=True)
 
 
 def _say(label: str, style: str, msg: str) -> None:
-    """One line on stderr; the message is plain text, never read as markup (paths may hold '[')."""
+    """One line on stderr; the message is plain text, never read as markup (paths may hold '['),
+    its control characters escaped (a newline in a file name cannot split the line)."""
     from rich.text import Text
-    err_console.print(Text.assemble((label, style), " ", str(msg)), highlight=False, soft_wrap=True)
+    err_console.print(Text.assemble((label, style), " ", printable(msg)), highlight=False, soft_wrap=True)
 
 
 def fail(msg: str, code: int = 1):
@@ -75,7 +97,7 @@ def info(model_dir: Optional[Path] = typer.Argument(None, help="engine model dir
             return
         t = Table(title="stemgen backends", show_header=False)
         for k, v in be.items():
-            t.add_row(k, v)
+            t.add_row(printable(k), printable(v))
         console.print(t)
         return
     if model_dir is not None:
@@ -86,7 +108,7 @@ def info(model_dir: Optional[Path] = typer.Argument(None, help="engine model dir
         cfg = ModelConfig.load(model_dir)
         Engine.from_pretrained(model_dir, device="cpu", dtype="float32")  # the same checks as generate
         n_params = sum(math.prod(s) for s in expected_shapes(cfg.lm).values())
-        stored = _stored_dtype(model_dir / cfg.weights["lm"])
+        stored = _stored_dtype(cfg.file(model_dir, "lm"))
         return cfg, n_params, stored, backends(pick_device(device), arch=cfg.lm.arch)
 
     cfg, n_params, stored, be = run_guarded(gather)
@@ -94,7 +116,8 @@ def info(model_dir: Optional[Path] = typer.Argument(None, help="engine model dir
         print(json.dumps({"config": cfg.to_dict(), "lm_parameters": n_params, "stored_dtype": stored,
                           "backends": be}, indent=2))
         return
-    t = Table(title=f"stemgen model: {model_dir}".replace("[", "\\["), show_header=False)
+    from rich.text import Text
+    t = Table(title=Text(printable(f"stemgen model: {model_dir}")), show_header=False)
     lm = cfg.lm
     rows = [("model kind", "MAGNeT (text-conditioned; generate --text)" if lm.arch == "magnet" else
              "StemGen (context + instrument; generate CONTEXT -i INSTRUMENT)"),
@@ -114,9 +137,8 @@ def info(model_dir: Optional[Path] = typer.Argument(None, help="engine model dir
              json.dumps(cfg.codec)),
             ("sampling", ", ".join(f"{k}={v}" for k, v in cfg.sampling.knobs().items()))]
     rows += [(f"backend: {k}", v) for k, v in be.items()]
-    from rich.text import Text
     for k, v in rows:
-        t.add_row(Text(k), Text(str(v)))  # names come from the file: never read as markup
+        t.add_row(Text(printable(k)), Text(printable(v)))  # names come from the file: never markup, no escapes
     console.print(t)
 
 
@@ -350,8 +372,7 @@ def generate(
     engine, sampling, x, ctx, outs, mixes, context_sr, regions = run_guarded(prepare)
     _note_untrained(engine)
     duration = x.shape[1] / engine.codec.cfg.sample_rate
-    win = engine.frames(window) if window else None
-    ovl = engine.frames(overlap) if overlap is not None else None
+    win, ovl = run_guarded(engine.window_frames, window, overlap)
     plan = run_guarded(engine.windows, ctx.shape[-1], win, ovl)
     if len(plan) > 1:
         _say("note:", "bold", f"{duration:.1f} s context: {len(plan)} windows of "
@@ -363,8 +384,8 @@ def generate(
         task = bar.add_task("decoding", total=total)
         advance = lambda q, t, n: bar.advance(task)  # noqa: E731
         if keep is not None:
-            results = [run_guarded(edit_take, engine, x, ctx, keep, context_sr, regions, instrument, sampling,
-                                   progress=advance)[0]]
+            results = run_guarded(edit_take, engine, x, ctx, keep, context_sr, regions, instrument, sampling,
+                                  progress=advance, variations=variations)[0]
         elif len(plan) > 1:
             results = [run_guarded(engine.generate_long, x, ctx, instrument, progress=advance,
                                    sampling=dataclasses.replace(sampling, seed=sampling.seed + i),
@@ -448,20 +469,19 @@ def _generate_folder(src: Path, instruments: list[str], out: Path, force: bool, 
     def prepare():
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out}: a folder run writes a folder; give a folder path")
-        files = collect_inputs(src)
-        outs = folder_outputs(src, files, out)
+        files, outs, rejected = folder_outputs(src, collect_inputs(src), out)
         engine, sampling = load_engine()
         out.mkdir(parents=True, exist_ok=True)
-        return files, outs, engine, sampling
+        return files, outs, rejected, engine, sampling
 
-    files, outs, engine, sampling = run_guarded(prepare)
+    files, outs, rejected, engine, sampling = run_guarded(prepare)
     _note_untrained(engine)
     with Progress(TextColumn("files"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err_console, transient=True) as bar:
         task = bar.add_task("files", total=len(files))
         summary = run_folder(engine, files, outs, instruments[0], sampling, bits, force,
                              log=lambda m: _say("warning:", "yellow", m),
-                             progress=lambda i, n: bar.update(task, completed=i, total=n))
+                             progress=lambda i, n: bar.update(task, completed=i, total=n), rejected=rejected)
     engine.close()
     _report_files(summary, out)
 
@@ -621,8 +641,26 @@ def generate_dataset_cmd(
         import ray  # noqa: F401
     except ImportError:
         fail("generate-dataset needs Ray: pip install -e '.[cluster]'")
-    from .dataset import clear_stale_temporaries, generate_dataset
+    for name, v in (("--workers", workers), ("--cpus-per-worker", cpus_per_worker), ("--batch-size", batch_size)):
+        if not 1 <= v <= 1 << 16:
+            fail(f"{name} {v}: give 1 to 65536")
+    if not 0 <= gpus_per_worker <= 64:   # NaN too
+        fail(f"--gpus-per-worker {gpus_per_worker}: give 0 to 64 (fractions share a GPU)")
+    if device == "cuda" and gpus_per_worker == 0:
+        fail("--device cuda needs --gpus-per-worker > 0: Ray gives an actor without GPUs none to see")
+    if gpus_per_worker > 0 and ray_address is None:
+        # a local Ray waits forever for GPUs the machine does not have: say so instead
+        import torch
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            fail(f"--gpus-per-worker {gpus_per_worker:g}: this machine has no CUDA GPU that torch can use; drop "
+                 "the option (and --device cuda), or give --ray ADDRESS of a cluster with GPUs")
+        if workers * gpus_per_worker > n:
+            fail(f"--workers {workers} x --gpus-per-worker {gpus_per_worker:g} need {workers * gpus_per_worker:g} "
+                 f"GPUs; this machine has {n}")
+    from .dataset import generate_dataset
     from .engine import Engine
+    from .engine.fileutil import clear_stale_temporaries
     from .workflows import collect_inputs, folder_outputs
 
     def prepare():
@@ -630,14 +668,14 @@ def generate_dataset_cmd(
         engine = Engine.from_pretrained(model_dir, device="cpu", load_codec_weights=False)
         engine.instrument_id(instrument)
         sampling = engine.sampling(seed=seed, steps=_parse_steps(steps))
-        files = collect_inputs(src)
-        outs = folder_outputs(src, files, out)
+        files, outs, rejected = folder_outputs(src, collect_inputs(src), out)
         out.mkdir(parents=True, exist_ok=True)
-        clear_stale_temporaries(out)
-        return str(model_dir), sampling, files, outs
+        clear_stale_temporaries(outs)
+        return str(model_dir), sampling, files, outs, rejected
 
-    model_dir, sampling, files, outs = run_guarded(prepare)
+    model_dir, sampling, files, outs, rejected = run_guarded(prepare)
     summary = run_guarded(generate_dataset, files, outs, model_dir, instrument, sampling, address=ray_address,
+                          rejected=rejected,
                           workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
                           batch_size=batch_size, device=device, dtype=dtype, bits=bits, force=force,
                           log=lambda m: _say("warning:", "yellow", m))
@@ -713,10 +751,13 @@ def train_codec_cmd(corpus: Path = typer.Argument(..., help="Slakh2100-layout co
         ffts = [int(n) for n in fft_sizes.split(",")]
     except ValueError:
         fail(f"--fft-sizes {fft_sizes!r}: give comma-separated integers, e.g. 2048,1024,512")
+    if not 0 <= threads <= 4096:
+        fail(f"--threads {threads}: give 0 (torch's default) to 4096")
     cfg = CodecTrainConfig(steps=steps, batch_size=batch_size, lr=lr, n_filters=n_filters, dimension=dimension,
-                           bins=bins, n_q=n_q, songs=songs, seed=seed, warmup=min(warmup, steps), l1_weight=l1_weight,
-                           bass_weight=bass_weight, chroma_weight=chroma_weight, fft_sizes=ffts,
+                           bins=bins, n_q=n_q, songs=songs, seed=seed, warmup=min(warmup, max(steps, 0)),
+                           l1_weight=l1_weight, bass_weight=bass_weight, chroma_weight=chroma_weight, fft_sizes=ffts,
                            init_from=str(init_from or ""))
+    run_guarded(cfg.check, stop_at=stop_at)   # every option and the memory, before anything is read or allocated
     path = run_guarded(train_codec, corpus, out, cfg, log=_train_logger(), threads=threads or None, stop_at=stop_at)
     console.print(f"wrote {path}")
 
@@ -758,40 +799,47 @@ def train_cmd(corpus: Path = typer.Argument(..., help="Slakh2100-layout corpus (
     import torch
 
     from .engine.api import pick_device
-    from .train.data import tokenize_corpus
-    from .train.trainer import TrainConfig, train_lm
+    from .train.data import CONTEXT_SETS, tokenize_corpus
+    from .train.trainer import TrainConfig, check_train_config, train_lm
     from .weights_convert.codec import load_codec_any
 
-    if threads:
-        torch.set_num_threads(threads)
     overrides = {k: v for k, v in dict(d_model=d_model, n_layers=n_layers, n_heads=n_heads).items() if v is not None}
     if autocast not in ("auto", "bf16", "off"):
         fail(f"--autocast {autocast!r}: use auto, bf16 or off")
     if not 0.0 <= blank_prob <= 1.0:
         fail(f"--blank-prob {blank_prob}: give a share between 0 and 1")
+    if contexts not in CONTEXT_SETS:
+        fail(f"--contexts {contexts!r}: use one of {', '.join(CONTEXT_SETS)}")
+    if not 0 <= threads <= 4096:
+        fail(f"--threads {threads}: give 0 (torch's default) to 4096")
     if init_from is not None and not init_from.is_file() and not (out / "last.pt").is_file():
         fail(f"--init-from {init_from}: no such file; give an LM checkpoint (model.pt or last.pt)")
+    cfg = TrainConfig(preset=preset_name, model=overrides, frames=frames, batch_size=batch_size, steps=steps,
+                      lr=lr, warmup=warmup, decay_every=decay_every, decay_rate=decay_rate, val_songs=val_songs,
+                      val_every=val_every, seed=seed, autocast=autocast, blank_prob=blank_prob,
+                      init_from=str(init_from or ""))
+    dev = str(run_guarded(pick_device, device))
+    run_guarded(check_train_config, cfg, None, dev)     # every option and the memory, before the codec or corpus
+    if threads:
+        torch.set_num_threads(threads)
 
     def work():
         cdc, codec_key = load_codec_any(codec)
         overrides.setdefault("codebook_size", cdc.cfg.bins)
         overrides.setdefault("n_q", cdc.cfg.n_q)
+        check_train_config(cfg, None, dev)
         log = _train_logger()
         cache_dir = tokenize_corpus(corpus, cdc, codec_key, cache or out / "tokens", contexts=contexts, log=log)
-        cfg = TrainConfig(preset=preset_name, model=overrides, frames=frames, batch_size=batch_size, steps=steps,
-                          lr=lr, warmup=warmup, decay_every=decay_every, decay_rate=decay_rate, val_songs=val_songs,
-                          val_every=val_every, seed=seed, autocast=autocast, blank_prob=blank_prob,
-                          init_from=str(init_from or ""))
         if sys.stderr.isatty():
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
             with Progress(TextColumn("training"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                           TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=err_console) as bar:
                 task = bar.add_task("train", total=steps, info="")
-                return train_lm(cache_dir, out, cfg, device=str(pick_device(device)), log=log,
+                return train_lm(cache_dir, out, cfg, device=dev, log=log,
                                 progress=lambda i, n, loss, rate: bar.update(
                                     task, completed=i, info=f"loss {loss:.3f} | {rate:.0f} frames/s"))
-        return train_lm(cache_dir, out, cfg, device=str(pick_device(device)), log=log)
+        return train_lm(cache_dir, out, cfg, device=dev, log=log)
 
     path = run_guarded(work)
     console.print(f"wrote {path}")
@@ -918,6 +966,28 @@ def eval_cmd(generated: Path = typer.Option(..., "--generated", help="folder of 
                           "FAD figures", highlight=False)
     if json_path is not None:
         run_guarded(atomic_write_text, json_path, json.dumps(report, indent=2) + "\n")
+
+
+def _escape_help_markup() -> None:
+    """Typer renders help texts as rich markup, where '[serve]' is a style tag and vanishes
+    ("pip install -e '.'"): escape every bracketed word in the commands' docstrings and options'
+    help, so the help says what the source says."""
+    import inspect
+
+    from rich.markup import escape
+    from typer.models import ParameterInfo
+
+    for info in app.registered_commands:
+        if info.help:
+            info.help = escape(info.help)
+        if info.callback.__doc__:
+            info.callback.__doc__ = escape(info.callback.__doc__)
+        for param in inspect.signature(info.callback).parameters.values():
+            if isinstance(param.default, ParameterInfo) and param.default.help:
+                param.default.help = escape(param.default.help)
+
+
+_escape_help_markup()
 
 
 def main():  # pragma: no cover

@@ -4,8 +4,9 @@ Ray Data maps batches of items over an actor pool of engines (one per GPU, or pe
 cores); each actor loads the model once and runs its batch through the engine's batched
 scheduler, writing every stem atomically. The run is resumable (finished outputs are skipped)
 and survives a worker's death (the actor is restarted and its batch retried; a half-written
-file is never renamed into place, and stale temporaries are cleared at start). Without an
-address Ray runs locally. Ray is an optional extra (`pip install -e '.[cluster]'`); the engine
+file is never renamed into place, and at start the temporaries a killed worker left beside the
+outputs, named ``.stemgen-<pid>-<output>.<random>.tmp``, are cleared: never anyone else's files).
+Without an address Ray runs locally. Ray is an optional extra (`pip install -e '.[cluster]'`); the engine
 never imports it.
 """
 from __future__ import annotations
@@ -58,30 +59,28 @@ class EngineWorker:
                 "seconds": seconds}
 
 
-def clear_stale_temporaries(out_dir: Path) -> int:
-    """Temporaries a killed writer left (``.NAME.XXXX.tmp``, never renamed into place)."""
-    n = 0
-    for p in out_dir.rglob(".*.tmp"):
-        p.unlink(missing_ok=True)
-        n += 1
-    return n
-
-
 def generate_dataset(files: list[Path], outs: list[Path], model: str, instrument: str, sampling, *,
                      address: str | None = None, workers: int = 1, cpus_per_worker: int = 1,
                      gpus_per_worker: float = 0, batch_size: int = 8, device: str = "cpu",
-                     dtype: str | None = None, bits: str = "16", force: bool = False, log=print) -> dict:
+                     dtype: str | None = None, bits: str = "16", force: bool = False, log=print,
+                     rejected=()) -> dict:
+    """``rejected``: [(file, why)] refused before the run (workflows.folder_outputs): reported, counted."""
     import ray
 
     todo = [(str(f), str(o)) for f, o in zip(files, outs) if force or not o.exists()]
     skipped = len(files) - len(todo)
-    summary = {"files": len(files), "skipped_existing": skipped, "written": 0, "failed": 0, "audio_s": 0.0,
-               "failures": []}
+    summary = {"files": len(files) + len(rejected), "skipped_existing": skipped, "written": 0,
+               "failed": len(rejected), "audio_s": 0.0, "failures": [(str(f), why) for f, why in rejected]}
+    for _, why in rejected:
+        log(why)
     if not todo:
         return {**summary, "wall_s": 0.0}
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False,
                  **({} if address else {"num_cpus": max(os.cpu_count() or 1, workers * cpus_per_worker)}))
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if gpus_per_worker > gpus:   # the actors would wait forever for them
+        raise ValueError(f"--gpus-per-worker {gpus_per_worker:g}: the Ray cluster has {gpus:g} GPUs")
     t0 = time.perf_counter()
     ds = ray.data.from_items([{"src": s, "out": o} for s, o in todo])
     # Ray Data restarts a dead worker actor and retries its batch by default (tested)

@@ -79,8 +79,7 @@ def generate_text(text: str, out: Path, model: str, seconds, keep, regenerate, w
     engine, sampling, prompts, batch, outs, (take, take_sr), regions = run_guarded(prepare)
     fps = engine.codec.cfg.frame_rate
     T = engine.frames(seconds) if seconds else engine.segment_frames()
-    win = run_guarded(engine.frames, window) if window else None
-    ovl = run_guarded(engine.frames, overlap) if overlap is not None else None
+    win, ovl = run_guarded(engine.window_frames, window, overlap)
     plan = run_guarded(engine.windows, T, win, ovl)
     if len(plan) > 1:
         _say("note:", "bold", f"{T / fps:.1f} s: {len(plan)} windows of {(plan[0][1] - plan[0][0]) / fps:.1f} s")

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .engine.audio import AUDIO_EXTS, AudioError, check_output_path, peak_safe, read_audio, splice, write_audio_set
+from .engine.audio import (AUDIO_EXTS, AudioError, check_distinct, check_output_path, peak_safe, read_audio, splice,
+                           write_audio_set)
 
 SEAM_FADE_S = 0.02   # crossfade at the seams of a regenerated region
 
@@ -30,9 +31,10 @@ def parse_regions(text: str | None) -> list[tuple[float, float]]:
 
 
 def edit_take(engine, x: np.ndarray, ctx, take_path: Path, context_sr: int, regions, instrument, sampling,
-              progress=None):
-    """Regenerate ``regions`` of the take (or continue it to the context's length). Returns
-    (Generation, keep mask over samples)."""
+              progress=None, variations: int = 1):
+    """Regenerate ``regions`` of the take (or continue it to the context's length): ``variations``
+    of the edit, seeds seed, seed+1, ... decoded in one batch. Returns ([Generation per
+    variation], keep mask over samples)."""
     take, sr = read_audio(take_path)
     if sr != context_sr:
         raise AudioError(f"{take_path}: the take is at {sr} Hz but the context at {context_sr} Hz; "
@@ -42,16 +44,17 @@ def edit_take(engine, x: np.ndarray, ctx, take_path: Path, context_sr: int, regi
                          f"({x.shape[1] / engine.codec.cfg.sample_rate:.2f} s)")
     take_x, take_codes = engine.encode(take, sr)
     target = engine.partial_target(take_codes, ctx.shape[-1], regions)
-    gen = engine.generate_from_context(x, ctx, instrument, progress=progress, sampling=sampling, target=target)[0]
+    gens = engine.generate_from_context(x, ctx, instrument, progress=progress, sampling=sampling, target=target,
+                                        variations=variations)
     # outside the regenerated ranges the take itself is kept (crossfaded at the seams)
     csr = engine.codec.cfg.sample_rate
-    keep = np.ones(gen.stem.shape[1], dtype=bool)
+    keep = np.ones(gens[0].stem.shape[1], dtype=bool)
     for a, b in regions:
         keep[int(a * csr): int(b * csr)] = False
     keep[take_x.shape[1]:] = False
-    stem, gain = peak_safe(splice(gen.stem, take_x, keep, int(SEAM_FADE_S * csr)))
-    gen.stem, gen.gain = stem, gain
-    return gen, keep
+    for gen in gens:
+        gen.stem, gen.gain = peak_safe(splice(gen.stem, take_x, keep, int(SEAM_FADE_S * csr)))
+    return gens, keep
 
 
 def layer(engine, x: np.ndarray, instruments: list[str], sampling, progress=None):
@@ -80,26 +83,45 @@ def collect_inputs(src: Path) -> list[Path]:
     return [(src.parent / ln) if not Path(ln).is_absolute() else Path(ln) for ln in lines]
 
 
-def folder_outputs(src: Path, files: list[Path], out_dir: Path) -> list[Path]:
+def folder_outputs(src: Path, files: list[Path], out_dir: Path):
+    """-> (inputs, their outputs under ``out_dir``, [(input, why it is skipped)]). A folder's outputs
+    mirror its tree; a file in it that is a link leading outside the folder is reported and skipped
+    (the rest run). A list's outputs are OUT/<name>.wav. An output that is an input is refused."""
     out_dir = out_dir.resolve()
+    rejected = []
     if src.is_dir():
         root = src.resolve()
         if out_dir == root or root in out_dir.parents:
             raise AudioError(f"--out {out_dir} is inside the input folder {root}; choose an output folder elsewhere")
-        return [out_dir / p.resolve().relative_to(root).with_suffix(".wav") for p in files]
-    names = [out_dir / (p.stem + ".wav") for p in files]
-    if len(set(names)) != len(names):
-        raise AudioError(f"{src}: two listed files share a name; outputs would collide")
-    return names
+        kept, names = [], []
+        for p in files:
+            try:
+                rel = p.resolve().relative_to(root)
+            except (ValueError, OSError, RuntimeError):
+                rejected.append((p, f"skipped {p}: a link that leads outside the input folder {src}"))
+                continue
+            kept.append(p)
+            names.append(out_dir / rel.with_suffix(".wav"))
+        files = kept
+    else:
+        names = [out_dir / (p.stem + ".wav") for p in files]
+        if len(set(names)) != len(names):
+            raise AudioError(f"{src}: two listed files share a name; outputs would collide")
+    check_distinct(files, names)    # a listed input at its own output path would be overwritten (--force)
+    return files, names, rejected
 
 
 def run_folder(engine, files: list[Path], outs: list[Path], instrument: str, sampling, bits: str, force: bool,
-               log, progress=None, window: int = 8) -> dict:
+               log, progress=None, window: int = 8, rejected=()) -> dict:
     """Every file through the batched scheduler (at most ``window`` decoded contexts in memory);
-    a bad file is reported and skipped. Returns a summary."""
+    a bad file is reported and skipped (``rejected``: [(file, why)] already refused by
+    folder_outputs, reported and counted alike). Returns a summary."""
     todo = [(f, o) for f, o in zip(files, outs) if force or not o.exists()]
     skipped = len(files) - len(todo)
     done, failed, seconds = 0, [], 0.0
+    for f, why in rejected:
+        failed.append((f, why))
+        log(why)
     t0 = time.perf_counter()
     pending: list[tuple[Path, Path, object]] = []
 
@@ -132,6 +154,6 @@ def run_folder(engine, files: list[Path], outs: list[Path], instrument: str, sam
     while pending:
         finish(pending.pop(0))
     wall = time.perf_counter() - t0
-    return {"files": len(files), "written": done, "skipped_existing": skipped, "failed": len(failed),
+    return {"files": len(files) + len(rejected), "written": done, "skipped_existing": skipped, "failed": len(failed),
             "audio_s": seconds, "wall_s": wall, "audio_s_per_s": seconds / wall if wall > 0 else 0.0,
             "failures": [(str(f), e) for f, e in failed]}

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -398,3 +399,319 @@ def test_idle_service_returns_freed_memory(model, monkeypatch):
         time.sleep(0.01)
     engine.close()
     assert calls, "the idle worker did not release memory"
+
+
+# --- round 3: the trainer, disk errors, symlinks, names -------------------------------------------
+
+TRAIN_BAD_OPTIONS = [
+    (["--n-layers", "100000"], "--n-layers: 100000 is out of range"),
+    (["--d-model", "100000000"], "--d-model"),
+    (["--n-heads", "0"], "--n-heads: 0 is out of range"),
+    (["--n-heads", "3"], "divisible by n_heads"),
+    (["--d-model", "16384", "--n-layers", "256"], "GiB to train"),
+    (["--frames", "0"], "--frames: 0 is out of range"),
+    (["--frames", "1048576", "--batch-size", "65536"], "GiB to train"),
+    (["--batch-size", "0"], "--batch-size: 0 is out of range"),
+    (["--lr", "nan"], "--lr: must be finite"),
+    (["--lr", "0"], "--lr: 0"),
+    (["--decay-every", "0"], "--decay-every"),
+    (["--decay-rate", "inf"], "--decay-rate"),
+    (["--val-songs", "0"], "--val-songs"),
+    (["--val-every", "0"], "--val-every"),
+    (["--warmup", "-1"], "--warmup"),
+    (["--seed", "-1"], "--seed"),
+    (["--preset", "huge"], "--preset 'huge'"),
+    (["--threads", "100000"], "--threads"),
+]
+
+
+@pytest.mark.parametrize("opts, needle", TRAIN_BAD_OPTIONS)
+def test_train_options_checked_before_anything_is_read_or_allocated(tmp_path, monkeypatch, opts, needle):
+    import stemgen.weights_convert.codec as wc
+    monkeypatch.setattr(wc, "load_codec_any", lambda *a, **k: pytest.fail("read the codec before checking options"))
+    res = runner.invoke(app, ["train", str(tmp_path / "corpus"), "--codec", str(tmp_path / "codec"), "--out",
+                              str(tmp_path / "run"), *opts])
+    one_line_error(res, needle)
+    assert not (tmp_path / "run").exists()
+
+
+CODEC_BAD_OPTIONS = [
+    (["--n-filters", "100000"], "--n-filters: 100000 is out of range"),
+    (["--n-filters", "1000"], "bottleneck"),
+    (["--dimension", "100000"], "--dimension"),
+    (["--bins", "1"], "--bins"),
+    (["--n-q", "1000"], "--n-q"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--batch-size", "65536", "--n-filters", "512"], "GiB to train"),
+    (["--lr", "inf"], "--lr"),
+    (["--l1-weight", "inf"], "--l1-weight"),
+    (["--fft-sizes", "65536"], "--fft-sizes: 65536 is too long"),
+    (["--fft-sizes", "0"], "--fft-sizes"),
+    (["--songs", "-1"], "--songs"),
+    (["--stop-at", "0"], "--stop-at"),
+]
+
+
+@pytest.mark.parametrize("opts, needle", CODEC_BAD_OPTIONS)
+def test_train_codec_options_checked_before_anything_is_allocated(tmp_path, monkeypatch, opts, needle):
+    pytest.importorskip("auraloss")
+    import stemgen.train.codec as tc
+    monkeypatch.setattr(tc, "build_codec", lambda *a, **k: pytest.fail("built the codec before checking options"))
+    res = runner.invoke(app, ["train-codec", str(tmp_path / "corpus"), "--out", str(tmp_path / "run"), *opts])
+    one_line_error(res, needle)
+    assert not (tmp_path / "run").exists()
+
+
+def test_trainer_api_checks_options_first(tmp_path, monkeypatch):
+    """The library entry points check too (torchrun scripts, recipes), before the cache is read."""
+    import stemgen.train.trainer as tr
+    from stemgen.train.loop import TrainError
+
+    monkeypatch.setattr(tr, "TokenCorpus", lambda *a, **k: pytest.fail("read the cache before checking options"))
+    for kw, needle in ((dict(model={"n_layers": 100000}), "--n-layers"), (dict(frames=0), "--frames"),
+                       (dict(batch_size=0), "--batch-size"), (dict(lr=float("nan")), "--lr"),
+                       (dict(model={"vocab": 3}), "model overrides")):
+        with pytest.raises(TrainError, match=needle):
+            tr.train_lm(tmp_path / "cache", tmp_path / "run", tr.TrainConfig(preset="tiny", **kw), log=lambda m: None)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def toy_track(tmp_path_factory):
+    from stemgen.evaluation.corpus import make_corpus
+    return make_corpus(tmp_path_factory.mktemp("toy") / "toy", songs=1, seed=3, sr=16000) / "Track00001"
+
+
+def hostile_track(toy_track, tmp_path, meta=None, edit=None):
+    """A copy of a toy-band track in a corpus of its own, its metadata.yaml replaced (text) or edited."""
+    import yaml
+    track = tmp_path / "corpus" / toy_track.name
+    shutil.copytree(toy_track, track)
+    if edit is not None:
+        doc = yaml.safe_load((track / "metadata.yaml").read_text())
+        meta = edit(doc)
+        meta = meta if isinstance(meta, str) else yaml.safe_dump(meta)
+    if meta is not None:
+        (track / "metadata.yaml").write_text(meta)
+    return track
+
+
+def _stems(edit):
+    def f(doc):
+        edit(doc["stems"])
+        return doc
+    return f
+
+
+CORPUS_CASES = [
+    (dict(meta="stems: [S00, S01]\n"), "'stems' must be a non-empty mapping"),
+    (dict(meta="stems: 5\n"), "'stems' must be a non-empty mapping"),
+    (dict(meta="- 1\n- 2\n"), "must be a YAML mapping"),
+    (dict(meta="stems: {S00: {inst_class: !!binary aGVsbG8=}}\n"), "inst_class b'hello'"),
+    (dict(edit=_stems(lambda s: s["S01"].update(inst_class=5))), "inst_class 5"),
+    (dict(edit=_stems(lambda s: s["S01"].update(inst_class="Bass\x1b[2J"))), "printable"),
+    (dict(edit=_stems(lambda s: s["S01"].update(audio_rendered="yes"))), "audio_rendered"),
+    (dict(edit=_stems(lambda s: s.update({"../../S00": s.pop("S00")}))), "plain name"),
+    (dict(edit=_stems(lambda s: s.update({"S00": [1, 2]}))), "stems.S00 must be a mapping"),
+    (dict(edit=lambda d: {**d, "audio_dir": "../../.."}), "audio_dir"),
+    (dict(edit=lambda d: {**d, "audio_dir": "/etc"}), "audio_dir"),
+    (dict(meta="stems: {S00: {inst_class: x}}\n#" + " " * (5 << 20) + "\n"), "at most 4194304"),
+    (dict(meta="stems: !!python/name:os.system\n"), "not a readable metadata.yaml"),
+    (dict(meta="[" * 20000 + "]" * 20000), "not a readable metadata.yaml"),
+    (dict(meta="stems: {S00: {inst_class: x, audio_rendered: 1" + "0" * 5000 + "}}\n"), "not a readable"),
+]
+
+
+@pytest.mark.parametrize("how, needle", CORPUS_CASES)
+def test_hostile_corpus_metadata_is_one_line(toy_track, tmp_path, how, needle):
+    from stemgen.train.data import read_track
+    from stemgen.train.loop import TrainError
+
+    track = hostile_track(toy_track, tmp_path, **how)
+    with pytest.raises(TrainError, match=re_escape(needle)) as e:
+        read_track(track, 32000)
+    assert "\n" not in str(e.value)
+
+
+def re_escape(s):
+    import re
+    return re.escape(s)
+
+
+def test_hostile_corpus_audio_gets_the_audio_limits(toy_track, tmp_path):
+    """Stems go through generate's header limits: a 1 Hz stem would expand 32000x when resampled."""
+    from stemgen.train.data import read_track, tokenize_corpus
+    from stemgen.train.loop import TrainError
+
+    track = hostile_track(toy_track, tmp_path)
+    sf.write(track / "stems" / "S01.wav", np.zeros(100), 1)
+    with pytest.raises(TrainError, match="sample rate 1 Hz"):
+        read_track(track, 32000)
+    sf.write(track / "stems" / "S01.wav", np.full(1000, np.nan), 16000, subtype="FLOAT")
+    with pytest.raises(TrainError, match="NaN"):
+        read_track(track, 32000)
+    sf.write(track / "stems" / "S01.wav", np.zeros((0, 1)), 16000)
+    with pytest.raises(TrainError, match="empty"):
+        read_track(track, 32000)
+    # a track shorter than one codec frame: one line, not an empty crop later in the sampler
+    for sid in ("S00", "S01", "S02", "S03"):
+        sf.write(track / "stems" / f"{sid}.wav", np.full(100, 0.1), 16000)
+    from stemgen.engine.codec import Codec, CodecConfig
+    from stemgen.random_model import random_codec_weights
+    cfg = CodecConfig(n_filters=4, dimension=16, bins=32, lstm_layers=1)
+    with pytest.raises(TrainError, match="shorter than one codec frame"):
+        tokenize_corpus(track.parent, Codec(cfg, random_codec_weights(cfg, 0)), "k", tmp_path / "tok",
+                        log=lambda m: None)
+
+
+def test_hostile_corpus_through_the_cli(toy_track, model, tmp_path):
+    track = hostile_track(toy_track, tmp_path, meta="stems: [S00]\n")
+    res = runner.invoke(app, ["train", str(track.parent), "--codec", str(model), "--out", str(tmp_path / "run"),
+                              "--preset", "tiny", "--val-songs", "1"])
+    one_line_error(res, "metadata.yaml", "'stems' must be")
+
+
+TAGGED = "seanet: {n_filters: 4, dimension: 16, ratios: [8, 5, 4, 4], lstm: 1}\nrvq: {n_q: 4, bins: 32}\n"
+
+
+@pytest.mark.parametrize("xp, needle", [
+    ("sample_rate: !!binary aGVsbG8=\n" + TAGGED, "sample_rate: must be an integer, got b'hello'"),
+    ("sample_rate: 32000\nseanet: {n_filters: !!timestamp 2001-12-14, ratios: [8, 5, 4, 4]}\nrvq: {n_q: 4}\n",
+     "n_filters: must be an integer, got datetime.date(2001, 12, 14)"),
+    ("sample_rate: 32000\nseanet: {n_filters: 4, causal: !!set {a}}\nrvq: {n_q: 4}\n", "causal: must be true or false"),
+    ("sample_rate: 1" + "0" * 5000 + "\n" + TAGGED, "not valid YAML"),
+])
+def test_yaml_tags_in_a_codec_xp_cfg(tmp_path, xp, needle):
+    """YAML tags give values JSON has no words for (bytes, dates, sets): the schema's error names
+    them instead of failing to format them."""
+    from stemgen.weights_convert.codec import convert_codec
+
+    src = tmp_path / "compression_state_dict.bin"
+    torch.save({"best_state": {}, "xp.cfg": xp}, src)
+    with pytest.raises(StemGenError, match=re_escape(needle)):
+        convert_codec(src)
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda r: r["conditioners"]["description"]["t5"].update(name=b"hi"), "t5.name b'hi'"),
+    (lambda r: r.update(masking=[1, 2]), "'span_len' is a list"),
+    (lambda r: r["transformer_lm"].update(num_layers=b"x"), "transformer_lm.num_layers: must be an integer"),
+])
+def test_yaml_tags_in_a_magnet_xp_cfg(edit, needle):
+    from stemgen.weights_convert.magnet import magnet_config
+
+    root = {"transformer_lm": {"dim": 32, "num_heads": 2, "num_layers": 1, "n_q": 4, "card": 32},
+            "conditioners": {"description": {"model": "t5", "t5": {"name": "t5-base"}}}}
+    magnet_config(root, "ck")              # the document is valid as written
+    edit(root)
+    with pytest.raises(StemGenError, match=re_escape(needle)):
+        magnet_config(root, "ck")
+
+
+def test_weight_files_may_not_lead_outside_the_model_directory(model, tmp_path):
+    """A weight file that is a symlink to anywhere (another model's file, /etc/passwd) is refused by
+    generate, info and the trainer's codec reader before it is opened; links inside the folder work."""
+    inside = tmp_path / "inside"
+    shutil.copytree(model, inside)
+    (inside / "sub").mkdir()
+    (inside / "lm.safetensors").rename(inside / "sub" / "real.safetensors")
+    (inside / "lm.safetensors").symlink_to(Path("sub") / "real.safetensors")
+    Engine.from_pretrained(inside, device="cpu", dtype="float32")            # a link inside: fine
+    for name, target in (("lm.safetensors", model / "lm.safetensors"), ("codec.safetensors", Path("/etc/passwd"))):
+        bad = tmp_path / f"bad_{name.split('.')[0]}"
+        shutil.copytree(model, bad)
+        (bad / name).unlink()
+        (bad / name).symlink_to(target)
+        with pytest.raises(StemGenError, match="outside the model directory"):
+            Engine.from_pretrained(bad, device="cpu", dtype="float32")
+        one_line_error(runner.invoke(app, ["info", str(bad)]), "outside the model directory")
+    from stemgen.weights_convert.codec import load_codec_any
+    with pytest.raises(StemGenError, match="outside the model directory"):
+        load_codec_any(bad)
+
+
+def test_text_encoder_folder_may_not_lead_outside(tmp_path):
+    from stemgen.engine.config import inside_model_dir
+
+    d = tmp_path / "m"
+    (d / "text_encoder").mkdir(parents=True)
+    (d / "text_encoder" / "config.json").write_text("{}")
+    assert inside_model_dir(d, "text_encoder", recursive=True) == (d / "text_encoder").resolve()
+    (d / "text_encoder" / "spiece.model").symlink_to("/etc/passwd")
+    with pytest.raises(StemGenError, match="spiece.model: a link that leads outside"):
+        inside_model_dir(d, "text_encoder", recursive=True)
+    (d / "t5").symlink_to(tmp_path, target_is_directory=True)
+    with pytest.raises(StemGenError, match="outside the model directory"):
+        inside_model_dir(d, "t5", recursive=True)
+
+
+CONTROL_NAMES = ["bass", "dr\x1b[31mums\nFAKE: line", "\u202egnp.exe"]
+
+
+def test_control_characters_in_names_are_escaped(model, tmp_path):
+    """Instrument and file names from files are printed with their control characters escaped: no
+    terminal escape sequence, newline or bidi override reaches the terminal raw, one error line stays one."""
+    bad = edit_config(model, tmp_path, _set(["instruments"], CONTROL_NAMES))
+    res = runner.invoke(app, ["info", str(bad)])
+    assert res.exit_code == 0, res.output
+    assert "\x1b" not in res.stdout and "\u202e" not in res.stdout and "FAKE: line" in res.stdout
+    assert "dr\\x1b[31mums\\nFAKE: line" in res.stdout and "\\u202egnp.exe" in res.stdout
+    ctx = wav(tmp_path / "c.wav")
+    res = runner.invoke(app, ["generate", str(ctx), "-i", "piano\x1b]0;pwned\x07", "--out", str(tmp_path / "o.wav"),
+                              "--model", str(bad), *FAST])
+    one_line_error(res, "piano\\x1b]0;pwned\\x07", "dr\\x1b[31mums\\nFAKE: line")
+    assert "\x1b" not in res.stderr
+    weird = tmp_path / "a\nb\x1b[2J.wav"
+    res = runner.invoke(app, ["generate", str(weird), "-i", "bass", "--out", str(tmp_path / "o.wav"), "--model",
+                              str(bad), *FAST])
+    one_line_error(res, "a\\nb\\x1b[2J.wav")
+
+
+def test_help_keeps_bracketed_words():
+    """Rich markup ate '[serve]' from `serve --help` ("pip install -e '.'"); every bracketed word of
+    every command's help and options' help is shown."""
+    import re
+
+    import typer
+
+    cmd = typer.main.get_command(app)
+    for name, sub in cmd.commands.items():
+        texts = [sub.help or ""] + [p.help or "" for p in sub.params]
+        words = {m.replace("\\[", "[") for t in texts for m in re.findall(r"\\?\[[a-z][^\[\]]*\]", t)}
+        out = runner.invoke(app, [name, "--help"], env={"COLUMNS": "400"}).stdout
+        for w in words:
+            assert w in out, (name, w)
+    assert "pip install -e '.[serve]'" in runner.invoke(app, ["serve", "--help"], env={"COLUMNS": "400"}).stdout
+    assert "'.[cluster]'" in runner.invoke(app, ["generate-dataset", "--help"], env={"COLUMNS": "400"}).stdout
+
+
+CONVERT_UNDER_LIMIT = """
+import json, resource, sys
+from typer.testing import CliRunner
+from stemgen.cli import app
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), resource.RLIM_INFINITY))
+res = [CliRunner().invoke(app, args) for args in json.loads(sys.argv[2])]
+print(json.dumps([[r.exit_code, r.stdout, r.stderr, repr(r.exception)] for r in res]))
+"""
+
+
+def test_convert_on_a_full_disk(model, tmp_path):
+    """convert under a file-size limit (as on a full disk): one error line, no output directory, no
+    temporary left; with --force the model directory it would have replaced is kept intact."""
+    cfg = StemGenConfig(d_model=64, n_heads=2, n_layers=2, codebook_size=32, ffn_multiple_of=16)
+    save_checkpoint(random_train_model(cfg), tmp_path / "a.pt")
+    existing = tmp_path / "existing"
+    shutil.copytree(model, existing)
+    before = snapshot(existing)
+    script = tmp_path / "limit.py"
+    script.write_text(CONVERT_UNDER_LIMIT)
+    runs = [["convert", "--lm", str(tmp_path / "a.pt"), "--out", str(tmp_path / "new")],
+            ["convert", "--lm", str(tmp_path / "a.pt"), "--out", str(existing), "--force"]]
+    r = subprocess.run([sys.executable, str(script), "20000", json.dumps(runs)], capture_output=True, text=True,
+                       timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    for code, out, err, exc in json.loads(r.stdout.strip().splitlines()[-1]):
+        assert code == 1 and err.startswith("error:") and len(err.strip().splitlines()) == 1, (code, err, exc)
+        assert "File too large" in err and "nothing was replaced" in err, err
+    assert not (tmp_path / "new").exists() and snapshot(existing) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "existing", "limit.py"]

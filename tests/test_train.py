@@ -281,3 +281,139 @@ def test_codec_harmony_term_hears_pitch_not_level():
     louder = 0.5 * c_major.clone()
     louder[..., sr // 2:] = d_major[..., sr // 2:]   # where the input is silent the output is not judged
     assert float(chroma_loss(louder, quiet, fb)) < 0.2
+
+
+def _set_in(obj, path, value):
+    node = obj
+    for k in path[:-1]:
+        node = node[k]
+    if value is KeyError:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value(node[path[-1]]) if callable(value) and not isinstance(value, type) else value
+
+
+CRAFTED_LAST_PT = [
+    (("model",), KeyError, "'model' is missing"),
+    (("model",), {}, "model does not have"),
+    (("model", "norm.weight"), torch.zeros(3), "model.norm.weight is not a torch.float32 tensor"),
+    (("model", "norm.weight"), lambda t: t * float("nan"), "NaN"),
+    (("optimizer",), [1, 2], "not an optimizer state"),
+    (("optimizer", "param_groups", 0, "params"), [0], "parameters"),
+    (("optimizer", "param_groups", 0, "lr"), "fast", "param_groups[0].lr"),
+    (("optimizer", "param_groups", 0, "amsgrad"), True, "param_groups[0].amsgrad"),
+    (("optimizer", "state", 0, "exp_avg"), torch.zeros(2), "optimizer.state[0].exp_avg"),
+    (("optimizer", "state", 10 ** 6), {}, "keyed by this model's parameters"),
+    (("scheduler", "optimizer"), 5, "schedule state"),
+    (("scheduler", "lr_lambdas"), [{"__code__": 1}], "lr_lambdas"),
+    (("scheduler", "last_epoch"), 7, "last_epoch 7"),
+    (("step",), "2", "step '2'"),
+    (("step",), -1, "step '-1'"),
+    (("ranks",), [], "ranks"),
+    (("ranks", 0, "numpy"), {"bit_generator": "MT19937"}, "ranks[0].numpy"),
+    (("ranks", 0, "gen"), torch.zeros(3, dtype=torch.uint8), "ranks[0].gen"),
+    (("ranks", 0, "torch"), lambda t: t.float(), "ranks[0].torch"),
+    (("config",), [1], "'config' is not a mapping"),
+]
+
+
+@pytest.fixture(scope="module")
+def finished_run(cache, tmp_path_factory):
+    run = tmp_path_factory.mktemp("fr") / "run"
+    train_lm(cache, run, tiny_cfg(steps=2), log=lambda m: None)
+    return run
+
+
+@pytest.mark.parametrize("path, value, needle", CRAFTED_LAST_PT)
+def test_crafted_last_pt_is_one_line_and_changes_nothing(cache, finished_run, tmp_path, path, value, needle):
+    """A damaged or crafted OUT/last.pt (wrong types, missing or extra entries, another model's
+    tensors, states a generator cannot take): one TrainError line before anything is restored or
+    written; no code runs (weights_only)."""
+    import re
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    (run / "model.pt").unlink()
+    ck = torch.load(run / "last.pt", weights_only=True)
+    _set_in(ck, path, value)
+    torch.save(ck, run / "last.pt")
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    with pytest.raises(TrainError, match=re.escape(needle)) as e:
+        train_lm(cache, run, tiny_cfg(steps=4), log=lambda m: None)
+    assert "\n" not in str(e.value)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+def test_crafted_codec_last_pt(corpus, tmp_path):
+    pytest.importorskip("auraloss")
+    from stemgen.train.codec import CodecTrainConfig, train_codec
+
+    cfg = CodecTrainConfig(steps=1, batch_size=1, n_filters=4, dimension=16, bins=32, segment_s=0.25, warmup=1,
+                           fft_sizes=[512, 256])
+    train_codec(corpus, tmp_path / "c", cfg, log=lambda m: None, ckpt_every=1)
+    good = torch.load(tmp_path / "c" / "last.pt", weights_only=True)
+    more = CodecTrainConfig(**{**cfg.__dict__, "steps": 2})
+    for path, value, needle in ((("rng", "python"), "x", "rng.python"), (("rng", "numpy"), 3, "rng.numpy"),
+                                (("scheduler", "base_lrs"), [1.0, 2.0], "scheduler.base_lrs"),
+                                (("model",), KeyError, "'model' is missing")):
+        ck = torch.load(tmp_path / "c" / "last.pt", weights_only=True)
+        _set_in(ck, path, value)
+        torch.save(ck, tmp_path / "c" / "last.pt")
+        with pytest.raises(TrainError, match=needle):
+            train_codec(corpus, tmp_path / "c", more, log=lambda m: None)
+    torch.save(good, tmp_path / "c" / "last.pt")
+    train_codec(corpus, tmp_path / "c", more, log=lambda m: None)    # the intact checkpoint still resumes
+
+
+DISK_FULL_SCRIPT = """
+import json, resource, sys
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), resource.RLIM_INFINITY))
+from stemgen.engine.errors import StemGenError
+from stemgen.train.codec import CodecTrainConfig, train_codec
+from stemgen.train.trainer import TrainConfig, train_lm
+res = {}
+try:
+    train_lm(sys.argv[2], sys.argv[3], TrainConfig(**json.loads(sys.argv[4])), log=lambda m: None)
+    res["lm"] = "finished"
+except StemGenError as e:
+    res["lm"] = str(e)
+try:
+    train_codec(sys.argv[5], sys.argv[6], CodecTrainConfig(**json.loads(sys.argv[7])), log=lambda m: None)
+    res["codec"] = "finished"
+except StemGenError as e:
+    res["codec"] = str(e)
+print(json.dumps(res))
+"""
+
+
+def test_full_disk_keeps_the_previous_checkpoint(cache, corpus, tmp_path):
+    """A write that fails for a file-size limit (as on a full disk): train and train-codec end in
+    one error line, the checkpoint and export they would have replaced are kept, no temporary left."""
+    pytest.importorskip("auraloss")
+    from dataclasses import asdict
+
+    from stemgen.train.codec import CodecTrainConfig, train_codec
+
+    run, crun = tmp_path / "run", tmp_path / "codec"
+    train_lm(cache, run, tiny_cfg(steps=2), log=lambda m: None)
+    ccfg = CodecTrainConfig(steps=1, batch_size=1, n_filters=4, dimension=16, bins=32, segment_s=0.25, warmup=1,
+                            fft_sizes=[512, 256])
+    train_codec(corpus, crun, ccfg, log=lambda m: None, ckpt_every=1)
+    kept = {p: p.read_bytes() for p in (run / "last.pt", run / "model.pt", crun / "last.pt",
+                                        crun / "compression_state_dict.bin")}
+    limit = 2 * (run / "loss.png").stat().st_size    # the curve fits, the checkpoints do not
+    assert limit < min(len(kept[run / "last.pt"]), len(kept[crun / "last.pt"]))
+    script = tmp_path / "full.py"
+    script.write_text(DISK_FULL_SCRIPT)
+    r = subprocess.run([sys.executable, str(script), str(limit), str(cache), str(run),
+                        json.dumps(asdict(tiny_cfg(steps=4))), str(corpus), str(crun),
+                        json.dumps({**asdict(ccfg), "steps": 2})], capture_output=True, text=True, timeout=240,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    for k, folder in (("lm", run), ("codec", crun)):   # torch's writer does not say why; the message guesses
+        assert res[k].startswith(f"cannot write {folder / 'last.pt'}: ") and "\n" not in res[k], res
+        assert "full disk or a file-size limit" in res[k], res
+    assert all(p.read_bytes() == b for p, b in kept.items())
+    assert not list(run.glob(".*tmp*")) and not list(crun.glob(".*tmp*"))

@@ -169,3 +169,61 @@ def test_long_context_cli(model, tmp_path):
     res = gen(model, ctx, "-i", "bass", "--out", tmp_path / "s.wav", "--window", "2", "--overlap", "0.5")
     assert res.exit_code == 0, res.output
     assert "windows of 2.0 s" in res.stderr and sf.info(tmp_path / "s.wav").frames == 5 * SR
+
+
+def test_list_run_refuses_an_input_at_its_own_output_path(model, tmp_path):
+    """A listed input that sits where its stem would be written: refused in one line (with --force it
+    was overwritten), nothing written."""
+    out = tmp_path / "out"
+    out.mkdir()
+    inside = tone(out / "a.wav", 1.0)
+    before = inside.read_bytes()
+    other = tone(tmp_path / "b.wav", 1.0)
+    lst = tmp_path / "list.txt"
+    lst.write_text(f"{inside}\n{other}\n")
+    for force in ([], ["--force"]):
+        res = gen(model, lst, "-i", "bass", "--out", out, *force)
+        assert res.exit_code == 1 and res.stderr.startswith("error:") and "is also the input" in res.stderr, res.output
+        assert len(res.stderr.strip().splitlines()) == 1
+    assert inside.read_bytes() == before and sorted(p.name for p in out.iterdir()) == ["a.wav"]
+
+
+def test_keep_with_variations_writes_every_variation(model, tmp_path):
+    """--keep TAKE -n 2: two variations of the edit (seeds seed, seed+1), each the single run with its
+    seed; the take outside the region in both (was: one file written and two reported)."""
+    ctx, take = tone(tmp_path / "ctx.wav", 3.0), tone(tmp_path / "take.wav", 3.0, f=110)
+    res = gen(model, ctx, "-i", "bass", "--keep", take, "--regenerate", "1.0:2.0", "--out", tmp_path / "new.wav",
+              "-n", "2")
+    assert res.exit_code == 0, res.output
+    a, b = (sf.read(tmp_path / f"new_{i}.wav")[0] for i in (1, 2))
+    single = gen(model, ctx, "-i", "bass", "--keep", take, "--regenerate", "1.0:2.0", "--out", tmp_path / "s.wav",
+                 "--seed", "1")
+    assert single.exit_code == 0, single.output
+    assert np.array_equal(b, sf.read(tmp_path / "s.wav")[0]) and not np.array_equal(a, b)
+    old, _ = sf.read(take)
+    far = np.r_[0:int(0.9 * SR), int(2.1 * SR):len(old)]
+    assert np.allclose(a[far], old[far], atol=1e-6) and np.allclose(b[far], old[far], atol=1e-6)
+
+
+@pytest.mark.parametrize("opt, needle", [(["--window", "nan"], "--window nan"), (["--window", "inf"], "--window inf"),
+                                         (["--window", "0"], "--window 0 s is 0 frames"),
+                                         (["--window", "0.001"], "is 0 frames"), (["--window", "-2"], "--window -2"),
+                                         (["--overlap", "nan"], "--overlap nan"),
+                                         (["--window", "1", "--overlap", "1e300"], "--overlap 1e+300")])
+def test_window_options_are_checked(model, tmp_path, opt, needle):
+    res = gen(model, tone(tmp_path / "c.wav", 1.0), "-i", "bass", "--out", tmp_path / "o.wav", *opt)
+    assert res.exit_code == 1 and res.stderr.startswith("error:") and needle in res.stderr, res.output
+    assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "o.wav").exists()
+
+
+def test_folder_run_reports_a_link_out_of_the_folder_and_goes_on(model, tmp_path):
+    src = tmp_path / "ctx"
+    src.mkdir()
+    tone(src / "a.wav", 0.5)
+    tone(src / "b.wav", 0.5, f=330)
+    (src / "away.wav").symlink_to(tone(tmp_path / "elsewhere.wav", 0.5))
+    res = gen(model, src, "-i", "bass", "--out", tmp_path / "out")
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.wav", "b.wav"]
+    assert "away.wav" in res.stderr and "outside the input folder" in res.stderr and "Traceback" not in res.output
+    assert "2 of 3 files written" in res.stdout and "1 failed" in res.stdout

@@ -12,7 +12,6 @@ Training dependencies (``encodec``, ``auraloss``) are imported here only, never 
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,7 +21,8 @@ import numpy as np
 import torch
 
 from .data import load_corpus_audio
-from .loop import TrainError, atomic_torch_save, load_resume, restore_rng, rng_state
+from .loop import (MetricsLog, TrainError, atomic_torch_save, check_memory, check_resumable, load_resume, restore_rng,
+                   rng_state, rng_states)
 
 
 @dataclass
@@ -55,6 +55,48 @@ class CodecTrainConfig:
     # the input's energy in the band (near-silent frames of a crop hardly count); without it a mix's
     # pad and lead lose their chord in the codec (drums and bass win)
     chroma_weight: float = 0.0
+
+    def engine_config(self):
+        """The engine's CodecConfig of this codec (what `stemgen convert --codec` will read)."""
+        from ..engine.codec import CodecConfig
+
+        return CodecConfig.from_dict(dict(
+            sample_rate=self.sample_rate, channels=1, dimension=self.dimension, n_filters=self.n_filters,
+            ratios=list(self.ratios), n_residual_layers=1, kernel_size=7, last_kernel_size=7, residual_kernel_size=3,
+            dilation_base=2, compress=2, lstm_layers=self.lstm, causal=False, pad_mode="constant", true_skip=True,
+            trim_right_ratio=1.0, n_q=self.n_q, bins=self.bins))
+
+    def check(self, device: str = "cpu", stop_at: int | None = None) -> None:
+        """Every option through the schema (engine/schema.py: CODEC_TRAIN_OPTIONS, and CODEC_SPEC for
+        the codec's sizes, the limits a converted config.json has), then the training memory
+        estimated against the machine's: before anything is allocated."""
+        from ..engine.codec import expected_codec_shapes
+        from ..engine.errors import ModelFormatError
+        from ..engine.schema import CODEC_SPEC, CODEC_TRAIN_OPTIONS, Field, check_options
+
+        try:
+            check_options(asdict(self), CODEC_TRAIN_OPTIONS)
+            check_options({k: getattr(self, k) for k in ("n_filters", "dimension", "bins", "n_q")}, CODEC_SPEC)
+            if stop_at is not None:
+                check_options({"stop_at": stop_at}, {"stop_at": Field("int", 1, 1 << 40)})
+            cfg = self.engine_config()
+        except ModelFormatError as e:
+            raise TrainError(str(e).replace("codec config.", "codec ")) from None
+        # a centred STFT pads half its size on each side by reflection: less than the crop
+        length = int(self.segment_s * self.sample_rate)
+        if max(self.fft_sizes) // 2 >= length:
+            raise TrainError(f"--fft-sizes: {max(self.fft_sizes)} is too long for the {length}-sample training crop")
+        if self.bass_weight and 256 >= int(self.segment_s * self.bass_sr):
+            raise TrainError(f"--bass-weight: the {self.segment_s:g} s crop is too short for the bass-band STFT")
+        if self.chroma_weight and 2048 >= length:
+            raise TrainError(f"--chroma-weight: the {self.segment_s:g} s crop is too short for the harmony STFT")
+        params = sum(math.prod(s) for s in expected_codec_shapes(cfg).values())
+        # weights, gradients, AdamW's moments; and a lower bound of what a step keeps for the backward
+        # pass: SEANet's activations (n_filters channels at the full rate, twice as many at each
+        # coarser rate, encoder and decoder)
+        act = self.batch_size * length * self.n_filters * 20
+        check_memory(f"a codec of {params / 1e6:.1f}M parameters with --batch-size {self.batch_size}",
+                     16 * params + 4 * act, device, "--n-filters/--dimension/--batch-size")
 
     def seanet(self) -> dict:
         return dict(channels=1, dimension=self.dimension, n_filters=self.n_filters, ratios=list(self.ratios),
@@ -156,6 +198,7 @@ def train_codec(corpus: str | Path, out: str | Path, cfg: CodecTrainConfig, resu
     (checkpoint and export) after that step, the schedule still running over ``cfg.steps``."""
     import auraloss
 
+    cfg.check(stop_at=stop_at)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if threads:
@@ -165,7 +208,7 @@ def train_codec(corpus: str | Path, out: str | Path, cfg: CodecTrainConfig, resu
     model = build_codec(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.8, 0.99), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.steps))))
+        opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup, 1)) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(cfg.steps, 1)))))
     step = 0
     if cfg.init_from:
         try:
@@ -177,6 +220,7 @@ def train_codec(corpus: str | Path, out: str | Path, cfg: CodecTrainConfig, resu
     ck = out / "last.pt"
     if resume and ck.is_file():
         state = load_resume(ck, "codec", asdict(cfg), log, defaults=asdict(CodecTrainConfig()))
+        check_resumable(state, ck, model, opt, sched, cfg.steps, rng_states)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -193,7 +237,7 @@ def train_codec(corpus: str | Path, out: str | Path, cfg: CodecTrainConfig, resu
     fps = cfg.sample_rate / math.prod(cfg.ratios)
     model.train()
     t0, seen = time.time(), 0
-    metrics = open(out / "metrics.jsonl", "a")
+    metrics = MetricsLog(out / "metrics.jsonl")
     end = min(cfg.steps, stop_at or cfg.steps)
     while step < end:
         x = torch.from_numpy(random_mixes(songs, cfg.batch_size, length, rng))[:, None]
@@ -226,8 +270,7 @@ def train_codec(corpus: str | Path, out: str | Path, cfg: CodecTrainConfig, resu
                      "commit": float(q.penalty), "snr_db": float(snr), "lr": sched.get_last_lr()[0]}
             if cfg.chroma_weight:
                 rec_d["chroma"] = float(harmony)
-            metrics.write(json.dumps(rec_d) + "\n")
-            metrics.flush()
+            metrics.write(rec_d)
             eta = (cfg.steps - step) * cfg.batch_size * cfg.segment_s / max(rate, 1e-9)
             log(f"codec step {step}/{cfg.steps} loss {float(loss):.3f} stft {float(rec):.3f} "
                 + (f"chroma {float(harmony):.3f} " if cfg.chroma_weight else "")

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import tempfile
+import re
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,9 @@ from .loop import TrainError
 
 CACHE_VERSION = 1
 MAX_STEMS = 6   # subsets are enumerated: at most 2**MAX_STEMS - 1 mixes per track
+MAX_METADATA_BYTES = 4 << 20   # a Slakh2100 metadata.yaml is a few KB, a toy-band one (with notes) ~50 KB
+MAX_LISTED_STEMS = 256         # stems a metadata.yaml may list (rendered or not)
+_STEM_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,63}")
 
 
 def instrument_name(inst_class: str) -> str:
@@ -39,39 +41,91 @@ def corpus_tracks(corpus: str | Path) -> list[Path]:
     return tracks
 
 
-def read_track(track: Path, sr: int) -> tuple[list[str], np.ndarray]:
-    """-> (inst_class per stem, stems [S, N] mono float32 at ``sr``)."""
-    import soundfile as sf
-    import soxr
+def _show(v) -> str:
+    """A value from an untrusted file, for an error line: short, one line, control characters escaped."""
+    return repr(v)[:60]
+
+
+def read_metadata(track: str | Path) -> tuple[dict, Path, list[tuple[str, str, bool]]]:
+    """A track's ``metadata.yaml``, untrusted: bounded size, YAML without tags beyond the safe ones,
+    the fields the corpus readers use checked for type. -> (the document, audio folder inside the
+    track, [(stem id, inst_class, audio_rendered)]). Any problem is one TrainError line."""
     import yaml
 
+    track = Path(track)
+    path = track / "metadata.yaml"
     try:
-        meta = yaml.safe_load((track / "metadata.yaml").read_text())
-        stems_meta = meta["stems"]
-        audio_dir = track / meta.get("audio_dir", "stems")
-    except Exception as e:  # noqa: BLE001
-        raise TrainError(f"{track}/metadata.yaml: unreadable ({type(e).__name__}: {e})") from None
-    classes, waves = [], []
-    for sid, info in stems_meta.items():
-        if not isinstance(info, dict) or not info.get("audio_rendered", True):
-            continue
+        size = path.stat().st_size
+        if size > MAX_METADATA_BYTES:
+            raise TrainError(f"{path}: {size} bytes; a metadata.yaml has at most {MAX_METADATA_BYTES}")
+        meta = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except TrainError:
+        raise
+    except (yaml.YAMLError, RecursionError, ValueError) as e:   # ValueError: UnicodeDecodeError, huge ints
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrainError(f"{path}: not a readable metadata.yaml ({type(e).__name__}: {first[:120]})") from None
+    except OSError as e:
+        raise TrainError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if not isinstance(meta, dict):
+        raise TrainError(f"{path}: must be a YAML mapping, got {type(meta).__name__}")
+    stems = meta.get("stems")
+    if not isinstance(stems, dict) or not stems:
+        raise TrainError(f"{path}: 'stems' must be a non-empty mapping of stem ids, got {type(stems).__name__}")
+    if len(stems) > MAX_LISTED_STEMS:
+        raise TrainError(f"{path}: {len(stems)} stems listed; at most {MAX_LISTED_STEMS}")
+    audio_dir = meta.get("audio_dir", "stems")
+    if (not isinstance(audio_dir, str) or not audio_dir or len(audio_dir) > 255 or "\0" in audio_dir
+            or Path(audio_dir).is_absolute() or ".." in Path(audio_dir).parts):
+        raise TrainError(f"{path}: audio_dir {_show(audio_dir)} must be a folder inside the track")
+    out = []
+    for sid, info in stems.items():
+        if isinstance(sid, bool) or not isinstance(sid, (str, int)) or not _STEM_ID.fullmatch(str(sid)):
+            raise TrainError(f"{path}: stem id {_show(sid)} must be a plain name such as S00")
+        if not isinstance(info, dict):
+            raise TrainError(f"{path}: stems.{sid} must be a mapping, got {type(info).__name__}")
+        cls, rendered = info.get("inst_class", "unknown"), info.get("audio_rendered", True)
+        if not isinstance(cls, str) or not cls.strip() or len(cls) > 64 or not cls.isprintable():
+            raise TrainError(f"{path}: stems.{sid}.inst_class {_show(cls)} must be a printable name of "
+                             "1-64 characters")
+        if not isinstance(rendered, bool):
+            raise TrainError(f"{path}: stems.{sid}.audio_rendered must be true or false, got {_show(rendered)}")
+        out.append((str(sid), cls, rendered))
+    if len({sid for sid, _, _ in out}) != len(out):
+        raise TrainError(f"{path}: two stems share an id")
+    return {**meta, "stems": {str(k): v for k, v in stems.items()}}, track / audio_dir, out
+
+
+def read_track(track: Path, sr: int, max_stems: int | None = None) -> tuple[list[str], np.ndarray]:
+    """-> (inst_class per stem, stems [S, N] mono float32 at ``sr``). Audio through the engine's
+    reader: the header's rate, channels and length within the limits of `stemgen generate`
+    (engine/audio.py) before a sample is read; NaN, empty or unreadable files are one line."""
+    import soxr
+
+    from ..engine.audio import read_audio
+    from ..engine.errors import StemGenError
+
+    _, audio_dir, stems = read_metadata(track)
+    found = []
+    for sid, cls, rendered in stems:
         path = next((audio_dir / f"{sid}{ext}" for ext in (".wav", ".flac") if (audio_dir / f"{sid}{ext}").is_file()),
                     None)
-        if path is None:
-            continue
+        if rendered and path is not None:
+            found.append((cls, path))
+    if not found:
+        raise TrainError(f"{track}: no rendered stems found")
+    if max_stems is not None and len(found) > max_stems:
+        raise TrainError(f"{track}: {len(found)} stems; at most {max_stems} per track are supported")
+    classes, waves = [], []
+    for cls, path in found:
         try:
-            x, file_sr = sf.read(str(path), dtype="float32", always_2d=True)
-        except Exception as e:  # noqa: BLE001
-            raise TrainError(f"{path}: not a readable audio file ({e})") from None
-        x = x.mean(axis=1)
+            x, file_sr = read_audio(path)
+        except StemGenError as e:
+            raise TrainError(str(e)) from None
+        x = x.mean(axis=0)
         if file_sr != sr:
             x = soxr.resample(x, file_sr, sr).astype(np.float32)
-        if not np.isfinite(x).all():
-            raise TrainError(f"{path}: NaN or infinite samples")
-        classes.append(str(info.get("inst_class", "unknown")))
+        classes.append(cls)
         waves.append(x)
-    if not waves:
-        raise TrainError(f"{track}: no rendered stems found")
     n = max(len(w) for w in waves)
     stems = np.zeros((len(waves), n), dtype=np.float32)
     for i, w in enumerate(waves):
@@ -121,30 +175,31 @@ def tokenize_corpus(corpus, codec, codec_key: str, cache: str | Path, contexts: 
     sr, hop = codec.cfg.sample_rate, codec.cfg.hop_length
     entries, arrays = [], {}
     for i, track in enumerate(tracks):
-        classes, stems = read_track(track, sr)
-        if len(classes) > MAX_STEMS:
-            raise TrainError(f"{track}: {len(classes)} stems; at most {MAX_STEMS} per track are supported")
+        classes, stems = read_track(track, sr, max_stems=MAX_STEMS)
+        T = stems.shape[1] // hop
+        if T < 1:
+            raise TrainError(f"{track}: shorter than one codec frame ({hop} samples at {sr} Hz)")
         subsets = _subsets(len(classes), contexts)
         mixes = np.stack([stems[list(s)].sum(0) for s in subsets])      # [M, N]
         peak = np.abs(mixes).max(axis=1, keepdims=True)
         mixes = mixes / np.maximum(peak / 0.99, 1.0)                       # no clipping, never louder
-        T = stems.shape[1] // hop
         codes = codec.encode(torch.from_numpy(mixes[:, None, :T * hop].copy()))  # [M, Q, T]
         energy = np.sqrt((mixes[:, :T * hop].reshape(len(subsets), T, hop) ** 2).mean(-1))  # [M, T]
         arrays[f"{i}.codes"] = codes.to(torch.int16).contiguous()
         arrays[f"{i}.rms"] = torch.from_numpy(energy.astype(np.float32))
         entries.append({"track": track.name, "classes": classes, "subsets": [list(s) for s in subsets], "frames": T})
         log(f"tokenised {i + 1}/{len(tracks)} {track.name}: {len(subsets)} mixes x {T} frames")
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    fd, tmp = tempfile.mkstemp(dir=cache, suffix=".tmp")
-    os.close(fd)
-    save_file(arrays, tmp)
-    os.replace(tmp, cache / "tokens.safetensors")
-    fd, tmp = tempfile.mkstemp(dir=cache, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump({"key": key, "tracks": entries}, f)
-    os.replace(tmp, index_path)
+    from ..engine.fileutil import atomic_file, atomic_write_text, output_error
+
+    try:
+        with atomic_file(cache / "tokens.safetensors") as tmp:
+            save_file(arrays, str(tmp))
+    except SafetensorError as e:
+        raise output_error(cache / "tokens.safetensors", e) from None
+    atomic_write_text(index_path, json.dumps({"key": key, "tracks": entries}))
     return cache
 
 

@@ -21,10 +21,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..engine.fileutil import atomic_write_text
+from ..engine.fileutil import atomic_file, atomic_write_text
 from .config import StemGenConfig, preset
 from .data import PairSampler, TokenCorpus, instrument_name
-from .loop import TrainError, atomic_torch_save, load_resume
+from .loop import (MetricsLog, TrainError, atomic_torch_save, check_memory, check_resumable, load_resume,
+                   rank_states)
 from .model import StemGenLM, masked_batch
 
 
@@ -49,6 +50,44 @@ class TrainConfig:
     autocast: str = "auto"            # auto | bf16 | off
     blank_prob: float = 0.0           # share of pairs trained as the sampler's first step (not SPEC)
     init_from: str = ""               # start from these LM weights (fresh optimizer and schedule; step 0 only)
+
+
+def check_train_config(cfg: TrainConfig, instruments: list[str] | None = None, device: str = "cpu",
+                       ) -> StemGenConfig:
+    """Every option through the schema (engine/schema.py: TRAIN_OPTIONS, and TRAIN_SPEC for the
+    model's sizes, the limits a converted config.json has), then the model's training memory
+    estimated on the meta device against the machine's: all before anything is allocated.
+    Returns the model config (``instruments`` default to a placeholder for the check)."""
+    from ..engine.errors import ModelFormatError
+    from ..engine.schema import TRAIN_OPTIONS, TRAIN_SPEC, check, check_options
+    from .config import PRESETS
+
+    try:
+        check_options(asdict(cfg), TRAIN_OPTIONS)
+        if cfg.preset not in PRESETS:
+            raise TrainError(f"--preset {cfg.preset!r}: choose one of {', '.join(PRESETS)}")
+        if not isinstance(cfg.model, dict) or any(k not in TRAIN_SPEC or k == "instruments" for k in cfg.model):
+            raise TrainError(f"model overrides {sorted(map(str, cfg.model))!r}: only model sizes "
+                             f"({', '.join(k for k in TRAIN_SPEC if k != 'instruments')}) can be set")
+        check_options(cfg.model, TRAIN_SPEC)
+        mcfg = preset(cfg.preset, **{**cfg.model, "instruments": list(instruments or ["instrument"])})
+        check(mcfg.to_dict(), TRAIN_SPEC, "model config")
+    except ModelFormatError as e:
+        raise TrainError(str(e)) from None
+    except (TypeError, ValueError) as e:
+        if isinstance(e, TrainError):
+            raise
+        raise TrainError(f"model options: {e}") from None
+    with torch.device("meta"):
+        params = sum(p.numel() for p in StemGenLM(mcfg).parameters())
+    tokens = cfg.batch_size * cfg.frames
+    # weights, gradients and AdamW's two moments (fp32), and a lower bound of what one step keeps
+    # for the backward pass: per layer and token the block's inputs, q/k/v, the FFN's hidden units;
+    # the logits of every level
+    act = tokens * (mcfg.n_layers * (8 * mcfg.d_model + 3 * mcfg.ffn_hidden) + 3 * mcfg.n_q * mcfg.codebook_size)
+    check_memory(f"an LM of {params / 1e6:.1f}M parameters with --batch-size {cfg.batch_size} x --frames "
+                 f"{cfg.frames}", 16 * params + 4 * act, device, "--d-model/--n-layers/--batch-size/--frames")
+    return mcfg
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -169,10 +208,11 @@ def plot_curves(metrics_path: Path, png: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    tmp = png.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png)
+    try:
+        with atomic_file(png) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
 
 
 class _Dist:
@@ -227,6 +267,7 @@ def train_lm(cache: str | Path, out: str | Path, cfg: TrainConfig, device: str =
     (``out/model.pt``, a `stemgen.train` checkpoint that `stemgen convert --lm` reads)."""
     out = Path(out)
     dev = torch.device(device)
+    check_train_config(cfg, device=device)
     dist = _Dist(dev)
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -235,7 +276,7 @@ def train_lm(cache: str | Path, out: str | Path, cfg: TrainConfig, device: str =
     if n <= cfg.val_songs:
         raise TrainError(f"{cache}: {n} tracks; need more than --val-songs {cfg.val_songs} (held out)")
     instruments = sorted({instrument_name(c) for c in corpus_all.classes()})
-    mcfg = preset(cfg.preset, **{**cfg.model, "instruments": instruments})
+    mcfg = check_train_config(cfg, instruments, device)
     info = json.loads((Path(cache) / "index.json").read_text())
     codes_max = max(int(corpus_all.items[k]["codes"].max()) for k in range(len(corpus_all.items)))
     if codes_max >= mcfg.codebook_size:
@@ -268,6 +309,7 @@ def train_lm(cache: str | Path, out: str | Path, cfg: TrainConfig, device: str =
     run_cfg.pop("init_from")
     if resume and ck.is_file():
         state = load_resume(ck, "lm", run_cfg, log, defaults=asdict(TrainConfig()))
+        check_resumable(state, ck, model, opt, sched, cfg.steps, rank_states(dist.world, gen))
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -289,7 +331,7 @@ def train_lm(cache: str | Path, out: str | Path, cfg: TrainConfig, device: str =
         log(f"LM {mcfg.d_model}d x {mcfg.n_layers} layers ({params / 1e6:.1f}M params), instruments "
             f"{', '.join(mcfg.instruments)}; {len(train_set.targets)} training targets; "
             f"{'bf16 autocast' if amp else 'fp32'} on {dev}; {dist.world} process(es)")
-    metrics = open(out / "metrics.jsonl", "a") if dist.main else None
+    metrics = MetricsLog(out / "metrics.jsonl") if dist.main else None
     t0, frames_seen, step0 = time.time(), 0, step
     model.train()
     while step < cfg.steps:
@@ -311,9 +353,8 @@ def train_lm(cache: str | Path, out: str | Path, cfg: TrainConfig, device: str =
             if progress:
                 progress(step, cfg.steps, loss_value, rate)
             if step % every == 0 or step == cfg.steps:
-                metrics.write(json.dumps({"step": step, "loss": loss_value, "grad_norm": float(gnorm),
-                                          "lr": sched.get_last_lr()[0], "frames_per_s": rate}) + "\n")
-                metrics.flush()
+                metrics.write({"step": step, "loss": loss_value, "grad_norm": float(gnorm),
+                               "lr": sched.get_last_lr()[0], "frames_per_s": rate})
                 if not progress:
                     eta = (cfg.steps - step) / max((step - step0) / (time.time() - t0), 1e-9)
                     log(f"step {step}/{cfg.steps} loss {loss_value:.3f} lr {sched.get_last_lr()[0]:.2e} "
@@ -321,8 +362,7 @@ def train_lm(cache: str | Path, out: str | Path, cfg: TrainConfig, device: str =
         if step % cfg.val_every == 0 or step == cfg.steps:
             if dist.main:
                 v = validate(model, val_batches, amp)
-                metrics.write(json.dumps({"step": step, **v}) + "\n")
-                metrics.flush()
+                metrics.write({"step": step, **v})
                 log(f"validation at step {step}: loss {v['val_loss']:.3f}; accuracy per level "
                     + " ".join(f"{v[f'val_acc_q{q}']:.3f}" for q in range(mcfg.n_q))
                     + f"; blank level 0 {v['val_blank_q0']:.3f} (NULL context {v['val_blank_null_q0']:.3f}, "

@@ -87,6 +87,19 @@ def _resolve(cfg: dict, value, root: dict, depth: int = 0):
     return value
 
 
+def xp_getter(root: dict, where: str):
+    """get(node, key, default): a field of an xp.cfg section, interpolations resolved; a section
+    that is not a mapping (a YAML list, number, tagged value) is one error naming the field."""
+    def get(node, key, default=None):
+        if node is None:
+            return default
+        if not isinstance(node, dict):
+            raise ModelFormatError(f"{where}: xp.cfg: the section holding {key!r} is a {type(node).__name__}, "
+                                   "expected a mapping")
+        return _resolve(node, node.get(key, default), root)
+    return get
+
+
 def audiocraft_config(xp_cfg: str, where: str) -> CodecConfig:
     import yaml
 
@@ -94,11 +107,11 @@ def audiocraft_config(xp_cfg: str, where: str) -> CodecConfig:
         raise ModelFormatError(f"{where}: xp.cfg must be the YAML text of the training config")
     try:
         root = yaml.safe_load(xp_cfg)
-    except (yaml.YAMLError, RecursionError) as e:
+    except (yaml.YAMLError, RecursionError, ValueError) as e:   # ValueError: ints past Python's digit limit
         raise ModelFormatError(f"{where}: xp.cfg is not valid YAML ({str(e).splitlines()[0][:120]})") from None
     if not isinstance(root, dict):
         raise ModelFormatError(f"{where}: xp.cfg is not a YAML mapping")
-    get = lambda node, key, default=None: _resolve(node, (node or {}).get(key, default), root)  # noqa: E731
+    get = xp_getter(root, where)
     if get(root, "compression_model", "encodec") != "encodec":
         raise ModelFormatError(f"{where}: compression_model is {get(root, 'compression_model')!r}; only encodec "
                                "is supported")
@@ -270,7 +283,7 @@ def load_codec_any(src: str | Path):
         if mc.codec is None or not mc.weights.get("codec"):
             raise ModelFormatError(f"{src}: this model directory has no codec")
         cfg = CodecConfig.from_dict(mc.codec)
-        codec = load_codec(src / mc.weights["codec"], cfg)
+        codec = load_codec(mc.file(src, "codec"), cfg)
     else:
         cfg, weights = convert_codec(src)
         codec = Codec(cfg, {k: v.float() for k, v in weights.items()})

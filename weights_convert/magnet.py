@@ -14,7 +14,7 @@ import torch
 
 from ..engine.config import MagnetConfig, ModelFormatError, check_finite, check_shapes
 from ..engine.magnet import magnet_shapes
-from .codec import _resolve
+from .codec import xp_getter
 
 # what the engine's MAGNeT architecture is: the checkpoint's transformer_lm must say the same
 REQUIRED = {"norm_first": True, "bias_ff": False, "bias_attn": False, "bias_proj": False, "activation": "gelu",
@@ -64,7 +64,7 @@ def magnet_config(root: dict, where: str) -> tuple[MagnetConfig, str]:
     lm = root.get("transformer_lm")
     if not isinstance(lm, dict):
         raise ModelFormatError(f"{where}: xp.cfg has no transformer_lm section")
-    get = lambda node, key, default=None: _resolve(node, (node or {}).get(key, default), root)  # noqa: E731
+    get = xp_getter(root, where)
     for key, want in REQUIRED.items():
         got = get(lm, key, want)
         if got != want:
@@ -77,6 +77,9 @@ def magnet_config(root: dict, where: str) -> tuple[MagnetConfig, str]:
                                "text-conditioned MAGNeT models are supported")
     t5 = get(desc, "t5") or {}
     t5_name = get(t5, "name", "t5-base")
+    if not isinstance(t5_name, str) or not 0 < len(t5_name) <= 200 or not t5_name.isprintable():
+        raise ModelFormatError(f"{where}: xp.cfg conditioners.description.t5.name {repr(t5_name)[:40]} is not a "
+                               "model name such as t5-base")
     if get(t5, "normalize_text", False):
         raise ModelFormatError(f"{where}: conditioners.description.t5.normalize_text is set (spaCy text "
                                "normalisation); not supported")

@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from ..engine.config import CONFIG_FILE, ModelConfig, ModelFormatError, check_finite
-from ..engine.fileutil import atomic_dir, default_permissions
+from ..engine.fileutil import atomic_dir, default_permissions, output_error
 
 
 def write_model_dir(out: str | Path, config: ModelConfig, weights: dict[str, dict[str, torch.Tensor]],
@@ -22,16 +23,27 @@ def write_model_dir(out: str | Path, config: ModelConfig, weights: dict[str, dic
         raise ModelFormatError(f"{out}: already exists; choose another --out or pass --force to replace it")
     if not out.parent.is_dir():
         raise ModelFormatError(f"{out.parent}: output's parent folder does not exist; create it first")
-    with atomic_dir(out, replace=overwrite) as tmp:
-        for part, state in weights.items():
-            fname = config.weights.get(part)
-            if fname is None:
-                raise ModelFormatError(f"config names no weight file for {part!r}")
-            check_finite(state, f"{part} weights")
-            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / fname),
-                      metadata={"format": "stemgen-engine", "part": part})
-            default_permissions(tmp / fname)  # safetensors creates 0600 files; one policy: the umask's
-        if extra is not None:
-            extra(tmp)
-        (tmp / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    try:
+        with atomic_dir(out, replace=overwrite) as tmp:
+            for part, state in weights.items():
+                fname = config.weights.get(part)
+                if fname is None:
+                    raise ModelFormatError(f"config names no weight file for {part!r}")
+                check_finite(state, f"{part} weights")
+                try:
+                    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / fname),
+                              metadata={"format": "stemgen-engine", "part": part})
+                except (OSError, SafetensorError) as e:
+                    raise output_error(out / fname, e) from None
+                default_permissions(tmp / fname)  # safetensors creates 0600 files; one policy: the umask's
+            if extra is not None:
+                extra(tmp)
+            try:
+                (tmp / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+            except OSError as e:
+                raise output_error(out / CONFIG_FILE, e) from None
+    except FileExistsError:
+        raise
+    except OSError as e:   # the temporary folder could not be made, or renamed into place
+        raise output_error(out, e) from None
     return out
