@@ -64,7 +64,7 @@ class ThreadGovernor:
     thread's torch (and OpenMP) thread count to the cores left, at least one."""
 
     def __init__(self, interval: float = 1.0, cpu=read_cpu, own=read_self, clock=time.monotonic,
-                 usable: int | None = None):
+                 usable: int | None = None, niced: bool | None = None):
         self.fixed = fixed_threads()
         self.interval, self.cpu, self.own, self.clock = interval, cpu, own, clock
         if usable is None:
@@ -73,6 +73,8 @@ class ThreadGovernor:
         self.last = None
         self.threads = self.fixed or torch.get_num_threads()
         self.others = 0.0   # cores the rest of the machine kept busy at the last measurement
+        # a niced engine's own time is in /proc/stat's nice column, not in the busy time read here
+        self.niced = (os.nice(0) > 0 if hasattr(os, "nice") else False) if niced is None else niced
 
     def update(self) -> int:
         if self.fixed is not None:
@@ -89,8 +91,7 @@ class ThreadGovernor:
             _, busy0, total0, own0 = self.last
             busy, total, n = cpu
             if total > total0:
-                niced = os.nice(0) > 0 if hasattr(os, "nice") else False
-                mine = 0 if niced else own - own0   # a niced engine's own time is not in `busy`
+                mine = 0 if self.niced else own - own0
                 self.others = max(0.0, (busy - busy0 - mine) / (total - total0) * n)
                 want = max(1, min(self.usable, round(n - self.others)))
                 if want != self.threads:

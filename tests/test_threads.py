@@ -10,18 +10,18 @@ class Machine:
     """/proc/stat and /proc/self/stat as counters advanced by ``run(seconds, ours, others, niced)``
     (cores kept busy by this process, by other un-niced processes, by niced ones), 100 ticks/s."""
 
-    def __init__(self, n=2):
-        self.n, self.t, self.busy, self.total, self.mine = n, 0.0, 0, 0, 0
+    def __init__(self, n=2, niced=False):
+        self.n, self.t, self.busy, self.total, self.mine, self.niced = n, 0.0, 0, 0, 0, niced
 
     def run(self, seconds, ours=0.0, others=0.0):
         self.t += seconds
-        self.busy += int(100 * seconds * (ours + others))
+        self.busy += int(100 * seconds * ((0 if self.niced else ours) + others))   # niced time: its own column
         self.total += int(100 * seconds * self.n)
         self.mine += int(100 * seconds * ours)
 
     def governor(self):
         return ThreadGovernor(interval=1.0, cpu=lambda: (self.busy, self.total, self.n), own=lambda: self.mine,
-                              clock=lambda: self.t, usable=self.n)
+                              clock=lambda: self.t, usable=self.n, niced=self.niced)
 
 
 @pytest.fixture(autouse=True)
@@ -32,8 +32,9 @@ def keep_threads(monkeypatch):
     torch.set_num_threads(before)
 
 
-def test_one_busy_core_leaves_one_thread_and_quiet_gives_both_back():
-    m = Machine(2)
+@pytest.mark.parametrize("niced", [False, True])
+def test_one_busy_core_leaves_one_thread_and_quiet_gives_both_back(niced):
+    m = Machine(2, niced)
     torch.set_num_threads(2)
     g = m.governor()
     g.update()
