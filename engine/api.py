@@ -233,10 +233,13 @@ class Engine:
         if take is not None:
             if take_rate is None:
                 raise RequestError("a take needs its sample rate")
-            _, codes = self.prepare_audio(take, take_rate)
-            codes = codes[0]
-            T = codes.shape[-1] if seconds is None and regions else self.frames(seconds) if seconds else \
-                max(codes.shape[-1], self.segment_frames())
+            codes = self.prepare_audio(take, take_rate)[1][0]
+            if seconds is None and regions:     # inpainting: the take's own length
+                T = codes.shape[-1]
+            elif seconds:
+                T = self.frames(seconds)
+            else:                               # continuation: at least the model's segment
+                T = max(codes.shape[-1], self.segment_frames())
             given = self.partial_target(codes, T, regions)
         else:
             T = self.frames(seconds) if seconds is not None else self.segment_frames()
@@ -245,8 +248,8 @@ class Engine:
         jobs = [(mem, i) for mem in encoded for i in range(variations)]
         tokens = [given.clone() if given is not None else
                   torch.full((self.config.lm.n_q, T), self.mask_id, dtype=torch.int64) for _ in jobs]
+        from .magnet_request import MagnetRequest
         for k, (a, b, _) in enumerate(self.windows(T, window, overlap)):
-            from .magnet_request import MagnetRequest
             reqs = [MagnetRequest(self.config.lm, mem, dataclasses.replace(base, seed=base.seed + i + 1000 * k),
                                   target=tok[:, a:b].clone(), progress=progress)
                     for (mem, i), tok in zip(jobs, tokens)]

@@ -67,10 +67,6 @@ class TextRows:
     n_text_rows: int             # its first n rows attend to ``text``; the others have no cross-attention
     window: int | None           # self-attention band for this step (None: full)
 
-    @property
-    def shape(self) -> tuple:    # for CUDA graphs' layout key (MAGNeT runs eagerly: engine.api)
-        return (self.n_text_rows, self.window, self.text.length if self.text is not None else 0)
-
 
 class MagnetLayer(nn.Module):
     def __init__(self, cfg: MagnetConfig):
