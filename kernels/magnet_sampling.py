@@ -36,7 +36,7 @@ def magnet_sample_ref(logits: torch.Tensor, positions: torch.Tensor, *, seed: in
     probs = torch.softmax(guided / temperature, dim=-1)
     u = uniform(step_key(seed, level, step, STREAM_SAMPLE), positions)
     if top_p > 0.0:
-        srt, idx = torch.sort(probs, dim=-1, descending=True)
+        srt, idx = torch.sort(probs, dim=-1, descending=True, stable=True)   # ties in code order
         drop = srt.cumsum(-1) - srt > top_p
         srt = srt * (~drop).float()
         srt = srt / srt.sum(-1, keepdim=True)
@@ -61,4 +61,5 @@ def _selfcheck(fn, device, dtype) -> str | None:
 
 OP = register(Op("magnet_sample", "MAGNeT guidance+sampling", magnet_sample_ref, selfcheck=_selfcheck,
                  reference_label="PyTorch reference (audiocraft's order of operations)"),
-              Variant("cpp", "..cpp_ext:magnet_sample", "C++ (cpp_ext)"))
+              Variant("cpp", "..cpp_ext:magnet_sample", "C++ (cpp_ext)"),
+              Variant("triton", ".magnet_sampling_triton:magnet_sample", "Triton"))

@@ -29,12 +29,28 @@ META = json.loads((FIX / "reference.json").read_text())
 NAMES = [f"uniform_{arr}{pr}_row{i}" for arr in ("nonoverlap", "stride1") for pr in ("", "_prompt") for i in (0, 1)]
 
 
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory):
+def _engine(tmp_path_factory):
     from stemgen.engine.api import Engine
     out = tmp_path_factory.mktemp("magnet_sampled") / "model"
     model_dir = convert_magnet(PickleFile(FIX / "state_dict.bin"), out, None, None, FIX / "t5-tiny")
     return Engine.from_pretrained(model_dir, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    return _engine(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def triton_engine(tmp_path_factory):
+    """The same model with the Triton sampling kernel (under the interpreter without a GPU)."""
+    from stemgen.kernels import OPS
+    from helpers import backend_missing
+    if backend_missing("triton"):
+        pytest.skip(backend_missing("triton"))
+    eng = _engine(tmp_path_factory)
+    eng.lm.ops.magnet_sample = OPS["magnet_sample"].variants["triton"].load()
+    return eng
 
 
 def test_fixture_runs_are_the_default_sampling():
@@ -49,6 +65,15 @@ def test_fixture_runs_are_the_default_sampling():
 def test_sampled_decoding_equals_audiocraft_step_by_step(engine, name):
     """The engine's MAGNeT request with its default sampling (top_p 0.9) and the fixture's seed against
     audiocraft's generate with the same uniforms: every forward's input and the final tokens."""
+    check_against_audiocraft(engine, name)
+
+
+@pytest.mark.parametrize("name", ["uniform_stride1_prompt_row0"])   # the interpreter's speed: one run
+def test_triton_sampler_decoding_equals_audiocraft(triton_engine, name):
+    check_against_audiocraft(triton_engine, name)
+
+
+def check_against_audiocraft(engine, name):
     gen = META["generation"][name]
     p = gen["params"]
     T = gen["tokens_shape"][-1]

@@ -17,6 +17,7 @@ CASES = [  # R, M, V, coef, temperature, top_k, top_p
     (2, 9, 50, 2.0, 1.0, 1, 0.0),           # top-k 1: greedy
     (2, 11, 64, 4.0, 1.2, 0, 1.0),          # top-p 1: keeps everything
 ]
+TIES = [(2, 41, 2048, 1.0, 1.0, 0, 0.9), (1, 40, 300, 0.0, 0.7, 0, 0.5), (2, 33, 128, 2.0, 1.0, 5, 0.0)]
 
 
 @pytest.mark.parametrize("fn,dtype", variants("magnet_sample"))
@@ -26,6 +27,21 @@ def test_matches_reference(fn, dtype, R, M, V, coef, temperature, top_k, top_p):
     logits = torch.randn(R, M, V, generator=g) * 3
     positions = torch.randperm(500, generator=g)[:M]
     kw = dict(seed=11, level=2, step=3, coef=coef, temperature=temperature, top_k=top_k, top_p=top_p)
+    tok, prob = fn(logits, positions, **kw)
+    ref_tok, ref_prob = magnet_sample_ref(logits, positions, **kw)
+    assert torch.equal(tok, ref_tok)
+    assert torch.allclose(prob, ref_prob, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("fn,dtype", variants("magnet_sample"))
+@pytest.mark.parametrize("R,M,V,coef,temperature,top_k,top_p", TIES)
+def test_equal_probabilities_in_code_order(fn, dtype, R, M, V, coef, temperature, top_k, top_p):
+    """Logits on a coarse grid (as half precision gives): many codes share a probability, at the
+    nucleus boundary and where the draw crosses; the descending order keeps them in code order."""
+    g = torch.Generator().manual_seed(V + M)
+    logits = (torch.randn(R, M, V, generator=g) * 2).round() / 2
+    positions = torch.arange(M) * 7
+    kw = dict(seed=3, level=0, step=5, coef=coef, temperature=temperature, top_k=top_k, top_p=top_p)
     tok, prob = fn(logits, positions, **kw)
     ref_tok, ref_prob = magnet_sample_ref(logits, positions, **kw)
     assert torch.equal(tok, ref_tok)
