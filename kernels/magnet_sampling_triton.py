@@ -88,6 +88,11 @@ def _magnet_sample_kernel(logits_ptr, pos_ptr, tok_ptr, prob_ptr, M, V, key, coe
     tl.store(prob_ptr + m, tl.sum(tl.where(offs == best, p, 0.0), 0))
 
 
+def sample_warps(block_v: int) -> int:
+    """Warps per frame: 16 codes a thread (the bisections reduce over the block 64 times), 4 to 16."""
+    return min(16, max(4, block_v // 512))
+
+
 def magnet_sample(logits: torch.Tensor, positions: torch.Tensor, *, seed: int, level: int, step: int,
                   coef: float, temperature: float, top_k: int = 0, top_p: float = 0.9):
     """Same contract as kernels.magnet_sampling.magnet_sample_ref."""
@@ -109,7 +114,7 @@ def magnet_sample(logits: torch.Tensor, positions: torch.Tensor, *, seed: int, l
                                     step_key(seed, level, step, STREAM_SAMPLE), float(coef), float(temperature),
                                     int(top_k), float(top_p), R=R, BLOCK_V=block_v, TOP_P=use_p,
                                     TOP_K=not use_p and 0 < top_k < V,
-                                    num_warps=min(16, max(4, block_v // 512)))
+                                    num_warps=sample_warps(block_v))
     return tok, prob
 
 

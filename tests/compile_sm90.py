@@ -26,7 +26,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from stemgen.kernels import attention_triton, embedding_triton, norm_triton, sampling_triton, swiglu_triton
+from stemgen.kernels import (attention_triton, embedding_triton, magnet_sampling_triton, norm_triton, sampling_triton,
+                             swiglu_triton)
 
 P16 = [["tt.divisibility", 16]]   # pointers the runtime sees 16-byte aligned (fresh torch tensors are)
 
@@ -128,6 +129,13 @@ def variants() -> list[Variant]:
         warps = sampling_triton.sample_warps(c["BLOCK_V"], c["TOP_K"] or c["TOP_P"])   # as the wrapper picks
         out.append(Variant(label, sampling_triton._guide_sample_kernel, samp, c, num_warps=warps, div16=("V",),
                            wide=c["ONE_BLOCK"]))
+    mag = {"logits_ptr": f32, "pos_ptr": "*i64", "tok_ptr": "*i64", "prob_ptr": f32, "M": "i32", "V": "i32",
+           "key": "i64", "coef": "fp32", "temperature": "fp32", "top_k": "i32", "top_p": "fp32"}
+    for label, c in [("MAGNeT sample R2 V2048 top-p", dict(R=2, BLOCK_V=2048, TOP_K=False, TOP_P=True)),
+                     ("MAGNeT sample R2 V2048 top-k", dict(R=2, BLOCK_V=2048, TOP_K=True, TOP_P=False)),
+                     ("MAGNeT sample R1 V4096 top-p", dict(R=1, BLOCK_V=4096, TOP_K=False, TOP_P=True))]:
+        out.append(Variant(label, magnet_sampling_triton._magnet_sample_kernel, mag, c,
+                           num_warps=magnet_sampling_triton.sample_warps(c["BLOCK_V"]), div16=("V",), wide=True))
     return out
 
 
