@@ -7,6 +7,8 @@ import torch
 from stemgen.kernels.band_attention import band_attention_ref
 from stemgen.kernels.cross_attention import cross_attention_ref
 
+from helpers import variants
+
 
 def naive(q, k, v, allowed=None):
     """q [Tq, H, d], k/v [Tk, H, d] -> [Tq, H * d] in fp64."""
@@ -16,13 +18,19 @@ def naive(q, k, v, allowed=None):
     return torch.einsum("hqk,khd->qhd", s.softmax(-1), v.double()).reshape(q.shape[0], -1)
 
 
-@pytest.mark.parametrize("segments,windows", [([(2, 13)], [5]), ([(2, 13), (1, 4), (3, 7)], [None, 1, 5]),
-                                              ([(1, 1)], [5]), ([(2, 11)], [0])])
-def test_band_attention_against_naive(segments, windows):
+BANDS = [([(2, 13)], [5]), ([(2, 13), (1, 4), (3, 7)], [None, 1, 5]), ([(1, 1)], [5]), ([(2, 11)], [0]),
+         # past the blocked form's block of 32 queries: odd lengths, a band wider than a block, full beside
+         ([(2, 33)], [5]), ([(1, 97), (2, 64), (3, 40)], [5, 0, None]), ([(2, 100)], [40]), ([(1, 65)], [63])]
+BAND_FNS = [pytest.param(band_attention_ref, torch.float32, id="reference"), *variants("band_attention")]
+
+
+@pytest.mark.parametrize("fn,dtype", BAND_FNS)
+@pytest.mark.parametrize("segments,windows", BANDS)
+def test_band_attention_against_naive(fn, dtype, segments, windows):
     g = torch.Generator().manual_seed(len(segments))
     N = sum(R * T for R, T in segments)
     q, k, v = torch.randn(3, N, 2, 8, generator=g).unbind(0)
-    got = band_attention_ref(q, k, v, segments, windows)
+    got = fn(q, k, v, segments, windows)
     start = 0
     for (R, T), w in zip(segments, windows):
         i = torch.arange(T)
@@ -41,3 +49,14 @@ def test_cross_attention_uses_each_requests_own_memory():
     got = cross_attention_ref(q, k, v, segments, lengths)
     assert torch.allclose(got[:9].double(), naive(q[:9], k[:3], v[:3]), atol=1e-5)
     assert torch.allclose(got[9:].double(), naive(q[9:], k[3:], v[3:]), atol=1e-5)
+
+
+@pytest.mark.parametrize("fn,dtype", variants("band_attention", (torch.float32, torch.bfloat16)))
+def test_band_attention_variants_match_the_reference(fn, dtype):
+    """MAGNeT-small's shape (16 heads of 64, band 5) at 500 and 517 frames, in the model's dtypes."""
+    g = torch.Generator().manual_seed(1)
+    segments, windows = [(2, 500), (2, 517)], [5, 5]
+    q, k, v = (torch.randn(3, 2034, 16, 64, generator=g)).to(dtype).unbind(0)
+    got, want = fn(q, k, v, segments, windows).float(), band_attention_ref(q, k, v, segments, windows).float()
+    tol = 2e-6 if dtype == torch.float32 else 2e-2
+    assert (got - want).abs().max() <= tol * want.abs().max(), (got - want).abs().max()
