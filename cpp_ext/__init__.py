@@ -128,3 +128,14 @@ def silu_mul(gate_up) -> torch.Tensor:
     dt = _float_dtype("silu_mul", gate_up)
     fn = _native.silu_mul_bf16 if dt == torch.bfloat16 else _native.silu_mul_f32
     return _torch(fn(_np(gate_up, dt), dt == torch.bfloat16), dt)
+
+
+def int8_linear(x, wq, scale) -> torch.Tensor:
+    """Same contract as kernels.int8_linear.int8_linear_ref: the per-row quantization and the
+    dequantization here (one pass each), the int8 GEMM PyTorch's (torch._int_mm: oneDNN)."""
+    if x.dim() != 2 or wq.dim() != 2 or wq.dtype != torch.int8 or x.shape[1] != wq.shape[0] or scale.shape != (wq.shape[1],):
+        raise ValueError(f"int8_linear: x [N, K], wq [K, M] int8, scale [M] expected, got {list(x.shape)} / "
+                         f"{list(wq.shape)} {wq.dtype} / {list(scale.shape)}")
+    xq, xs = _native.quantize_rows(_np(x.float(), torch.float32))
+    acc = torch._int_mm(torch.from_numpy(xq), wq)
+    return torch.from_numpy(_native.dequantize(_np(acc, torch.int32), xs, _np(scale.float(), torch.float32)))

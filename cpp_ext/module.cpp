@@ -11,13 +11,14 @@ static int num_threads() {
 
 PYBIND11_MODULE(_native, m) {
     m.doc() = "stemgen CPU hot paths: fused embedding-sum, guidance + sampling + rank score, RVQ encode, "
-              "residual add + RMSNorm, silu * up, MAGNeT guidance + sampling";
+              "residual add + RMSNorm, silu * up, MAGNeT guidance + sampling, int8 quantize / dequantize";
     def_embedding(m);
     def_sampling(m);
     def_norm(m);
     def_swiglu(m);
     def_rvq(m);
     def_magnet_sampling(m);
+    def_int8(m);
     m.def("num_threads", &num_threads);
 #ifdef _OPENMP
     m.attr("openmp") = true;

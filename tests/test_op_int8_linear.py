@@ -8,7 +8,7 @@ from stemgen.kernels.int8_linear import int8_linear_ref, quantize_weight
 
 from helpers import variants
 
-SHAPES = [(1, 8, 8), (5, 37, 13), (257, 256, 768), (64, 1024, 96)]
+SHAPES = [(1, 8, 8), (5, 37, 13), (257, 256, 768), (64, 1024, 96), (3, 4099, 7)]
 
 
 @pytest.mark.parametrize("fn,dtype", variants("int8_linear"))
@@ -19,7 +19,7 @@ def test_matches_reference(fn, dtype, N, K, M):
     wq, s = quantize_weight(w)
     assert wq.dtype == torch.int8 and wq.shape == (K, M)
     got, want = fn(x, wq, s), int8_linear_ref(x, wq, s)
-    assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(got, want)   # the same roundings, the same exact integer products, the same float ops
     # against the fp32 product: per-row and per-channel 8-bit rounding, about 1% of the output's scale
     exact = x @ w.t()
     assert (got - exact).abs().max() <= 0.03 * exact.abs().max()
@@ -31,6 +31,17 @@ def test_rows_do_not_depend_on_the_batch(fn, dtype):
     x, w = torch.randn(300, 64, generator=g), torch.randn(48, 64, generator=g)
     wq, s = quantize_weight(w)
     assert torch.equal(fn(x, wq, s)[17:19], fn(x[17:19], wq, s))
+
+
+@pytest.mark.parametrize("fn,dtype", variants("int8_linear"))
+def test_ties_round_to_even_and_zero_rows(fn, dtype):
+    """Rows whose quantized values fall exactly half-way (scale 1: max 127) round half to even, as
+    torch.round; an all-zero row gets scale 1 and stays zero."""
+    x = torch.tensor([[127.0, 2.5, -3.5, 0.5, -0.5, 1.5, 126.5, -127.0], [0.0] * 8])
+    wq, s = quantize_weight(torch.eye(8) * torch.arange(1.0, 9.0)[:, None])
+    got, want = fn(x, wq, s), int8_linear_ref(x, wq, s)
+    assert torch.equal(got, want) and torch.equal(got[1], torch.zeros(8))
+    assert torch.equal(got[0, 1:7] / torch.arange(2.0, 8.0), torch.tensor([2.0, -4.0, 0.0, -0.0, 2.0, 126.0]))
 
 
 def test_zero_rows_stay_zero():
