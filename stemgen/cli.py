@@ -857,20 +857,23 @@ def table3_cmd(model: str = typer.Option("demo", "--model", "-m", help="model di
                                                    help="stems to generate, comma-separated (default: bass and drums)"),
                settings: Optional[str] = typer.Option(None, "--settings",
                                                       help="settings to run, comma-separated, e.g. naive,paper "
-                                                      "(default: all four)")):
+                                                      "(default: all four)"),
+               dtype: str = typer.Option("float32", "--dtype", help="engine dtype: float32, bfloat16 or int8 (the "
+                                         "CPU's int8 path)")):
     """The paper's Table 3 at toy scale: naive / paper settings / deaf (another song's context) / codec
     ceiling, scored against each song's ground truth (chord roots, beat grid, tempo), MIRDD and FAD."""
     from .engine import Engine
     from .evaluation.listening import INSTRUMENTS, SETTINGS, markdown_table, run_table3
 
     def work():
-        engine = Engine.from_pretrained(_model_dir(model), device="cpu", dtype="float32")
+        engine = Engine.from_pretrained(_model_dir(model), device="cpu", dtype=dtype)
         try:
             res = run_table3(engine, corpus, out, songs=songs, seconds=seconds, steps=_parse_steps(steps),
                              seed=seed, log=_train_logger(), instruments=INSTRUMENTS if stems is None else _csv(stems),
                              settings=SETTINGS if settings is None else _csv(settings))
         finally:
             engine.close()
+        res["dtype"] = dtype
         atomic_write_text(out / "table3.json", json.dumps(res, indent=1))
         atomic_write_text(out / "table3.md", markdown_table(res["table"]) + "\n")
         return res

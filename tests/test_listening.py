@@ -62,17 +62,17 @@ def test_table3_cli_writes_every_setting(tmp_path):
 
 
 def test_table3_cli_runs_a_subset(tmp_path):
-    """--stems / --settings run only those (no figure, which needs both stems, paper and deaf);
+    """--stems / --settings run only those (here with the CPU's int8 path; no figure, which needs both stems, paper and deaf);
     an unknown name is one line."""
     model = tiny_model_dir(tmp_path)
     corpus = make_corpus(tmp_path / "held", songs=2, seed=1000, sr=16000)
     out = tmp_path / "t3"
     args = ["table3", "--model", str(model), "--corpus", str(corpus), "--out", str(out), "--songs", "2",
             "--seconds", "2", "--steps", "1,1,1,1"]
-    res = CliRunner().invoke(app, args + ["--stems", "bass", "--settings", "naive,paper"])
+    res = CliRunner().invoke(app, args + ["--stems", "bass", "--settings", "naive,paper", "--dtype", "int8"])
     assert res.exit_code == 0, res.output
     rep = json.loads((out / "table3.json").read_text())
-    assert set(rep["table"]) == {"bass"} and set(rep["table"]["bass"]) == {"naive", "paper"}
+    assert rep["dtype"] == "int8" and set(rep["table"]) == {"bass"} and set(rep["table"]["bass"]) == {"naive", "paper"}
     assert len(rep["per_song"]) == 2 * 2 and not (out / "deaf").exists() and not (out / "real" / "drums").exists()
     assert not (out / "spectrograms.png").exists()
     res = CliRunner().invoke(app, args + ["--settings", "naive,clever"])
