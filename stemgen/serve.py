@@ -683,6 +683,22 @@ def _seeded(sampling, seed: int):
     return dataclasses.replace(sampling, seed=seed)
 
 
+def http_protocol():
+    """uvicorn's HTTP protocol (httptools or h11, as uvicorn picks) with one change: a request whose
+    HTTP framing is broken (a bad chunk size or Content-Length, a malformed header line), refused
+    before the app sees it, gets a JSON 400 like every other error (uvicorn's own is plain text)."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    class JSONErrors(AutoHTTPProtocol):
+        def send_400_response(self, msg: str) -> None:
+            body = json.dumps({"error": msg}).encode()
+            self.transport.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+                                 b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+            self.transport.close()
+
+    return JSONErrors
+
+
 def run_server(app, host: str, port: int, shutdown_grace: float = 5.0, sock=None) -> None:
     """uvicorn, with SIGTERM / Ctrl-C as a clean shutdown: stop accepting, cancel the jobs in flight
     at once (waiting clients get a 503), give the connections still open ``shutdown_grace`` seconds,
@@ -700,5 +716,6 @@ def run_server(app, host: str, port: int, shutdown_grace: float = 5.0, sock=None
             if hasattr(self, "_captured_signals"):
                 self._captured_signals.clear()
 
-    config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=shutdown_grace)
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=shutdown_grace,
+                            http=http_protocol())
     CleanExit(config).run(sockets=[sock] if sock is not None else None)

@@ -23,7 +23,7 @@ import uvicorn  # noqa: E402
 
 from stemgen.cli import app as cli_app  # noqa: E402
 from stemgen.engine import Engine  # noqa: E402
-from stemgen.serve import Limits, create_app  # noqa: E402
+from stemgen.serve import Limits, create_app, http_protocol  # noqa: E402
 
 from helpers import tiny_model_dir  # noqa: E402
 
@@ -202,7 +202,8 @@ def serving(engine, **limits):
     """A uvicorn server of its own (its own Limits) on 127.0.0.1 for one test; -> (base URL, app)."""
     port = free_port()
     app = create_app(engine, Limits(**limits))
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                        http=http_protocol()))   # the CLI's protocol: JSON 400s
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
