@@ -4,7 +4,8 @@
 #include "common.h"
 
 // x [N, K] fp32 -> (q int8 [N, K], scale [N]): scale = max|x| / 127 (1 for an all-zero row),
-// q = round-half-even(x / scale) clamped to +-127; the reference's float ops in its order.
+// q = round-half-even(x / scale) clamped to +-127; the reference's float ops in its order. A row
+// holding NaN or inf: codes 0 and scale NaN.
 static py::tuple quantize_rows(py::array_t<float, py::array::c_style> x) {
     const i64 N = x.shape(0), K = x.shape(1);
     py::array_t<int8_t> q_out({N, K});
@@ -18,10 +19,19 @@ static py::tuple quantize_rows(py::array_t<float, py::array::c_style> x) {
         for (i64 n = 0; n < N; ++n) {
             const float* xr = X + n * K;
             float mx = 0.f;
-            for (i64 k = 0; k < K; ++k) mx = std::max(mx, std::fabs(xr[k]));
+            bool finite = true;
+            for (i64 k = 0; k < K; ++k) {
+                mx = std::max(mx, std::fabs(xr[k]));
+                finite &= std::isfinite(xr[k]);
+            }
             float s = mx / 127.0f;
-            if (!(s > 0.f)) s = 1.f;
+            if (s == 0.f) s = 1.f;
             int8_t* qr = Q + n * K;
+            if (!finite) {  // NaN or inf in the row: codes 0, scale NaN (its outputs NaN), as the reference
+                std::fill(qr, qr + K, int8_t{0});
+                S[n] = std::numeric_limits<float>::quiet_NaN();
+                continue;
+            }
             for (i64 k = 0; k < K; ++k)
                 qr[k] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(xr[k] / s))));
             S[n] = s;

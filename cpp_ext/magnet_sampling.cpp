@@ -37,17 +37,23 @@ static py::tuple magnet_sample(py::array_t<float, py::array::c_style> logits,
                 }
                 float s = 0.f;
                 for (i64 v = 0; v < V; ++v) { pp[v] = std::exp(pp[v] - mx); s += pp[v]; }
+                if (std::isnan(s)) {  // a NaN or infinite logit: the reference's order puts code 0 first
+                    tok[m] = 0;
+                    prob[m] = std::numeric_limits<float>::quiet_NaN();
+                    continue;
+                }
                 for (i64 v = 0; v < V; ++v) pp[v] /= s;
                 const double x = static_cast<double>(uniform01(key, static_cast<uint64_t>(P[m])));
                 i64 best = V - 1;
                 if (nucleus) {  // sorted descending; drop where the mass before a code exceeds top_p
                     std::iota(idx.begin(), idx.end(), 0);
                     std::stable_sort(idx.begin(), idx.end(), [&](i64 a, i64 b) { return pp[a] > pp[b]; });
-                    float cum = 0.f, kept = 0.f;
+                    double cum = 0.0;  // torch's CPU cumsum: fp64 running sum, each prefix rounded to fp32
+                    float kept = 0.f;
                     for (i64 n = 0; n < V; ++n) {
                         const float pn = pp[idx[n]];
                         cum += pn;
-                        q[n] = (cum - pn > top_p) ? 0.f : pn;
+                        q[n] = (static_cast<float>(cum) - pn > top_p) ? 0.f : pn;
                         kept += q[n];
                     }
                     double total = 0.0;

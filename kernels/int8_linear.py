@@ -19,11 +19,14 @@ from .registry import Op, Variant, register
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [N, K] -> (int8 [N, K], fp32 scale [N]) with x ~ q * scale; an all-zero row gets scale 1."""
+    """x [N, K] -> (int8 [N, K], fp32 scale [N]) with x ~ q * scale; an all-zero row gets scale 1, a row
+    holding NaN or inf codes 0 and scale NaN (its outputs NaN: never a finite result from it)."""
     x = x.float()
     scale = x.abs().amax(dim=1) / 127.0
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return torch.round(x / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    finite = scale.isfinite()   # a row with NaN or inf: codes 0 and scale NaN, so its outputs are NaN
+    q = torch.where(finite[:, None], torch.round(x / scale[:, None]).clamp_(-127, 127), 0.0).to(torch.int8)
+    return q, torch.where(finite, scale, torch.full_like(scale, float("nan")))
 
 
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,7 +30,8 @@ def inverse_cdf(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 def magnet_sample_ref(logits: torch.Tensor, positions: torch.Tensor, *, seed: int, level: int, step: int,
                       coef: float, temperature: float, top_k: int = 0, top_p: float = 0.9):
     """logits [R, M, V] fp32: rows (conditioned, unconditioned), or one row (no guidance);
-    positions [M] int64 frame indices. Returns (tokens [M] int64, prob [M] fp32)."""
+    positions [M] int64 frame indices. Returns (tokens [M] int64, prob [M] fp32). A frame whose logits
+    hold NaN or infinities gets token 0 and prob NaN (every variant)."""
     logits = logits.float()
     guided = logits[1] + (logits[0] - logits[1]) * coef if logits.shape[0] == 2 else logits[0]
     probs = torch.softmax(guided / temperature, dim=-1)
@@ -41,7 +42,7 @@ def magnet_sample_ref(logits: torch.Tensor, positions: torch.Tensor, *, seed: in
         srt = srt * (~drop).float()
         srt = srt / srt.sum(-1, keepdim=True)
         tokens = idx.gather(-1, inverse_cdf(srt, u)[:, None])[:, 0]
-    elif top_k > 0:
+    elif 0 < top_k < logits.shape[-1]:   # top-k of the whole vocabulary or more truncates nothing
         kth = torch.topk(probs, top_k, dim=-1).values[:, -1:]
         kept = probs * (probs >= kth).float()
         tokens = inverse_cdf(kept / kept.sum(-1, keepdim=True), u)

@@ -10,7 +10,10 @@ the probabilities (32 halvings, as kernels/sampling_triton.py's top-k / top-p):
               t whose mass at keys >= t exceeds it, then the code at t where the running sum crosses;
   top-k       keep probabilities >= the k-th largest (ties kept), drawn in code order.
 Equal probabilities are in code order within the descending order (the reference's stable sort), which
-matters for half-precision logits, where ties are common."""
+matters for half-precision logits, where ties are common. The nucleus boundary is rounded as the
+reference's on the CPU (the group of equal probabilities at the boundary exactly; a mass within an
+fp32 rounding of top_p just below it may differ), and the kernel runs without fused multiply-adds,
+so the CFG line rounds as the reference's two float ops."""
 from __future__ import annotations
 
 import torch
@@ -47,25 +50,28 @@ def _magnet_sample_kernel(logits_ptr, pos_ptr, tok_ptr, prob_ptr, M, V, key, coe
     if R == 2:   # uncond + (cond - uncond) * coef, the reference's float ops in its order
         un = tl.load(logits_ptr + (M + m) * V + offs, mask=vm, other=0.0)
         g = un + (g - un) * coef
-    z = tl.where(vm, tl.math.div_rn(g, temperature), float("-inf"))
+    z = tl.where(vm, tl.math.div_rn(g, temperature), float("-inf"))   # (launched without fp fusion)
     p = tl.exp(z - tl.max(z, 0))
-    p = p / tl.sum(p, 0)                       # the untruncated tempered distribution (the confidence's)
+    total_p = tl.sum(p, 0)
+    p = p / total_p                       # the untruncated tempered distribution (the confidence's)
     x = _uniform(key.to(tl.uint32), tl.load(pos_ptr + m).to(tl.uint32)).to(tl.float64)
     pk = _order_key(p)
     if TOP_P:
         # the nucleus: a code is kept iff the mass before it in descending order (equal probabilities in
-        # code order) is <= top_p. lo: the smallest key t with mass(key > t) <= top_p; codes above lo are
-        # kept, codes at lo while their running mass stays <= top_p
+        # code order) is <= top_p, rounded as the reference's (torch's CPU cumsum: an fp64 running sum,
+        # each prefix rounded to fp32, minus the code's fp32 probability). lo: the smallest key t with
+        # mass(key > t) <= top_p; codes above lo are kept, codes at lo by that rounding
+        p64 = tl.where(vm, p, 0.0).to(tl.float64)
         lo = tl.full([], -2147483648, tl.int64)
         hi = tl.full([], 2147483647, tl.int64)
         for _ in range(32):
             mid = (lo + hi) >> 1
-            ok = tl.sum(tl.where(vm & (pk > mid), p, 0.0), 0) <= top_p
+            ok = tl.sum(tl.where(pk > mid, p64, 0.0), 0) <= top_p
             hi = tl.where(ok, mid, hi)
             lo = tl.where(ok, lo, mid + 1)
         tie = vm & (pk == lo)
-        tied_before = tl.cumsum(tl.where(tie, p, 0.0), 0) - p
-        keep = (vm & (pk > lo)) | (tie & (tl.sum(tl.where(vm & (pk > lo), p, 0.0), 0) + tied_before <= top_p))
+        cum = (tl.sum(tl.where(pk > lo, p64, 0.0), 0) + tl.cumsum(tl.where(tie, p64, 0.0), 0)).to(tl.float32)
+        keep = (vm & (pk > lo)) | (tie & (cum - p <= top_p))
         q = tl.where(keep, p, 0.0)
         q = (q / tl.sum(q, 0)).to(tl.float64)
         # the draw in the same order: the key t whose codes' running mass crosses u * total, then the
@@ -84,8 +90,9 @@ def _magnet_sample_kernel(logits_ptr, pos_ptr, tok_ptr, prob_ptr, M, V, key, coe
         cs = tl.cumsum(tl.where(vm, w, 0.0).to(tl.float64), 0)   # code order, fp64 as the reference
         total = tl.max(cs, 0)
         best = tl.minimum(tl.min(tl.where((cs > x * total) & vm, offs, V), 0), V - 1)
-    tl.store(tok_ptr + m, best.to(tl.int64))
-    tl.store(prob_ptr + m, tl.sum(tl.where(offs == best, p, 0.0), 0))
+    bad = total_p != total_p   # a NaN or infinite logit: token 0, prob NaN, as the reference
+    tl.store(tok_ptr + m, tl.where(bad, 0, best.to(tl.int64)))
+    tl.store(prob_ptr + m, tl.where(bad, float("nan"), tl.sum(tl.where(offs == best, p, 0.0), 0)))
 
 
 def sample_warps(block_v: int) -> int:
@@ -114,7 +121,7 @@ def magnet_sample(logits: torch.Tensor, positions: torch.Tensor, *, seed: int, l
                                     step_key(seed, level, step, STREAM_SAMPLE), float(coef), float(temperature),
                                     int(top_k), float(top_p), R=R, BLOCK_V=block_v, TOP_P=use_p,
                                     TOP_K=not use_p and 0 < top_k < V,
-                                    num_warps=sample_warps(block_v))
+                                    num_warps=sample_warps(block_v), enable_fp_fusion=False)
     return tok, prob
 
 

@@ -44,6 +44,19 @@ def test_ties_round_to_even_and_zero_rows(fn, dtype):
     assert torch.equal(got[0, 1:7] / torch.arange(2.0, 8.0), torch.tensor([2.0, -4.0, 0.0, -0.0, 2.0, 126.0]))
 
 
+@pytest.mark.parametrize("fn,dtype", variants("int8_linear"))
+def test_non_finite_rows_give_nan_rows(fn, dtype):
+    """A row holding NaN or inf is NaN throughout its output (never a finite result that hides it);
+    the other rows are untouched."""
+    g = torch.Generator().manual_seed(2)
+    x, w = torch.randn(4, 40, generator=g), torch.randn(24, 40, generator=g)
+    x[1, 3], x[2, 0] = float("nan"), float("inf")
+    wq, s = quantize_weight(w)
+    got, want = fn(x, wq, s), int8_linear_ref(x, wq, s)
+    assert got[1:3].isnan().all() and want[1:3].isnan().all()
+    assert torch.equal(got[[0, 3]], want[[0, 3]]) and torch.equal(got[[0, 3]], fn(x[[0, 3]], wq, s))
+
+
 def test_zero_rows_stay_zero():
     wq, s = quantize_weight(torch.randn(8, 16))
     assert torch.equal(int8_linear_ref(torch.zeros(2, 16), wq, s), torch.zeros(2, 8))
