@@ -170,7 +170,7 @@ def test_format_table_drives_detection_choices_and_help():
     for f in FORMATS:
         assert callable(f.fn("detect")) and callable(f.fn("read"))
         assert f.name in res.output
-    with pytest.raises(ModelFormatError, match="choose one of audiocraft, hf, encodec"):
+    with pytest.raises(ModelFormatError, match="choose one of audiocraft, engine, hf, encodec"):
         get("codec", "wav")
 
 
@@ -185,3 +185,25 @@ def test_convert_unpickles_the_checkpoint_once(tmp_path, ckpt, monkeypatch):
     res, out = convert(tmp_path, ckpt)
     assert res.exit_code == 0, res.output
     assert reads == [ckpt]
+
+
+def test_codec_from_an_engine_model_directory(tmp_path, ckpt):
+    """--codec DIR of an engine model: its codec reused with a new LM (the same tensors); a model
+    directory without a codec is one line."""
+    from helpers import tiny_model_dir
+    src = tiny_model_dir(tmp_path)
+    lm = tmp_path / "lm32.pt"
+    n_codes = json.loads((src / "config.json").read_text())["lm"]["codebook_size"]
+    save_checkpoint(random_train_model(StemGenConfig(d_model=32, n_heads=2, n_layers=2, codebook_size=n_codes,
+                                                     ffn_multiple_of=16)), lm)
+    res, out = convert(tmp_path, lm, "--codec", str(src))
+    assert res.exit_code == 0, res.output
+    want, got = load_file(str(src / "codec.safetensors")), load_file(str(out / "codec.safetensors"))
+    assert want.keys() == got.keys() and all(torch.equal(want[k].float(), got[k].float()) for k in want)
+    assert Engine.from_pretrained(out, device="cpu").codec is not None
+    (tmp_path / "b").mkdir()
+    lm_only = tmp_path / "b" / "lm_only"
+    assert runner.invoke(app, ["convert", "--lm", str(ckpt), "--out", str(lm_only)]).exit_code == 0
+    (tmp_path / "c").mkdir()
+    res, out = convert(tmp_path / "c", ckpt, "--codec", str(lm_only))
+    assert_clean_failure(res, out, "has no codec")

@@ -204,6 +204,24 @@ def _hf_weights(folder: Path) -> dict:
                            "pytorch_model.bin")
 
 
+def is_engine(src: Path, load) -> bool:
+    cfg = src / "config.json"
+    return src.is_dir() and cfg.is_file() and '"stemgen-engine"' in cfg.read_text(errors="replace")[:4096]
+
+
+def read_engine(src: Path, load) -> tuple[CodecConfig, dict]:
+    """The codec of an engine model directory (its config checked by the schema, its file by the
+    model directory's rules), e.g. to pair a newly trained LM with the codec a model already ships.
+    Its tensors carry the engine's names (convert_codec does not rename them)."""
+    from safetensors.torch import load_file
+
+    from ..engine.config import ModelConfig
+    mc = ModelConfig.load(src)
+    if mc.codec is None or not mc.weights.get("codec"):
+        raise ModelFormatError(f"{src}: this model directory has no codec")
+    return CodecConfig.from_dict(mc.codec), load_file(str(mc.file(src, "codec")))
+
+
 def is_hf(src: Path, load) -> bool:
     if src.is_dir() and not (src / "config.json").is_file():
         raise ModelFormatError(f"{src}: folder without config.json; a HF Encodec model folder "
@@ -260,9 +278,12 @@ def read_encodec(src: Path, load) -> tuple[CodecConfig, dict]:
 def convert_codec(src: str | Path, fmt: str | None = None) -> tuple[CodecConfig, dict[str, torch.Tensor]]:
     """-> (engine codec config, engine codec tensors), validated against the config. ``fmt`` one of
     the codec formats of weights_convert.formats (detected from the content if None)."""
-    cfg, state = read("codec", src, fmt)
     where = str(src)
-    weights = normalise_state(state, where)
+    if fmt in (None, "engine") and isinstance(src, (str, Path)) and is_engine(Path(src), None):
+        cfg, weights = read_engine(Path(src), None)   # engine names already
+    else:
+        cfg, state = read("codec", src, fmt)
+        weights = normalise_state(state, where)
     check_codec_weights(weights, expected_codec_shapes(cfg), where)
     check_finite(weights, where, "codec tensor")
     return cfg, weights
@@ -277,8 +298,7 @@ def load_codec_any(src: str | Path):
     from ..engine.config import ModelConfig
 
     src = Path(src)
-    cfg_file = src / "config.json"
-    if src.is_dir() and cfg_file.is_file() and "stemgen" in cfg_file.read_text(errors="replace")[:4096]:
+    if is_engine(src, None):
         mc = ModelConfig.load(src)
         if mc.codec is None or not mc.weights.get("codec"):
             raise ModelFormatError(f"{src}: this model directory has no codec")

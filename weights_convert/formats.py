@@ -32,6 +32,7 @@ FORMATS = [
            ".magnet:read_magnet"),
     Format("audiocraft", "codec", "an audiocraft compression_state_dict.bin", ".codec:is_audiocraft",
            ".codec:read_audiocraft"),
+    Format("engine", "codec", "an engine model directory (its codec reused)", ".codec:is_engine", ".codec:read_engine"),
     Format("hf", "codec", "a HF transformers Encodec folder, config.json + model.safetensors", ".codec:is_hf",
            ".codec:read_hf"),
     Format("encodec", "codec", "an `encodec` package .th state dict", ".codec:is_encodec", ".codec:read_encodec"),
