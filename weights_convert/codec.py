@@ -211,15 +211,17 @@ def is_engine(src: Path, load) -> bool:
 
 def read_engine(src: Path, load) -> tuple[CodecConfig, dict]:
     """The codec of an engine model directory (its config checked by the schema, its file by the
-    model directory's rules), e.g. to pair a newly trained LM with the codec a model already ships.
-    Its tensors carry the engine's names (convert_codec does not rename them)."""
-    from safetensors.torch import load_file
-
+    model directory's rules, every tensor against the config from the file's header before it is
+    read), e.g. to pair a newly trained LM with the codec a model already ships. Its tensors carry the
+    engine's names (convert_codec does not rename them)."""
     from ..engine.config import ModelConfig
+    from ..engine.tensors import read_weights
     mc = ModelConfig.load(src)
     if mc.codec is None or not mc.weights.get("codec"):
         raise ModelFormatError(f"{src}: this model directory has no codec")
-    return CodecConfig.from_dict(mc.codec), load_file(str(mc.file(src, "codec")))
+    cfg = CodecConfig.from_dict(mc.codec)
+    return cfg, read_weights(mc.file(src, "codec"), expected_codec_shapes(cfg), "the codec config", "codec tensor",
+                             "convert one with `stemgen convert --codec SRC`")
 
 
 def is_hf(src: Path, load) -> bool:
@@ -294,19 +296,10 @@ def load_codec_any(src: str | Path):
     with a fingerprint of its weights (keys token caches to the codec that made them)."""
     import hashlib
 
-    from ..engine.codec import Codec, load_codec
-    from ..engine.config import ModelConfig
+    from ..engine.codec import Codec
 
-    src = Path(src)
-    if is_engine(src, None):
-        mc = ModelConfig.load(src)
-        if mc.codec is None or not mc.weights.get("codec"):
-            raise ModelFormatError(f"{src}: this model directory has no codec")
-        cfg = CodecConfig.from_dict(mc.codec)
-        codec = load_codec(mc.file(src, "codec"), cfg)
-    else:
-        cfg, weights = convert_codec(src)
-        codec = Codec(cfg, {k: v.float() for k, v in weights.items()})
+    cfg, weights = convert_codec(src)   # an engine model directory's codec, or any convertible source
+    codec = Codec(cfg, {k: v.float() for k, v in weights.items()})
     h = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode())
     for k in sorted(codec.w):
         h.update(k.encode())
