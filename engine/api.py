@@ -42,6 +42,7 @@ def backends(device: torch.device, dtype: torch.dtype | None = None, arch: str |
     """What runs where (reported by `stemgen info`): every op of the table, or those of ``arch``."""
     from .. import cpp_ext
     from ..kernels import OPS
+    from . import memory
     from .backend import select_ops
     from .model import ARCH_OPS
 
@@ -55,6 +56,7 @@ def backends(device: torch.device, dtype: torch.dtype | None = None, arch: str |
         **{op.title: ops.names[op.name] for op in shown},
         "codec": "PyTorch (engine.codec, fp32; RVQ encode as a GEMM: faster here than the C++ op)",
         "C++ extension": cpp_ext.status(),
+        **({"CPU memory": memory.status()} if device.type == "cpu" else {}),
         "triton": _triton_status(device),
         "CUDA graphs": ("not for MAGNeT models yet" if arch == "magnet" else _graphs_status()) if device.type == "cuda"
         else "CUDA only",

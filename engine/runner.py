@@ -15,6 +15,7 @@ import os
 
 from .request import Request
 from .scheduler import Scheduler
+from .memory import keep_freed_memory
 from .threads import ThreadGovernor
 
 
@@ -99,6 +100,8 @@ class StepLoop:
         self.scheduler = Scheduler(self.runner.device, max_frames)
         # on the CPU: threads sized to the cores other processes leave free (engine.threads)
         self.governor = ThreadGovernor() if self.runner.device.type == "cpu" else None
+        if self.governor is not None:   # large step buffers kept mapped between steps (engine.memory)
+            keep_freed_memory()
 
     def submit(self, request: Request) -> None:
         self.scheduler.submit(request)

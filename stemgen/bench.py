@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .engine.config import LMConfig, SamplingConfig
+from .engine.memory import keep_freed_memory
 from .engine.request import Request, check_steps, guidance_rows, masked_after_step
 from .engine.runner import Runner, StepLoop
 from .kernels.sampling import guide_sample_rank_ref
@@ -244,6 +245,8 @@ def _run_bench(model_dir, config_name, duration, steps, batches, device, dtype, 
     dtype = resolve_dtype(dtype) if dtype else default_dtype(device)
     lm, base, frame_rate, desc = build_models(model_dir, config_name, device, dtype, baseline, seed)
     runner = Runner(lm, graphs=use_cuda_graphs(lm, cuda_graphs))
+    # one process, one allocator: set before either side runs, so both run under it
+    memory = keep_freed_memory() if device.type == "cpu" else None
     cfg = lm.cfg
     check_steps(steps, cfg.n_q)
     T = max(1, round(duration * frame_rate))
@@ -251,7 +254,8 @@ def _run_bench(model_dir, config_name, duration, steps, batches, device, dtype, 
     log(f"bench: {desc}, {n_params / 1e6:.1f}M parameters, {T} frames ({T / frame_rate:.1f} s), steps "
         f"{list(steps)}, guidance {guidance}, engine {str(dtype).replace('torch.', '')} on {device}"
         f"{' with CUDA graphs' if runner.graphs is not None else ''}, "
-        f"baseline {'fp32 training-form model' if base is not None else 'off'}")
+        f"baseline {'fp32 training-form model' if base is not None else 'off'}"
+        + (f"; CPU memory, both sides: {memory}" if memory else ""))
     # warm-up (allocators, kernels, thread pools) on a short run of each path; on CUDA each batch
     # size is warmed up below with its own work (Triton compiles per shape and count)
     g = torch.Generator().manual_seed(seed)
@@ -292,7 +296,7 @@ def _run_bench(model_dir, config_name, duration, steps, batches, device, dtype, 
                          "duration_s": T / frame_rate, "steps": list(steps), "guidance": guidance,
                          "engine_dtype": str(dtype).replace("torch.", ""),
                          "baseline_dtype": "float32" if base is not None else None,
-                         "cuda_graphs": runner.graphs is not None, "load": load,
+                         "cuda_graphs": runner.graphs is not None, "load": load, "cpu_memory": memory,
                          "batches": list(batches)},
             "results": results, "saturation": sat}
 
