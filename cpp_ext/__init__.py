@@ -139,3 +139,18 @@ def int8_linear(x, wq, scale) -> torch.Tensor:
     xq, xs = _native.quantize_rows(_np(x.float(), torch.float32))
     acc = torch._int_mm(torch.from_numpy(xq), wq)
     return torch.from_numpy(_native.dequantize(_np(acc, torch.int32), xs, _np(scale.float(), torch.float32)))
+
+
+def int8_swiglu(x, w13q, s13, w2q, s2) -> torch.Tensor:
+    """Same contract as kernels.int8_linear.int8_swiglu_ref: x quantized, the gate|up int8 GEMM, then
+    one C++ pass (dequantize, silu(gate) * up rounded as silu_mul_f32, quantize), the down int8 GEMM,
+    dequantized. Equal to int8_linear(silu_mul(int8_linear(x, ...)), ...) of this module bit for bit."""
+    H = w2q.shape[0]
+    if w13q.dtype != torch.int8 or w2q.dtype != torch.int8 or w13q.shape[1] != 2 * H or x.shape[1] != w13q.shape[0]:
+        raise ValueError(f"int8_swiglu: x [N, K], w13q [K, 2H] int8, w2q [H, M] int8 expected, got {list(x.shape)}"
+                         f" / {list(w13q.shape)} / {list(w2q.shape)}")
+    xq, xs = _native.quantize_rows(_np(x.float(), torch.float32))
+    acc = torch._int_mm(torch.from_numpy(xq), w13q)
+    hq, hs = _native.swiglu_quantize(_np(acc, torch.int32), xs, _np(s13.float(), torch.float32))
+    acc = torch._int_mm(torch.from_numpy(hq), w2q)
+    return torch.from_numpy(_native.dequantize(_np(acc, torch.int32), hs, _np(s2.float(), torch.float32)))

@@ -158,7 +158,7 @@ class StemGenEngineLM(PackedLM):
             q, k, v = linear(h, layer.wqkv).view(-1, 3, H, dh).unbind(1)
             x, h = ops.add_rms_norm(x, linear(ops.attention(q, k, v, segs, cos, sin, cu_seqlens=cu), layer.wo),
                                     norms[2 * i + 1], eps)
-            x, h = ops.add_rms_norm(x, linear(ops.silu_mul(linear(h, layer.w13)), layer.w2), norms[2 * i + 2], eps)
+            x, h = ops.add_rms_norm(x, swiglu(ops, h, layer.w13, layer.w2), norms[2 * i + 2], eps)
         return h
 
 
@@ -200,6 +200,14 @@ def linear(x: torch.Tensor, w) -> torch.Tensor:
     return F.linear(torch.cat([x, x.new_zeros(MIN_GEMM_ROWS - n, x.shape[1])]), w)[:n]
 
 
+def swiglu(ops, h: torch.Tensor, w13, w2) -> torch.Tensor:
+    """down(silu(gate) * up), gate|up = h @ w13; on the int8 path one op (int8_swiglu), whose fp32
+    gate|up product never reaches memory."""
+    if isinstance(w13, Int8Weight):
+        return ops.int8_swiglu(h, w13.q, w13.scale, w2.q, w2.scale)
+    return linear(ops.silu_mul(linear(h, w13)), w2)
+
+
 @functools.lru_cache(maxsize=None)
 def mm_writes_fp32() -> bool:
     """Whether this torch has ``torch.mm(..., out_dtype=torch.float32)`` (bf16/fp16 GEMM with fp32
@@ -224,7 +232,7 @@ def head_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 TRUNK_WEIGHTS = {"stemgen": ("wqkv", "wo", "w13", "w2"), "magnet": ("wqkv", "wo", "cross_wq", "cross_wo", "w1", "w2")}
 # the ops each architecture's step runs (`stemgen info` shows a model's own)
 ARCH_OPS = {"stemgen": ("embed_sum", "attention", "rms_norm", "add_rms_norm", "silu_mul", "guide_sample_rank",
-                         "int8_linear"),
+                         "int8_linear", "int8_swiglu"),
             "magnet": ("embed_sum", "layer_norm", "add_layer_norm", "band_attention", "cross_attention", "gelu",
                        "magnet_sample", "int8_linear")}
 

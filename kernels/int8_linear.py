@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from .registry import Op, Variant, register
+from .swiglu import silu_mul_ref
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,6 +42,12 @@ def int8_linear_ref(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor) -> t
     return (acc.float() * xs[:, None] * scale[None, :])
 
 
+def int8_swiglu_ref(x: torch.Tensor, w13q: torch.Tensor, s13: torch.Tensor, w2q: torch.Tensor,
+                    s2: torch.Tensor) -> torch.Tensor:
+    """The SwiGLU feed-forward with both GEMMs int8: down(silu(gate) * up), gate|up = x @ w13."""
+    return int8_linear_ref(silu_mul_ref(int8_linear_ref(x, w13q, s13)), w2q, s2)
+
+
 def _selfcheck(fn, device, dtype) -> str | None:
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(7, 40, generator=g).to(device), torch.randn(24, 40, generator=g).to(device)
@@ -52,3 +59,19 @@ def _selfcheck(fn, device, dtype) -> str | None:
 OP = register(Op("int8_linear", "int8 trunk GEMM (--dtype int8)", int8_linear_ref, selfcheck=_selfcheck,
                  reference_label="PyTorch reference (integer products in fp64)"),
               Variant("cpp", "..cpp_ext:int8_linear", "C++ row quantize / dequantize around torch._int_mm (oneDNN)"))
+
+
+def _selfcheck_swiglu(fn, device, dtype) -> str | None:
+    g = torch.Generator().manual_seed(0)
+    x, w13, w2 = (torch.randn(*s, generator=g) for s in ((7, 40), (48, 40), (40, 24)))
+    args = (x, *quantize_weight(w13), *quantize_weight(w2))
+    want = int8_swiglu_ref(*args)
+    return None if (fn(*args) - want).abs().max() <= 0.02 * want.abs().max() else \
+        "int8 SwiGLU feed-forward differs from its reference"
+
+
+SWIGLU = register(Op("int8_swiglu", "int8 SwiGLU feed-forward (--dtype int8)", int8_swiglu_ref,
+                     selfcheck=_selfcheck_swiglu,
+                     reference_label="PyTorch reference (int8_linear_ref, silu_mul_ref, int8_linear_ref)"),
+                  Variant("cpp", "..cpp_ext:int8_swiglu", "C++: the gate|up product dequantized, silu * up and "
+                          "quantized again in one pass between the two int8 GEMMs"))

@@ -4,7 +4,7 @@ against fp32 (logits and top-1)."""
 import pytest
 import torch
 
-from stemgen.kernels.int8_linear import int8_linear_ref, quantize_weight
+from stemgen.kernels.int8_linear import int8_linear_ref, int8_swiglu_ref, quantize_weight
 
 from helpers import variants
 
@@ -55,6 +55,56 @@ def test_non_finite_rows_give_nan_rows(fn, dtype):
     got, want = fn(x, wq, s), int8_linear_ref(x, wq, s)
     assert got[1:3].isnan().all() and want[1:3].isnan().all()
     assert torch.equal(got[[0, 3]], want[[0, 3]]) and torch.equal(got[[0, 3]], fn(x[[0, 3]], wq, s))
+
+
+FFN_SHAPES = [(1, 8, 4, 8), (5, 37, 13, 11), (257, 256, 768, 256), (3, 99, 160, 7)]
+
+
+def ffn_args(N, K, H, M, seed, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, K, generator=g) * scale
+    w13, w2 = torch.randn(2 * H, K, generator=g) / K ** 0.5, torch.randn(M, H, generator=g) / H ** 0.5
+    return (x, *quantize_weight(w13), *quantize_weight(w2)), (x, w13, w2)
+
+
+@pytest.mark.parametrize("fn,dtype", variants("int8_swiglu"))
+@pytest.mark.parametrize("N,K,H,M", FFN_SHAPES)
+def test_swiglu_matches_reference(fn, dtype, N, K, H, M):
+    """The fused feed-forward against the reference (int8_linear_ref, silu_mul_ref, int8_linear_ref)
+    and against the fp32 feed-forward. The C++ silu's exp is within ~2 ulp of torch's, so a middle
+    value may round to the neighbouring int8 code: within 1% of the output's scale, not bit-equal."""
+    args, (x, w13, w2) = ffn_args(N, K, H, M, N + K + H + M)
+    got, want = fn(*args), int8_swiglu_ref(*args)
+    assert got.shape == (N, M) and got.dtype == torch.float32
+    assert (got - want).abs().max() <= 0.01 * want.abs().max()
+    gu = x @ w13.t()
+    exact = (torch.nn.functional.silu(gu[:, :H]) * gu[:, H:]) @ w2.t()
+    assert (got - exact).abs().max() <= 0.05 * exact.abs().max()
+
+
+@pytest.mark.parametrize("N,K,H,M", FFN_SHAPES)
+def test_swiglu_cpp_equals_its_unfused_ops(N, K, H, M):
+    """C++ fused middle == the C++ ops it replaces (dequantize, silu_mul_f32, quantize_rows), bit for bit."""
+    from helpers import backend_missing
+    if backend_missing("cpp"):
+        pytest.fail(f"the C++ extension should be built for the tests: {backend_missing('cpp')}")
+    from stemgen import cpp_ext
+    args, _ = ffn_args(N, K, H, M, 7 * N + K)
+    x, w13q, s13, w2q, s2 = args
+    assert torch.equal(cpp_ext.int8_swiglu(*args),
+                       cpp_ext.int8_linear(cpp_ext.silu_mul(cpp_ext.int8_linear(x, w13q, s13)), w2q, s2))
+
+
+@pytest.mark.parametrize("fn,dtype", variants("int8_swiglu"))
+def test_swiglu_rows_independent_and_non_finite(fn, dtype):
+    args, _ = ffn_args(300, 64, 48, 40, 3)
+    x = args[0]
+    x[5, 2], x[9, 0] = float("nan"), float("-inf")
+    got = fn(*args)
+    assert got[[5, 9]].isnan().all()
+    keep = [i for i in range(300) if i not in (5, 9)]
+    assert got[keep].isfinite().all()
+    assert torch.equal(got[17:19], fn(x[17:19], *args[1:]))
 
 
 def test_zero_rows_stay_zero():
