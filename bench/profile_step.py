@@ -26,7 +26,8 @@ from stemgen.kernels import OPS
 
 CATEGORIES = {"embed_sum": "embedding-sum", "attention": "attention", "rms_norm": "norms",
               "add_rms_norm": "norms", "silu_mul": "SwiGLU (silu * up)", "guide_sample_rank": "guidance+sampling",
-              "linear": "GEMMs (trunk)", "head_logits": "head GEMM"}
+              "linear": "GEMMs (trunk)", "head_logits": "head GEMM",
+              "int8_swiglu": "int8 feed-forward (both GEMMs + SwiGLU)"}
 
 
 _inside = []   # the named region running now: a GEMM inside the head's region is the head's

@@ -154,3 +154,37 @@ def int8_swiglu(x, w13q, s13, w2q, s2) -> torch.Tensor:
     hq, hs = _native.swiglu_quantize(_np(acc, torch.int32), xs, _np(s13.float(), torch.float32))
     acc = torch._int_mm(torch.from_numpy(hq), w2q)
     return torch.from_numpy(_native.dequantize(_np(acc, torch.int32), hs, _np(s2.float(), torch.float32)))
+
+
+def _qkv_rows(q, k, v) -> torch.Tensor:
+    """[N, 3 * H * dh]: the fused projection's output q, k, v were cut from (views of one buffer, as
+    the model makes them: no copy), else the three stacked."""
+    N, H, dh = q.shape
+    if (q.stride() == k.stride() == v.stride() == (3 * H * dh, dh, 1) and q.dtype == k.dtype == v.dtype
+            and k.data_ptr() - q.data_ptr() == H * dh * q.element_size()
+            and v.data_ptr() - k.data_ptr() == H * dh * q.element_size()):
+        return q.as_strided((N, 3 * H * dh), (3 * H * dh, 1))
+    return torch.stack([q, k, v], dim=1).reshape(N, 3 * H * dh)
+
+
+def attention(q, k, v, segments, cos, sin, cu_seqlens=None) -> torch.Tensor:
+    """Same contract as kernels.attention.attention_ref: RoPE and the [R, H, T, dh] layout in one C++
+    pass (rope_pack), then torch's scaled_dot_product_attention per sequence group on contiguous
+    tensors."""
+    N, H, dh = q.shape
+    dt = q.dtype
+    if dt not in (torch.float32, torch.bfloat16) or k.shape != q.shape or v.shape != q.shape or dh % 2:
+        raise ValueError(f"attention: q, k, v [N, H, dh] (dh even) float32 / bfloat16 expected, got "
+                         f"{list(q.shape)} {dt}")
+    segs = torch.tensor(segments, dtype=torch.int64).reshape(-1, 2)
+    fn = _native.rope_pack_bf16 if dt == torch.bfloat16 else _native.rope_pack_f32
+    qs, ks, vs = (_torch(a, dt) for a in fn(_np(_qkv_rows(q, k, v), dt), _np(cos.float(), torch.float32),
+                                              _np(sin.float(), torch.float32), segs.numpy(), H,
+                                              dt == torch.bfloat16))
+    outs, start = [], 0
+    for R, T in segments:
+        part = (slice(start * H * dh, (start + R * T) * H * dh),)
+        qg, kg, vg = (z[part].view(R, H, T, dh) for z in (qs, ks, vs))
+        outs.append(torch.nn.functional.scaled_dot_product_attention(qg, kg, vg).transpose(1, 2).reshape(R * T, H * dh))
+        start += R * T
+    return torch.cat(outs) if len(outs) > 1 else outs[0]

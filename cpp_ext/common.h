@@ -1,5 +1,5 @@
 // stemgen CPU hot paths (pybind11, OpenMP), one source file per op (embedding.cpp, sampling.cpp,
-// norm.cpp, swiglu.cpp, rvq.cpp, magnet_sampling.cpp, int8.cpp) and module.cpp binding them;
+// norm.cpp, swiglu.cpp, rvq.cpp, magnet_sampling.cpp, int8.cpp, rope.cpp) and module.cpp binding them;
 // the shared pieces are here.
 // Independent of PyTorch's C++ API: the ops take contiguous numpy buffers whose shapes and dtypes
 // the Python side (stemgen.cpp_ext) has checked. bf16 tensors travel as their raw 16-bit patterns.
@@ -69,3 +69,4 @@ void def_swiglu(py::module_& m);
 void def_rvq(py::module_& m);
 void def_magnet_sampling(py::module_& m);
 void def_int8(py::module_& m);
+void def_rope(py::module_& m);

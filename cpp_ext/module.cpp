@@ -11,7 +11,8 @@ static int num_threads() {
 
 PYBIND11_MODULE(_native, m) {
     m.doc() = "stemgen CPU hot paths: fused embedding-sum, guidance + sampling + rank score, RVQ encode, "
-              "residual add + RMSNorm, silu * up, MAGNeT guidance + sampling, int8 quantize / dequantize";
+              "residual add + RMSNorm, silu * up, MAGNeT guidance + sampling, int8 quantize / dequantize, "
+              "RoPE + attention layout";
     def_embedding(m);
     def_sampling(m);
     def_norm(m);
@@ -19,6 +20,7 @@ PYBIND11_MODULE(_native, m) {
     def_rvq(m);
     def_magnet_sampling(m);
     def_int8(m);
+    def_rope(m);
     m.def("num_threads", &num_threads);
 #ifdef _OPENMP
     m.attr("openmp") = true;

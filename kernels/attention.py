@@ -69,4 +69,6 @@ def _selfcheck(fn, device, dtype) -> str | None:
 OP = register(
     Op("attention", "attention", attention_ref, selfcheck=_selfcheck,
        reference_label="RoPE + torch scaled_dot_product_attention per request (PyTorch reference)"),
-    Variant("triton", ".attention_triton:attention", "Triton (RoPE kernel + flash-style kernel, packed)"))
+    Variant("triton", ".attention_triton:attention", "Triton (RoPE kernel + flash-style kernel, packed)"),
+    Variant("cpp", "..cpp_ext:attention", "C++ RoPE + [R, H, T, dh] layout in one pass, then torch "
+            "scaled_dot_product_attention per request", dtypes=(torch.float32, torch.bfloat16)))

@@ -150,3 +150,62 @@ def test_flash_config_from_the_environment(monkeypatch):
             monkeypatch.setenv("STEMGEN_BACKEND", "triton")
             with pytest.raises(ValueError, match=f"STEMGEN_FLASH_CONFIG='{bad}'"):
                 select_ops(device, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("segments", [[(3, 9), (2, 1), (1, 40)], [(2, 17)]])
+def test_cpp_rope_pack_equals_rope_ref(dtype, segments):
+    """The C++ RoPE + layout pass: q and k equal rope_ref's bit for bit (fp32 maths in its order,
+    rounded to the dtype), v copied, each group laid out [R, H, T, dh]; views of one qkv buffer and
+    three separate tensors alike."""
+    from helpers import backend_missing
+    if backend_missing("cpp"):
+        pytest.fail(f"the C++ extension should be built for the tests: {backend_missing('cpp')}")
+    from stemgen.cpp_ext import _native, _qkv_rows
+    from stemgen.kernels.attention import positions_of, rope_ref
+    g = torch.Generator().manual_seed(5)
+    H, dh = 3, 24
+    N = sum(R * T for R, T in segments)
+    qkv = torch.randn(N, 3, H, dh, generator=g).to(dtype)
+    cos, sin = rope_tables(max(T for _, T in segments), dh)
+    pos = positions_of(segments, "cpu")
+    want = [rope_ref(qkv[:, 0], cos[pos], sin[pos]), rope_ref(qkv[:, 1], cos[pos], sin[pos]), qkv[:, 2]]
+    fn = _native.rope_pack_bf16 if dtype == torch.bfloat16 else _native.rope_pack_f32
+    for q, k, v in (qkv.unbind(1), [t.clone() for t in qkv.unbind(1)]):
+        rows = _qkv_rows(q, k, v)
+        assert rows.shape == (N, 3 * H * dh)
+        raw = rows.view(torch.uint16) if dtype == torch.bfloat16 else rows
+        out = fn(raw.numpy(), cos.numpy(), sin.numpy(), torch.tensor(segments).numpy(), H, dtype == torch.bfloat16)
+        out = [torch.from_numpy(o).view(dtype) if dtype == torch.bfloat16 else torch.from_numpy(o) for o in out]
+        start = 0
+        for R, T in segments:
+            rows_g = slice(start, start + R * T)
+            for got, exp in zip(out, want):
+                grp = got[start * H * dh: (start + R * T) * H * dh].view(R, H, T, dh)
+                assert torch.equal(grp, exp[rows_g].view(R, T, H, dh).transpose(1, 2))
+            start += R * T
+
+
+def test_cpp_attention_bf16_against_fp32_reference():
+    from helpers import backend_missing
+    if backend_missing("cpp"):
+        pytest.fail(f"the C++ extension should be built for the tests: {backend_missing('cpp')}")
+    from stemgen.cpp_ext import attention
+    g = torch.Generator().manual_seed(1)
+    segments = [(2, 33), (1, 5)]
+    q, k, v = torch.randn(71, 3, 2, 64, generator=g).to(torch.bfloat16).unbind(1)
+    cos, sin = rope_tables(33, 64)
+    want = attention_ref(q.float(), k.float(), v.float(), segments, cos, sin)
+    got = attention(q, k, v, segments, cos, sin)
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - want).abs().max() <= 3e-2 * want.abs().max()
+
+
+def test_cpp_rope_pack_refuses_bad_segments():
+    from stemgen.cpp_ext import _native
+    qkv = torch.zeros(10, 3 * 2 * 4)
+    cos = torch.zeros(5, 2)
+    with pytest.raises(ValueError, match="exceed"):
+        _native.rope_pack_f32(qkv.numpy(), cos.numpy(), cos.numpy(), torch.tensor([[1, 10]]).numpy(), 2, False)
+    with pytest.raises(ValueError, match="cover"):
+        _native.rope_pack_f32(qkv.numpy(), cos.numpy(), cos.numpy(), torch.tensor([[1, 5]]).numpy(), 2, False)
