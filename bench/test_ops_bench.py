@@ -70,13 +70,30 @@ def test_embed_sum(benchmark, fn, rows, T):
 @pytest.mark.parametrize("T", T_S)
 def test_attention(benchmark, fn, rows, T):
     benchmark.group = f"attention T={T} rows={rows}"
-    q, k, v = torch.randn(3, rows * T, H, DH).to(DEV, DTYPE).unbind(0)
+    q, k, v = torch.randn(rows * T, 3, H, DH).to(DEV, DTYPE).unbind(1)   # views of one qkv, as the model's
     ang = torch.outer(torch.arange(T).float(), torch.rand(DH // 2)).to(DEV)
     if fn == "sdpa":  # torch SDPA alone (no RoPE), the bar to meet
         qs, ks, vs = (z.view(rows, T, H, DH).transpose(1, 2) for z in (q, k, v))
         timed(benchmark, F.scaled_dot_product_attention, qs, ks, vs)
     else:
         timed(benchmark, fn, q, k, v, [(rows, T)], ang.cos(), ang.sin())
+
+
+@pytest.mark.skipif(CUDA, reason="the int8 path is the CPU's")
+@pytest.mark.parametrize("fn", implementations("int8_swiglu") + [pytest.param("fp32", id="fp32")])
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("T", T_S)
+def test_int8_swiglu(benchmark, fn, rows, T):
+    """The int8 feed-forward (both GEMMs int8, its middle fused) against its reference and against the
+    fp32 feed-forward it replaces (F.linear, silu * up, F.linear: the GEMMs the fp32 engine runs)."""
+    from stemgen.kernels.int8_linear import quantize_weight
+    from stemgen.kernels.swiglu import silu_mul_ref
+    benchmark.group = f"int8 feed-forward T={T} rows={rows} d={D} hidden={HID}"
+    x, w13, w2 = torch.randn(rows * T, D), torch.randn(2 * HID, D) / D ** 0.5, torch.randn(D, HID) / HID ** 0.5
+    if fn == "fp32":
+        timed(benchmark, lambda: F.linear(silu_mul_ref(F.linear(x, w13)), w2))
+    else:
+        timed(benchmark, fn, x, *quantize_weight(w13), *quantize_weight(w2))
 
 
 @pytest.mark.parametrize("fn", implementations("rms_norm"))
