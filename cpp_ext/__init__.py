@@ -160,7 +160,8 @@ def _qkv_rows(q, k, v) -> torch.Tensor:
     """[N, 3 * H * dh]: the fused projection's output q, k, v were cut from (views of one buffer, as
     the model makes them: no copy), else the three stacked."""
     N, H, dh = q.shape
-    if (q.stride() == k.stride() == v.stride() == (3 * H * dh, dh, 1) and q.dtype == k.dtype == v.dtype
+    same = q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+    if (same and q.stride() == k.stride() == v.stride() == (3 * H * dh, dh, 1) and q.dtype == k.dtype == v.dtype
             and k.data_ptr() - q.data_ptr() == H * dh * q.element_size()
             and v.data_ptr() - k.data_ptr() == H * dh * q.element_size()):
         return q.as_strided((N, 3 * H * dh), (3 * H * dh, 1))
