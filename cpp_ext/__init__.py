@@ -130,6 +130,15 @@ def silu_mul(gate_up) -> torch.Tensor:
     return _torch(fn(_np(gate_up, dt), dt == torch.bfloat16), dt)
 
 
+def _int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """int8 [N, K] @ int8 [K, M] -> int32, exact: torch._int_mm, but for K == 1, where the CPU's
+    torch._int_mm (torch 2.14) returns uninitialised memory: there the product is one exact int32 outer
+    product."""
+    if a.shape[1] == 1:
+        return a.int() * b.int()
+    return torch._int_mm(a, b)
+
+
 def int8_linear(x, wq, scale) -> torch.Tensor:
     """Same contract as kernels.int8_linear.int8_linear_ref: the per-row quantization and the
     dequantization here (one pass each), the int8 GEMM PyTorch's (torch._int_mm: oneDNN)."""
@@ -137,7 +146,7 @@ def int8_linear(x, wq, scale) -> torch.Tensor:
         raise ValueError(f"int8_linear: x [N, K], wq [K, M] int8, scale [M] expected, got {list(x.shape)} / "
                          f"{list(wq.shape)} {wq.dtype} / {list(scale.shape)}")
     xq, xs = _native.quantize_rows(_np(x.float(), torch.float32))
-    acc = torch._int_mm(torch.from_numpy(xq), wq)
+    acc = _int_mm(torch.from_numpy(xq), wq)
     return torch.from_numpy(_native.dequantize(_np(acc, torch.int32), xs, _np(scale.float(), torch.float32)))
 
 
@@ -145,14 +154,17 @@ def int8_swiglu(x, w13q, s13, w2q, s2) -> torch.Tensor:
     """Same contract as kernels.int8_linear.int8_swiglu_ref: x quantized, the gate|up int8 GEMM, then
     one C++ pass (dequantize, silu(gate) * up rounded as silu_mul_f32, quantize), the down int8 GEMM,
     dequantized. Equal to int8_linear(silu_mul(int8_linear(x, ...)), ...) of this module bit for bit."""
-    H = w2q.shape[0]
-    if w13q.dtype != torch.int8 or w2q.dtype != torch.int8 or w13q.shape[1] != 2 * H or x.shape[1] != w13q.shape[0]:
-        raise ValueError(f"int8_swiglu: x [N, K], w13q [K, 2H] int8, w2q [H, M] int8 expected, got {list(x.shape)}"
-                         f" / {list(w13q.shape)} / {list(w2q.shape)}")
+    H = w2q.shape[0] if w2q.dim() == 2 else -1
+    if (x.dim() != 2 or w13q.dim() != 2 or w13q.dtype != torch.int8 or w2q.dtype != torch.int8
+            or w13q.shape[1] != 2 * H or x.shape[1] != w13q.shape[0]
+            or s13.shape != (2 * H,) or s2.shape != (w2q.shape[1],)):
+        raise ValueError(f"int8_swiglu: x [N, K], w13q [K, 2H] int8, s13 [2H], w2q [H, M] int8, s2 [M] expected, "
+                         f"got {list(x.shape)} / {list(w13q.shape)} / {list(s13.shape)} / {list(w2q.shape)} / "
+                         f"{list(s2.shape)}")
     xq, xs = _native.quantize_rows(_np(x.float(), torch.float32))
-    acc = torch._int_mm(torch.from_numpy(xq), w13q)
+    acc = _int_mm(torch.from_numpy(xq), w13q)
     hq, hs = _native.swiglu_quantize(_np(acc, torch.int32), xs, _np(s13.float(), torch.float32))
-    acc = torch._int_mm(torch.from_numpy(hq), w2q)
+    acc = _int_mm(torch.from_numpy(hq), w2q)
     return torch.from_numpy(_native.dequantize(_np(acc, torch.int32), hs, _np(s2.float(), torch.float32)))
 
 

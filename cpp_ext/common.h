@@ -43,9 +43,10 @@ inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as torch does
 }
 
 // exp that GCC vectorises (no libm call): Cephes-style range reduction + degree-6 polynomial,
-// within ~2 ulp of expf; exp(-inf) and anything below -87 give 0.
+// within ~2 ulp of expf; exp(-inf) and anything below -87 give 0, anything above 88.72 (where expf
+// overflows) +inf. The reduction runs on x clamped to [-87, 88], so the exponent bits never overflow.
 inline float vexp(float x) {
-    const float xc = std::max(x, -87.f);
+    const float xc = std::min(std::max(x, -87.f), 88.f);
     const float k = std::floor(xc * 1.44269504088896341f + 0.5f);
     const float r = xc - k * 0.693359375f + k * 2.12194440e-4f;
     float p = 1.9875691500e-4f;
@@ -58,7 +59,7 @@ inline float vexp(float x) {
     const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
     float scale;
     std::memcpy(&scale, &bits, 4);
-    return x < -87.f ? 0.f : y * scale;
+    return x < -87.f ? 0.f : (x > 88.72f ? std::numeric_limits<float>::infinity() : y * scale);
 }
 
 // each op's file defines its bindings

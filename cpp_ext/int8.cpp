@@ -3,10 +3,7 @@
 // each one pass over its buffer (PyTorch's form takes four and three).
 #include "common.h"
 
-// x [N, K] fp32 -> (q int8 [N, K], scale [N]): scale = max|x| / 127 (1 for an all-zero row),
-// q = round-half-even(x / scale) clamped to +-127; the reference's float ops in its order. A row
-// holding NaN or inf: codes 0 and scale NaN.
-// One row of quantize_rows: writes K codes, returns the row's scale.
+// One row of quantize_rows (below): writes K codes, returns the row's scale.
 static inline float quantize_row(const float* xr, i64 K, int8_t* qr) {
     // max |x| on the bit patterns with the sign cleared: for non-negative floats their order is the
     // integers' (inf 0x7f800000, NaN above it), and an integer max reduction vectorises (a float one
@@ -31,6 +28,9 @@ static inline float quantize_row(const float* xr, i64 K, int8_t* qr) {
     return s;
 }
 
+// x [N, K] fp32 -> (q int8 [N, K], scale [N]): scale = max|x| / 127 (1 for an all-zero row),
+// q = round-half-even(x / scale) clamped to +-127; the reference's float ops in its order. A row
+// holding NaN or inf: codes 0 and scale NaN.
 static py::tuple quantize_rows(py::array_t<float, py::array::c_style> x) {
     const i64 N = x.shape(0), K = x.shape(1);
     py::array_t<int8_t> q_out({N, K});

@@ -50,7 +50,9 @@ static py::tuple rope_pack(py::array_t<T, py::array::c_style> qkv, py::array_t<f
     for (i64 s = 0; s < S; ++s) {
         if (sg[2 * s] < 0 || sg[2 * s + 1] < 0 || sg[2 * s + 1] > cs.shape(0))
             throw py::value_error("rope_pack: a segment's frames exceed the cos / sin table");
-        rows += sg[2 * s] * sg[2 * s + 1];
+        if (sg[2 * s] > N) throw py::value_error("rope_pack: the segments do not cover the rows");
+        rows += sg[2 * s] * sg[2 * s + 1];   // R <= N and T <= the table: no overflow
+        if (rows > N) throw py::value_error("rope_pack: the segments do not cover the rows");
     }
     if (rows != N) throw py::value_error("rope_pack: the segments do not cover the rows");
     py::array_t<T> q({N * H * dh}), k({N * H * dh}), v({N * H * dh});

@@ -9,9 +9,12 @@ int8 path (batch 1, 500 frames, 2 cores): writing the dequantized gate|up produc
 
 So a CPU engine raises both thresholds once, process-wide (``mallopt``): blocks up to 256 MiB come
 from the heap and up to 512 MiB of freed heap stay mapped for the next step. The process keeps, at
-most, about its peak working set. ``STEMGEN_MALLOC=system`` leaves glibc's defaults (and its
-dynamic thresholds) alone; other C libraries have no ``mallopt`` and are left alone, said so by
-``stemgen info``.
+most, about its peak working set. An older glibc (2.34, say) refuses an mmap threshold above 32 MiB: then
+32 MiB (the small and paper presets' step buffers are below it). The heap of a thread other than
+the main one (the service's scheduler thread) is capped at 64 MiB by glibc whatever the threshold,
+so a larger block there is still mapped afresh. ``STEMGEN_MALLOC=system`` leaves glibc's defaults
+(and its dynamic thresholds) alone; a C library without glibc's ``mallopt`` is left alone, said so
+by ``stemgen info``.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ log = logging.getLogger("stemgen")
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # glibc's mallopt parameters (malloc.h)
 MMAP_THRESHOLD = 256 << 20
+MMAP_THRESHOLD_OLD_GLIBC = 32 << 20    # the largest an older glibc (2.34) accepts on 64-bit: HEAP_MAX_SIZE / 2
 TRIM_THRESHOLD = 512 << 20
 
 _state: str | None = None
@@ -31,7 +35,7 @@ _state: str | None = None
 def _mallopt():
     try:
         return ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):   # TypeError: no CDLL(None) (Windows)
         return None
 
 
@@ -48,11 +52,15 @@ def keep_freed_memory() -> str:
         _state = "the C library's defaults (STEMGEN_MALLOC=system)"
     elif mallopt is None:
         _state = "the C library's defaults (no mallopt: not glibc)"
-    elif mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1:
-        _state = (f"glibc malloc keeps freed blocks (mmap threshold {MMAP_THRESHOLD >> 20} MiB, "
-                  f"trim threshold {TRIM_THRESHOLD >> 20} MiB; STEMGEN_MALLOC=system to leave it)")
     else:
-        _state = "the C library's defaults (mallopt refused the thresholds)"
+        mmap = next((v for v in (MMAP_THRESHOLD, MMAP_THRESHOLD_OLD_GLIBC) if mallopt(M_MMAP_THRESHOLD, v) == 1), None)
+        trim = TRIM_THRESHOLD if mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 else None
+        if mmap is None and trim is None:
+            _state = "the C library's defaults (mallopt refused the thresholds)"
+        else:
+            said = lambda v: f"{v >> 20} MiB" if v else "refused: the C library's"   # noqa: E731
+            _state = (f"glibc malloc keeps freed blocks (mmap threshold {said(mmap)}, trim threshold "
+                      f"{said(trim)}; STEMGEN_MALLOC=system to leave it)")
     log.debug("CPU memory: %s", _state)
     return _state
 

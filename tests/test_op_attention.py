@@ -171,9 +171,10 @@ def test_cpp_rope_pack_equals_rope_ref(dtype, segments):
     pos = positions_of(segments, "cpu")
     want = [rope_ref(qkv[:, 0], cos[pos], sin[pos]), rope_ref(qkv[:, 1], cos[pos], sin[pos]), qkv[:, 2]]
     fn = _native.rope_pack_bf16 if dtype == torch.bfloat16 else _native.rope_pack_f32
-    for q, k, v in (qkv.unbind(1), [t.clone() for t in qkv.unbind(1)]):
+    for views, (q, k, v) in ((True, qkv.unbind(1)), (False, [t.clone() for t in qkv.unbind(1)])):
         rows = _qkv_rows(q, k, v)
         assert rows.shape == (N, 3 * H * dh)
+        assert (rows.data_ptr() == qkv.data_ptr()) == views   # views of one buffer: used as is, no copy
         raw = rows.view(torch.uint16) if dtype == torch.bfloat16 else rows
         out = fn(raw.numpy(), cos.numpy(), sin.numpy(), torch.tensor(segments).numpy(), H, dtype == torch.bfloat16)
         out = [torch.from_numpy(o).view(dtype) if dtype == torch.bfloat16 else torch.from_numpy(o) for o in out]
@@ -184,6 +185,21 @@ def test_cpp_rope_pack_equals_rope_ref(dtype, segments):
                 grp = got[start * H * dh: (start + R * T) * H * dh].view(R, H, T, dh)
                 assert torch.equal(grp, exp[rows_g].view(R, T, H, dh).transpose(1, 2))
             start += R * T
+
+
+@pytest.mark.parametrize("segments", [[(3, 9), (2, 1), (1, 40)], [(2, 257)]])
+def test_cpp_attention_fp32_equals_reference(segments):
+    """fp32: the C++ variant's output equals attention_ref's bit for bit (RoPE bit-equal, then the
+    same SDPA on the same values), which keeps fp32 tokens equal to the training-form model's."""
+    from helpers import backend_missing
+    if backend_missing("cpp"):
+        pytest.fail(f"the C++ extension should be built for the tests: {backend_missing('cpp')}")
+    from stemgen.cpp_ext import attention
+    g = torch.Generator().manual_seed(2)
+    N = sum(R * T for R, T in segments)
+    q, k, v = torch.randn(N, 3, 4, 64, generator=g).unbind(1)
+    cos, sin = rope_tables(max(T for _, T in segments), 64)
+    assert torch.equal(attention(q, k, v, segments, cos, sin), attention_ref(q, k, v, segments, cos, sin))
 
 
 def test_cpp_attention_bf16_against_fp32_reference():
@@ -209,3 +225,6 @@ def test_cpp_rope_pack_refuses_bad_segments():
         _native.rope_pack_f32(qkv.numpy(), cos.numpy(), cos.numpy(), torch.tensor([[1, 10]]).numpy(), 2, False)
     with pytest.raises(ValueError, match="cover"):
         _native.rope_pack_f32(qkv.numpy(), cos.numpy(), cos.numpy(), torch.tensor([[1, 5]]).numpy(), 2, False)
+    with pytest.raises(ValueError, match="cover"):   # R * T would wrap around int64 to 10 without the check
+        _native.rope_pack_f32(qkv.numpy(), cos.numpy(), cos.numpy(),
+                              torch.tensor([[(1 << 62) + 5, 4], [1, 2]]).numpy(), 2, False)

@@ -107,6 +107,21 @@ def test_swiglu_rows_independent_and_non_finite(fn, dtype):
     assert torch.equal(got[17:19], fn(x[17:19], *args[1:]))
 
 
+@pytest.mark.parametrize("fn,dtype", variants("int8_swiglu"))
+def test_swiglu_very_negative_gate_gives_zero(fn, dtype):
+    """A gate of -100 (exp(100) overflows float32): silu ~ 0, so the row's output is ~0, not -100."""
+    args = (torch.ones(1, 1), *quantize_weight(torch.tensor([[-100.0], [1.0]])), *quantize_weight(torch.ones(1, 1)))
+    assert fn(*args).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("fn,dtype", variants("int8_linear"))
+def test_a_single_input_feature(fn, dtype):
+    """K = 1 (torch._int_mm on the CPU returns uninitialised memory there): still the reference's."""
+    x, w = torch.randn(5, 1), torch.randn(7, 1)
+    for _ in range(3):
+        assert torch.equal(fn(x, *quantize_weight(w)), int8_linear_ref(x, *quantize_weight(w)))
+
+
 def test_zero_rows_stay_zero():
     wq, s = quantize_weight(torch.randn(8, 16))
     assert torch.equal(int8_linear_ref(torch.zeros(2, 16), wq, s), torch.zeros(2, 8))

@@ -23,6 +23,17 @@ def test_rows_do_not_depend_on_the_batch(fn, dtype):
     assert torch.equal(fn(x)[7:8], fn(x[7:8]))
 
 
+@pytest.mark.parametrize("fn,dtype", variants("silu_mul", (torch.float32, torch.bfloat16)))
+def test_gates_beyond_exps_range(fn, dtype):
+    """Gates where exp(-gate) underflows or overflows float32 (|gate| > 87): silu is ~0 below, the
+    gate itself above (a vectorised exp that wraps its exponent bits gives silu(-100) = -100)."""
+    gate = torch.tensor([-1e4, -200.0, -100.0, -89.5, -88.8, -87.5, -50.0, 50.0, 87.5, 88.8, 89.5, 100.0, 1e4])
+    gu = torch.cat([gate, torch.ones_like(gate)])[None].to(dtype)
+    got, want = fn(gu), silu_mul_ref(gu)
+    assert close(got, want, dtype), (got, want)
+    assert got[0, :7].abs().max() < 1e-12
+
+
 @NEEDS_CPP
 def test_cpp_checks_shapes():
     from stemgen import cpp_ext
