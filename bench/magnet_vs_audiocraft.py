@@ -137,6 +137,7 @@ def main():
     project_packages()
     import torch
 
+    from stemgen.bench import machine_info
     from stemgen.engine import Engine
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -174,6 +175,10 @@ def main():
               "device": a.device + (f" ({torch.cuda.get_device_name()})" if a.device == "cuda" else ""),
               "checkpoint": a.ckpt or a.engine_model, "d_model": mcfg.d_model, "layers": mcfg.n_layers,
               "seconds": a.seconds, "steps": steps, "span_arrangement": a.span_arrangement, "results": []}
+    held = machine_info(torch.device(a.device)).get("cpu_isa_limits")
+    if held:   # GEMM libraries held to a lower instruction set: a stand-in run, said with its figures
+        report["cpu_isa_limits"] = held
+        print("GEMM libraries held by " + " ".join(f"{k}={v}" for k, v in held.items()), flush=True)
     print(f"{report['cpu']}, {report['threads']} threads, torch {torch.__version__}, {report['device']}; "
           f"d {mcfg.d_model}, {mcfg.n_layers} layers; {a.seconds:g} s, steps {a.steps}", flush=True)
     for B in [int(b) for b in a.batch.split(",")]:

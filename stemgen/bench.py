@@ -135,10 +135,16 @@ class RunStats:
                 "memory_kind": self.memory_kind}
 
 
+CPU_ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
 def machine_info(device: torch.device) -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
             "processor": _cpu_name(), "cpu_threads": torch.get_num_threads(), "cores": os.cpu_count(),
             "device": str(device)}
+    held = {k: os.environ[k] for k in CPU_ISA_LIMITS if os.environ.get(k)}
+    if held:   # GEMM libraries held to a lower instruction set (a stand-in for another CPU): say so
+        info["cpu_isa_limits"] = held
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         if os.environ.get("STEMGEN_FLASH_CONFIG"):   # a run trying another attention configuration

@@ -540,7 +540,8 @@ def bench(
     console.print(f"machine: {m.get('gpu') or m['processor']}, {m['cpu_threads']} threads, torch {m['torch']}"
                   + (f", {st['load']} busy process(es) beside it" if st.get("load") else "") + "; "
                   f"engine {st['engine_dtype']}, baseline {st['baseline_dtype'] or 'not run'}"
-                  + (f"; STEMGEN_FLASH_CONFIG={m['flash_config']}" if m.get("flash_config") else ""), highlight=False)
+                  + (f"; STEMGEN_FLASH_CONFIG={m['flash_config']}" if m.get("flash_config") else "")
+                  + "".join(f"; {k}={v}" for k, v in m.get("cpu_isa_limits", {}).items()), highlight=False)
     if json_path is not None:
         run_guarded(atomic_write_text, json_path, json.dumps(report, indent=2) + "\n")
 

@@ -2,6 +2,8 @@
 model in fp32 the engine's tokens equal the training-form baseline's."""
 import json
 
+import torch
+
 import pytest
 
 from typer.testing import CliRunner
@@ -114,3 +116,13 @@ def test_rates_keep_their_digits_below_ten():
     from stemgen.bench import rate
 
     assert [rate(x) for x in (0.2756, 0.005511, 1.2795, 63.6, 1995.7)] == ["0.276", "0.00551", "1.28", "64", "1996"]
+
+
+def test_machine_info_says_when_the_gemm_libraries_are_held_to_another_isa(monkeypatch):
+    """A stand-in run (ISA-limiting variables set) records them with its figures; a plain run records none."""
+    from stemgen.bench import CPU_ISA_LIMITS, machine_info
+    for k in CPU_ISA_LIMITS:
+        monkeypatch.delenv(k, raising=False)
+    assert "cpu_isa_limits" not in machine_info(torch.device("cpu"))
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert machine_info(torch.device("cpu"))["cpu_isa_limits"] == {"ONEDNN_MAX_CPU_ISA": "AVX2"}
