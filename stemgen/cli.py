@@ -13,47 +13,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .cli_common import _model_dir, _numbered, _say, console, err_console, fail, printable, run_guarded  # noqa: F401
 from .engine.fileutil import atomic_write_text
 from .weights_convert.formats import describe as describe_formats
 from .weights_convert.formats import formats
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="StemGen engine: generate a stem that fits a musical context.")
-
-
-def printable(text) -> str:
-    """Untrusted text (file and instrument names, paths, messages quoting them) for a terminal:
-    control and format characters (escape sequences, newlines, bidi overrides) written as Python
-    escapes, so nothing a file names can move the cursor, recolour the terminal or add a line."""
-    text = str(text)
-    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
-class _PlainConsole(Console):
-    """A console whose plain strings are printed as they are: never read as rich markup (paths may
-    hold '['), never highlighted, control characters escaped (see ``printable``)."""
-
-    def print(self, *objects, **kwargs):
-        objects = tuple(printable(o) if isinstance(o, str) else o for o in objects)
-        kwargs.setdefault("markup", False)
-        kwargs.setdefault("highlight", False)
-        super().print(*objects, **kwargs)
-
-
-console = _PlainConsole(soft_wrap=True)
-err_console = _PlainConsole(stderr=True)
-
-
-def _say(label: str, style: str, msg: str) -> None:
-    """One line on stderr; the message is plain text, never read as markup (paths may hold '['),
-    its control characters escaped (a newline in a file name cannot split the line)."""
-    from rich.text import Text
-    err_console.print(Text.assemble((label, style), " ", printable(msg)), highlight=False, soft_wrap=True)
-
-
-def fail(msg: str, code: int = 1):
-    _say("error:", "bold red", msg)
-    raise typer.Exit(code)
 
 
 class _ConsoleWarnings(logging.Handler):
@@ -67,17 +33,6 @@ def _route_warnings():
     if not any(isinstance(h, _ConsoleWarnings) for h in logger.handlers):
         logger.addHandler(_ConsoleWarnings(logging.WARNING))
         logger.propagate = False
-
-
-def run_guarded(fn, *args, **kwargs):
-    """Turn expected user errors into one clear line and a nonzero exit."""
-    from .engine.config import ModelFormatError
-    try:
-        return fn(*args, **kwargs)
-    except (ModelFormatError, ValueError, FileNotFoundError) as e:
-        fail(str(e))
-    except OSError as e:
-        fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "))
 
 
 @app.command()
@@ -236,10 +191,6 @@ def _parse_steps(text: Optional[str]):
         raise ValueError(f"--steps must be comma-separated integers such as 128,64,32,32 or a preset "
                          f"({', '.join(STEP_PRESETS)}), got {text!r}") from None
     return steps
-
-
-def _numbered(path: Path, i: int, n: int) -> Path:
-    return path if n == 1 else path.with_name(f"{path.stem}_{i + 1}{path.suffix}")
 
 
 @app.command()
@@ -697,16 +648,6 @@ def make_corpus_cmd(out: Path = typer.Argument(..., help="output folder (new or 
         task = bar.add_task("rendering", total=songs)
         path = run_guarded(make_corpus, out, songs, seed, sr, progress=lambda i, n: bar.update(task, completed=i))
     console.print(f"wrote {songs} songs to {path}")
-
-
-def _model_dir(model: str) -> Path:
-    """'demo' -> the packaged trained demo model; 'random' -> the random-weights model (built and
-    cached on first use); else the path."""
-    if model == "random":
-        from .random_model import ensure_random_model
-        return ensure_random_model(log=lambda m: err_console.print(m, highlight=False, markup=False))
-    from .engine.models import resolve_model
-    return resolve_model(model)
 
 
 def _train_logger():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .cli import _model_dir, _numbered, _say, console, err_console, fail, run_guarded
+from .cli_common import _model_dir, _numbered, _say, console, err_console, fail, run_guarded
 
 MAX_PROMPTS = 1000
 
