@@ -17,7 +17,8 @@ from .models import resolve_model
 from .audio import AudioError, check_budget, peak_safe, to_format
 from .codec import Codec, CodecConfig, load_codec
 from .config import ModelConfig, ModelFormatError, SamplingConfig
-from .model import StemGenEngineLM, default_dtype, load_lm, resolve_dtype
+from .architectures import load_lm
+from .model import StemGenEngineLM, default_dtype, resolve_dtype
 from .request import Request
 from .runner import Runner, run_requests
 from .service import GenerationHandle, GenerationService
@@ -44,7 +45,7 @@ def backends(device: torch.device, dtype: torch.dtype | None = None, arch: str |
     from ..kernels import OPS
     from . import memory
     from .backend import select_ops
-    from .model import ARCH_OPS
+    from .architectures import ARCH_OPS
 
     default = default_dtype(device)
     ops = select_ops(device, dtype or default)

@@ -3,15 +3,14 @@ one forward that can return the logits of a single level's head."""
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels.attention import cu_seqlens
-from .backend import Ops, select_ops
-from .config import LMConfig, read_weights
+from .backend import Ops
+from .config import LMConfig
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "int8": torch.int8}
@@ -24,11 +23,6 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of float32, bfloat16, float16, int8 (CPU)")
     return DTYPES[dtype]
-
-
-def expected_shapes(cfg) -> dict[str, tuple[int, ...]]:
-    """Every tensor of the engine's LM weight file, by name (per architecture)."""
-    return architecture(cfg)[1](cfg)
 
 
 def stemgen_shapes(cfg: LMConfig) -> dict[str, tuple[int, ...]]:
@@ -61,7 +55,12 @@ class Layer(nn.Module):
 class PackedLM(nn.Module):
     """What every architecture shares: the packed forward over several requests' guidance rows and
     the level heads (``heads`` [Q, V, d]). An architecture defines ``hidden(pairs)``; the runner,
-    scheduler and CUDA graphs only call these methods and never ask which architecture runs."""
+    scheduler and CUDA graphs only call these methods and never ask which architecture runs.
+    Each architecture names its trunk GEMM weights per layer (``TRUNK_WEIGHTS``) and the ops its step
+    runs (``OPS``: `stemgen info` shows a model's own)."""
+
+    TRUNK_WEIGHTS: tuple[str, ...] = ()
+    OPS: tuple[str, ...] = ()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -102,6 +101,11 @@ class PackedLM(nn.Module):
 
 
 class StemGenEngineLM(PackedLM):
+    # the trunk GEMM weights of a layer (int8 on the CPU's int8 path) and the ops a step runs
+    TRUNK_WEIGHTS = ("wqkv", "wo", "w13", "w2")
+    OPS = ("embed_sum", "attention", "rms_norm", "add_rms_norm", "silu_mul", "guide_sample_rank", "int8_linear",
+           "int8_swiglu")
+
     def __init__(self, cfg: LMConfig):
         super().__init__()
         self.cfg = cfg
@@ -183,10 +187,10 @@ class Int8Weight:
 
 
 def quantize_trunk(model: "PackedLM") -> None:
-    """Replace every trunk GEMM weight (TRUNK_WEIGHTS of the architecture) by its Int8Weight; the
+    """Replace every trunk GEMM weight (the architecture's TRUNK_WEIGHTS) by its Int8Weight; the
     embeddings, norms, level heads and the sampling stay fp32."""
     for layer in model.layers:
-        for name in TRUNK_WEIGHTS[model.cfg.arch]:
+        for name in model.TRUNK_WEIGHTS:
             w = layer._parameters.pop(name)
             setattr(layer, name, Int8Weight(w.detach().float(), model.ops.int8_linear))
 
@@ -226,51 +230,6 @@ def head_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if x.device.type == "cuda" and x.dtype != torch.float32 and mm_writes_fp32():
         return torch.mm(x, w.t(), out_dtype=torch.float32)
     return linear(x, w).float()
-
-
-# the trunk GEMM weights of each architecture (per layer): int8 on the CPU's int8 path
-TRUNK_WEIGHTS = {"stemgen": ("wqkv", "wo", "w13", "w2"), "magnet": ("wqkv", "wo", "cross_wq", "cross_wo", "w1", "w2")}
-# the ops each architecture's step runs (`stemgen info` shows a model's own)
-ARCH_OPS = {"stemgen": ("embed_sum", "attention", "rms_norm", "add_rms_norm", "silu_mul", "guide_sample_rank",
-                         "int8_linear", "int8_swiglu"),
-            "magnet": ("embed_sum", "layer_norm", "add_layer_norm", "band_attention", "cross_attention", "gelu",
-                       "magnet_sample", "int8_linear")}
-
-
-def architecture(cfg):
-    """(module class, expected_shapes function) of the config's architecture: the one place that
-    knows which architectures exist (one module each: this one, engine.magnet)."""
-    if cfg.arch == "magnet":
-        from .magnet import MagnetLM, magnet_shapes
-        return MagnetLM, magnet_shapes
-    return StemGenEngineLM, stemgen_shapes
-
-
-def load_lm(path: str | Path, cfg: LMConfig, device="cpu", dtype: str | torch.dtype = "float32") -> PackedLM:
-    """Check every tensor of the safetensors file against the config (names, shapes, float dtype)
-    before use, then build the LM on the meta device and assign the (cast) weights."""
-    state = read_weights(path, expected_shapes(cfg), "the LM config in config.json", "tensor",
-                         "re-run `stemgen convert`")
-    return lm_from_state(cfg, state, device, dtype)
-
-
-def lm_from_state(cfg: LMConfig, state: dict[str, torch.Tensor], device="cpu",
-                  dtype: str | torch.dtype = "float32") -> PackedLM:
-    """Build the LM on the meta device and assign already-validated engine tensors to it."""
-    dtype = resolve_dtype(dtype)
-    int8 = dtype == torch.int8
-    if int8 and torch.device(device).type != "cpu":
-        raise ValueError("--dtype int8 is the CPU's path; on a GPU use bfloat16 (the default there)")
-    compute = torch.float32 if int8 else dtype
-    with torch.device("meta"):
-        model = architecture(cfg)[0](cfg)
-    state = {k: v.to(device=device, dtype=compute) for k, v in state.items()}
-    model.load_state_dict(state, assign=True, strict=True)
-    model.rebuild_buffers(device)  # buffers were built on meta above
-    model.ops = select_ops(torch.device(device), compute)
-    if int8:
-        quantize_trunk(model)
-    return model.eval().requires_grad_(False)
 
 
 @functools.lru_cache(maxsize=None)

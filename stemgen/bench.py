@@ -166,12 +166,12 @@ def _cpu_name() -> str:
 def build_models(model_dir, config_name: str, device: torch.device, dtype, baseline: bool, seed: int):
     """-> (engine LM, training-form baseline model or None, frame rate, description)."""
     from .engine.config import ModelConfig
-    from .engine.model import lm_from_state
+    from .engine.architectures import lm_from_state
     from .train import StemGenConfig, StemGenLM, preset
     from .weights_convert.lm import convert_train_state, engine_lm_config, train_state_from_engine
 
     if model_dir is not None:
-        from .engine.model import expected_shapes
+        from .engine.architectures import expected_shapes
         from .engine.tensors import read_weights
         mc = ModelConfig.load(model_dir)
         state = read_weights(mc.file(model_dir, "lm"), expected_shapes(mc.lm), "the LM config", "tensor",

@@ -43,7 +43,7 @@ def info(model_dir: Optional[Path] = typer.Argument(None, help="engine model dir
     """Show a model directory's config, size, dtype and the backends that would run it."""
     from .engine.api import backends, pick_device
     from .engine.config import ModelConfig
-    from .engine.model import expected_shapes
+    from .engine.architectures import expected_shapes
 
     if model_dir is None:
         be = run_guarded(lambda: backends(pick_device(device)))

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from stemgen.engine.config import ModelConfig
-from stemgen.engine.model import load_lm
+from stemgen.engine.architectures import load_lm
 from stemgen.train import StemGenConfig, StemGenLM, save_checkpoint
 from stemgen.weights_convert import convert_train_checkpoint, write_model_dir
 

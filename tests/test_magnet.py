@@ -19,7 +19,7 @@ pytest.importorskip("transformers")
 
 from stemgen.engine.config import ModelConfig  # noqa: E402
 from stemgen.engine.magnet import TextMemory, TextRows  # noqa: E402
-from stemgen.engine.model import load_lm  # noqa: E402
+from stemgen.engine.architectures import load_lm  # noqa: E402
 from stemgen.engine.text import TextEncoder  # noqa: E402
 from stemgen.weights_convert.magnet import convert_magnet  # noqa: E402
 from stemgen.weights_convert.pickles import PickleFile  # noqa: E402

@@ -9,7 +9,7 @@ import argparse
 import torch
 
 from stemgen.engine.config import ModelConfig
-from stemgen.engine.model import load_lm
+from stemgen.engine.architectures import load_lm
 from stemgen.train import StemGenLM, preset, save_checkpoint
 from stemgen.weights_convert.lm import train_state_from_engine
 
