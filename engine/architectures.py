@@ -19,7 +19,7 @@ ARCH_OPS = {name: cls.OPS for name, (cls, _) in ARCHITECTURES.items()}
 
 def architecture(cfg):
     """(module class, expected_shapes function) of the config's architecture."""
-    return ARCHITECTURES["magnet" if cfg.arch == "magnet" else "stemgen"]
+    return ARCHITECTURES[cfg.arch]
 
 
 def expected_shapes(cfg) -> dict[str, tuple[int, ...]]:

@@ -58,9 +58,9 @@ def keep_freed_memory() -> str:
         if mmap is None and trim is None:
             _state = "the C library's defaults (mallopt refused the thresholds)"
         else:
-            said = lambda v: f"{v >> 20} MiB" if v else "refused: the C library's"   # noqa: E731
-            _state = (f"glibc malloc keeps freed blocks (mmap threshold {said(mmap)}, trim threshold "
-                      f"{said(trim)}; STEMGEN_MALLOC=system to leave it)")
+            mmap_said, trim_said = (f"{v >> 20} MiB" if v else "refused: the C library's" for v in (mmap, trim))
+            _state = (f"glibc malloc keeps freed blocks (mmap threshold {mmap_said}, trim threshold "
+                      f"{trim_said}; STEMGEN_MALLOC=system to leave it)")
     log.debug("CPU memory: %s", _state)
     return _state
 
