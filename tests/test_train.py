@@ -263,6 +263,31 @@ def test_init_from_and_resume_of_older_checkpoints(cache, tmp_path):
     assert res.exit_code == 1 and res.output.count("\n") == 1 and "--blank-prob" in res.output, res.output
 
 
+def test_deepen_recipe_keeps_what_the_lm_computes(cache, tmp_path):
+    """train/recipes/deepen_lm.py: the deeper LM gives the same logits as the one it came from (new
+    layers add nothing until trained), trains on with --init-from, and refuses to remove layers."""
+    from stemgen.train import load_checkpoint
+    first = train_lm(cache, tmp_path / "a", tiny_cfg(steps=2), log=lambda m: None)
+    script = os.path.join(os.path.dirname(__file__), "..", "train", "recipes", "deepen_lm.py")
+    run = subprocess.run([sys.executable, script, str(first), str(tmp_path / "deep.pt"), "--n-layers", "3"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    a, b = load_checkpoint(first).eval(), load_checkpoint(tmp_path / "deep.pt").eval()
+    assert (a.cfg.n_layers, b.cfg.n_layers) == (1, 3)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, a.cfg.codebook_size, (2, 2, a.cfg.n_q, 29), generator=g)
+    cond = torch.tensor([[0], [1]])
+    with torch.no_grad():
+        la, lb = a(tokens, cond), b(tokens, cond)
+    assert la.abs().max() > 0 and torch.equal(la, lb)
+    deeper = TrainConfig(preset="tiny", model=dict(TINY_LM, n_layers=3), frames=40, batch_size=3, val_songs=1,
+                         steps=1, init_from=str(tmp_path / "deep.pt"))
+    assert load_checkpoint(train_lm(cache, tmp_path / "b", deeper, log=lambda m: None)).cfg.n_layers == 3
+    run = subprocess.run([sys.executable, script, str(tmp_path / "deep.pt"), str(tmp_path / "x.pt"), "--n-layers", "2"],
+                         capture_output=True, text=True)
+    assert run.returncode != 0 and "below the model's 3 layers" in run.stderr and not (tmp_path / "x.pt").exists()
+
+
 def test_codec_harmony_term_hears_pitch_not_level():
     """The codec's chroma term: ~0 for the same chord at another level, large for another chord,
     and silence in the input does not count."""

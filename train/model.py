@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import StemGenConfig
+from .loop import atomic_torch_save
 
 
 class RMSNorm(nn.Module):
@@ -165,9 +166,9 @@ class StemGenLM(nn.Module):
 
 
 def save_checkpoint(model: StemGenLM, path: str | Path, **extra) -> None:
-    """A training checkpoint: the first source format users convert from."""
-    torch.save({"format": "stemgen-train", "config": model.cfg.to_dict(),
-                "model": model.state_dict(), **extra}, path)
+    """A training checkpoint: the first source format users convert from (written, then renamed)."""
+    atomic_torch_save({"format": "stemgen-train", "config": model.cfg.to_dict(),
+                       "model": model.state_dict(), **extra}, path)
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> StemGenLM:
