@@ -352,7 +352,8 @@ def test_healthz_answers_while_an_upload_is_decoded_and_a_result_encoded(model, 
             r = fut.result(timeout=60)
             monkeypatch.undo()
             assert r.status_code in (200, 202), r.text
-            assert lat and max(lat) < 0.1, (name, [round(x, 3) for x in lat])
+            # a held-up event loop answers after the slow call (>= 1.4 s); 0.5 s leaves room for a busy CI core
+            assert lat and max(lat) < 0.5, (name, [round(x, 3) for x in lat])
             if name == "read":
                 job_id = r.json()["id"]
                 assert wait(base, job_id)["status"] == "done"

