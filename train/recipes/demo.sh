@@ -83,6 +83,17 @@ cp demo_model6/codec.safetensors demo_model7/codec.safetensors
 stemgen table3 --model demo_model7 --corpus toy-heldout --out t3-7 --songs 40 --seconds 6 --steps 12,6,4,4 --dtype float32
 
 # ---- Earlier demos, for the README's history (not needed for the files shipped) ----
+# Round 4 (tried, not shipped: Table 3 no better, bench/table3-demo-lm8-deep.json): round 3's LM
+# (lm7/model.pt, its fp32 weights) deepened 4 -> 8 layers without changing its output, then 3,000 steps
+# the same way; 2 threads at nice 19 on the Intel Xeon, 75 min (5,360 frames/s); validation loss 1.60.
+# mkdir -p lm8 && cp -r lm7/tokens lm8/
+# python train/recipes/deepen_lm.py lm7/model.pt lm8-init/model.pt --n-layers 8
+# stemgen train toy-train --codec demo_model7 --out lm8 --init-from lm8-init/model.pt \
+#   --blank-prob 0.5 --contexts rest --preset small --n-layers 8 --frames 500 --batch-size 16 --steps 3000 \
+#   --lr 5e-4 --warmup 50 --decay-every 1000 --decay-rate 0.3 --val-songs 8 --val-every 200 --seed 8 --threads 2
+# stemgen convert --lm lm8/model.pt --codec demo_model7 --out demo_model8 --dtype float16
+# cp demo_model7/codec.safetensors demo_model8/codec.safetensors
+# stemgen table3 --model demo_model8 --corpus toy-heldout --out t3-8 --songs 40 --seconds 6 --steps 12,6,4,4 --dtype float32
 # The first demo: an LM on the stage-4 codec's tokens (2,800 steps in three sittings; steps 0-2100 ran
 # with a trainer that never dropped the context, fixed at 2100); its bass chord roots were at chance
 # (bench/table3-stage4.json). Then the same LM options on the stage-5 codec without the push (lm5
