@@ -286,6 +286,10 @@ def test_deepen_recipe_keeps_what_the_lm_computes(cache, tmp_path):
     run = subprocess.run([sys.executable, script, str(tmp_path / "deep.pt"), str(tmp_path / "x.pt"), "--n-layers", "2"],
                          capture_output=True, text=True)
     assert run.returncode != 0 and "below the model's 3 layers" in run.stderr and not (tmp_path / "x.pt").exists()
+    run = subprocess.run([sys.executable, script, str(first), str(tmp_path / "x.pt"), "--n-layers", "10000000"],
+                         capture_output=True, text=True)
+    assert run.returncode != 0 and "--n-layers" in run.stderr and "GiB" in run.stderr, run.stderr
+    assert run.stderr.count("\n") == 1 and not (tmp_path / "x.pt").exists()
 
 
 def test_codec_harmony_term_hears_pitch_not_level():

@@ -12,6 +12,7 @@ import argparse
 import torch
 
 from stemgen.train import StemGenConfig, StemGenLM, load_checkpoint, save_checkpoint
+from stemgen.train.loop import TrainError, check_memory
 
 
 def layer_plan(old: int, new: int) -> list[tuple[int, bool]]:
@@ -24,9 +25,15 @@ def deepen(model: StemGenLM, n_layers: int) -> StemGenLM:
     old = model.cfg.n_layers
     if n_layers < old:
         raise SystemExit(f"error: --n-layers {n_layers} is below the model's {old} layers")
+    src = model.state_dict()
+    layer = sum(v.numel() for k, v in src.items() if k.startswith("layers.0."))
+    params = sum(v.numel() for v in src.values()) + (n_layers - old) * layer
+    try:   # the deeper model and the state it is built from, fp32, before anything is allocated
+        check_memory(f"an LM of {n_layers} layers ({params / 1e6:.1f}M parameters)", 8 * params, "cpu", "--n-layers")
+    except TrainError as e:
+        raise SystemExit(f"error: {e}") from None
     cfg = StemGenConfig.from_dict({**model.cfg.to_dict(), "n_layers": n_layers})
     deep = StemGenLM(cfg)
-    src = model.state_dict()
     state = {k: v for k, v in src.items() if not k.startswith("layers.")}
     for i, (j, zeroed) in enumerate(layer_plan(old, n_layers)):
         for k, v in src.items():
