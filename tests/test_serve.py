@@ -81,6 +81,15 @@ def submit(base, data, **fields):
                       data={"instrument": "bass", "steps": STEPS, **fields}, timeout=30)
 
 
+def assert_loop_answered(latencies, what=""):
+    """/healthz polls taken while the server was busy: most answer at once; one may wait on a busy CI
+    core, never as long as a held-up event loop would (the busy calls in these tests take >= 1.4 s)."""
+    assert latencies, f"{what}: no /healthz polls"
+    p90 = sorted(latencies)[int(0.9 * (len(latencies) - 1))]
+    assert p90 < 0.1 and max(latencies) < 0.5, (f"{what}: /healthz took up to {1000 * max(latencies):.0f} ms "
+                                                 f"(90% within {1000 * p90:.0f} ms, {len(latencies)} polls)")
+
+
 def wait(base, job_id, timeout=120):
     t0 = time.time()
     while time.time() - t0 < timeout:
@@ -352,8 +361,7 @@ def test_healthz_answers_while_an_upload_is_decoded_and_a_result_encoded(model, 
             r = fut.result(timeout=60)
             monkeypatch.undo()
             assert r.status_code in (200, 202), r.text
-            # a held-up event loop answers after the slow call (>= 1.4 s); 0.5 s leaves room for a busy CI core
-            assert lat and max(lat) < 0.5, (name, [round(x, 3) for x in lat])
+            assert_loop_answered(lat, name)
             if name == "read":
                 job_id = r.json()["id"]
                 assert wait(base, job_id)["status"] == "done"
