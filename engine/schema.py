@@ -95,7 +95,7 @@ TRAIN_OPTIONS = {
     "clip": Field("float", 1e-9, 1e9), "val_songs": Field("int", 1, 1 << 20), "val_every": Field("int", 1, 1 << 40),
     "val_batches": Field("int", 1, 1 << 16), "ckpt_every": Field("int", 1, 1 << 40),
     "seed": Field("int", 0, (1 << 32) - 1), "autocast": Field("str", choices=("auto", "bf16", "off")),
-    "blank_prob": Field("float", 0.0, 1.0), "preset": Field("str", max_len=64),
+    "blank_prob": Field("float", 0.0, 1.0), "full_context_prob": Field("float", 0.0, 1.0), "preset": Field("str", max_len=64),
 }
 # `stemgen train-codec` options (train.codec.CodecTrainConfig); the codec's sizes go through CODEC_SPEC
 CODEC_TRAIN_OPTIONS = {

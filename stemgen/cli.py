@@ -733,6 +733,9 @@ def train_cmd(corpus: Path = typer.Argument(..., help="Slakh2100-layout corpus (
               blank_prob: float = typer.Option(0.0, "--blank-prob", help="share of pairs trained as the sampler's "
                                                "first step: level 0 with every target frame masked (not in SPEC; "
                                                "meant to make the model lean on the context; default 0)"),
+              full_context_prob: float = typer.Option(0.0, "--full-context-prob", help="share of pairs whose "
+                                                      "context is every other stem (the whole band) before the "
+                                                      "uniform draw of SPEC 5 (not in SPEC; default 0)"),
               init_from: Optional[Path] = typer.Option(None, "--init-from", help="start from this LM checkpoint's "
                                                        "weights (model.pt or last.pt) with a fresh optimizer and "
                                                        "schedule; only read at step 0 (resuming OUT/last.pt ignores it)")):
@@ -750,6 +753,8 @@ def train_cmd(corpus: Path = typer.Argument(..., help="Slakh2100-layout corpus (
         fail(f"--autocast {autocast!r}: use auto, bf16 or off")
     if not 0.0 <= blank_prob <= 1.0:
         fail(f"--blank-prob {blank_prob}: give a share between 0 and 1")
+    if not 0.0 <= full_context_prob <= 1.0:
+        fail(f"--full-context-prob {full_context_prob}: give a share between 0 and 1")
     if contexts not in CONTEXT_SETS:
         fail(f"--contexts {contexts!r}: use one of {', '.join(CONTEXT_SETS)}")
     if not 0 <= threads <= 4096:
@@ -759,7 +764,7 @@ def train_cmd(corpus: Path = typer.Argument(..., help="Slakh2100-layout corpus (
     cfg = TrainConfig(preset=preset_name, model=overrides, frames=frames, batch_size=batch_size, steps=steps,
                       lr=lr, warmup=warmup, decay_every=decay_every, decay_rate=decay_rate, val_songs=val_songs,
                       val_every=val_every, seed=seed, autocast=autocast, blank_prob=blank_prob,
-                      init_from=str(init_from or ""))
+                      full_context_prob=full_context_prob, init_from=str(init_from or ""))
     dev = str(run_guarded(pick_device, device))
     run_guarded(check_train_config, cfg, None, dev)     # every option and the memory, before the codec or corpus
     if threads:

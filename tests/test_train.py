@@ -61,6 +61,40 @@ def test_rest_contexts_tokenise_fewer_mixes(corpus, tmp_path):
     assert sorted(map(len, c.items[0]["contexts_of"])) == [4, 4, 4, 4]   # 3 single others + all others
 
 
+def picked_contexts(sampler, tok):
+    """The subset behind each pair's context channel, found by matching the codes back to the cache."""
+    found = []
+    for pair in tok:
+        hits = {tuple(sub) for e in sampler.corpus.items for j, sub in enumerate(e["subsets"])
+                for start in range(e["frames"] - tok.shape[-1] + 1)
+                if torch.equal(e["codes"][j, :, start:start + tok.shape[-1]], pair[0])
+                and any(torch.equal(e["codes"][e["subset_index"][(t,)], :, start:start + tok.shape[-1]], pair[1])
+                        for t in range(len(e["classes"])))}
+        assert len(hits) == 1, hits
+        found.append(hits.pop())
+    return found
+
+
+def test_full_context_prob_gives_the_whole_band(cache):
+    """--full-context-prob p: that share of the pairs has every other stem as the context, the rest
+    SPEC 5's uniform draw; at 0 the pairs (and the generator) are exactly those without the option."""
+    inst = ["bass", "drums", "synth_lead", "synth_pad"]
+    corpus = TokenCorpus(cache)
+    spec, off = PairSampler(corpus, inst, frames=40), PairSampler(corpus, inst, frames=40, full_prob=0.0)
+    r1, r2 = np.random.default_rng(3), np.random.default_rng(3)
+    assert torch.equal(spec.sample(16, r1)[0], off.sample(16, r2)[0])
+    assert r1.bit_generator.state == r2.bit_generator.state
+    full = PairSampler(corpus, inst, frames=40, full_prob=1.0)
+    assert all(len(c) == 3 for c in picked_contexts(full, full.sample(24, np.random.default_rng(0))[0]))
+    half = PairSampler(corpus, inst, frames=40, full_prob=0.5)
+    share = np.mean([len(c) == 3 for c in picked_contexts(half, half.sample(120, np.random.default_rng(1))[0])])
+    assert abs(share - (0.5 + 0.5 / 7)) < 0.12, share          # 7 subsets of the other 3 stems
+    assert np.mean([len(c) == 3 for c in picked_contexts(spec, spec.sample(120, np.random.default_rng(1))[0])]) < 0.3
+    res = CliRunner().invoke(app, ["train", "nowhere", "--codec", "nowhere", "--out", "nowhere",
+                                   "--full-context-prob", "-0.1"])
+    assert res.exit_code == 1 and res.output.count("\n") == 1 and "--full-context-prob" in res.output, res.output
+
+
 def losses(run):
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
             if '"loss"' in line]

@@ -232,10 +232,14 @@ class TokenCorpus:
 class PairSampler:
     """SPEC 5 pairs: a target stem, a context = mix of a random non-empty subset of the other
     stems (uniform over the subsets the cache holds), a random crop of ``frames``; pairs whose context or target is silent over the crop are
-    redrawn. Returns tokens [B, 2, Q, T] (context, target) and instrument ids [B]."""
+    redrawn. Returns tokens [B, 2, Q, T] (context, target) and instrument ids [B].
+    ``full_prob`` (not SPEC; default 0): that share of the pairs takes every other stem as the
+    context (the whole band, what a user usually gives) before the uniform draw over the rest."""
 
-    def __init__(self, corpus: TokenCorpus, instruments: list[str], frames: int, silence_rms: float = 1e-3):
+    def __init__(self, corpus: TokenCorpus, instruments: list[str], frames: int, silence_rms: float = 1e-3,
+                 full_prob: float = 0.0):
         self.corpus = corpus
+        self.full_prob = full_prob
         self.index = {instrument_name(name): i for i, name in enumerate(instruments)}
         self.frames = frames
         self.silence_rms = silence_rms
@@ -251,7 +255,11 @@ class PairSampler:
                 k, s = self.targets[int(rng.integers(len(self.targets)))] if targets is None else targets[b]
                 e = self.corpus.items[k]
                 contexts = e["contexts_of"][s]
-                pick = contexts[int(rng.integers(len(contexts)))]
+                # no draw at 0: runs begun before the option resume with the same pairs
+                if self.full_prob > 0 and rng.random() < self.full_prob:
+                    pick = max(contexts, key=len)
+                else:
+                    pick = contexts[int(rng.integers(len(contexts)))]
                 T = e["frames"]
                 L = min(self.frames, T)
                 start = int(rng.integers(0, T - L + 1))

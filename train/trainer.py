@@ -49,6 +49,7 @@ class TrainConfig:
     seed: int = 0
     autocast: str = "auto"            # auto | bf16 | off
     blank_prob: float = 0.0           # share of pairs trained as the sampler's first step (not SPEC)
+    full_context_prob: float = 0.0    # share of pairs whose context is every other stem (not SPEC)
     init_from: str = ""               # start from these LM weights (fresh optimizer and schedule; step 0 only)
 
 
@@ -286,7 +287,9 @@ def train_lm(cache: str | Path, out: str | Path, cfg: TrainConfig, device: str =
     if n_q_cache != mcfg.n_q:
         raise TrainError(f"{cache}: the codec has {n_q_cache} levels but the model n_q is {mcfg.n_q}")
     del corpus_all
-    train_set = PairSampler(TokenCorpus(cache, list(range(n - cfg.val_songs))), mcfg.instruments, cfg.frames)
+    train_set = PairSampler(TokenCorpus(cache, list(range(n - cfg.val_songs))), mcfg.instruments, cfg.frames,
+                            full_prob=cfg.full_context_prob)
+    # validation keeps SPEC 5's uniform contexts, so gauges of runs with other shares compare
     val_set = PairSampler(TokenCorpus(cache, list(range(n - cfg.val_songs, n))), mcfg.instruments, cfg.frames)
     vrng = np.random.default_rng([cfg.seed, 999])
     val_batches = [tuple(t.to(dev) for t in val_set.sample(cfg.batch_size, vrng)) for _ in range(cfg.val_batches)]
