@@ -804,11 +804,11 @@ def table3_cmd(model: str = typer.Option("demo", "--model", "-m", help="model di
                                                    help="stems to generate, comma-separated (default: bass and drums)"),
                settings: Optional[str] = typer.Option(None, "--settings",
                                                       help="settings to run, comma-separated, e.g. naive,paper "
-                                                      "(default: all four)"),
+                                                      "(default: all five)"),
                dtype: str = typer.Option("float32", "--dtype", help="engine dtype: float32, bfloat16 or int8 (the "
                                          "CPU's int8 path)")):
-    """The paper's Table 3 at toy scale: naive / paper settings / deaf (another song's context) / codec
-    ceiling, scored against each song's ground truth (chord roots, beat grid, tempo), MIRDD and FAD."""
+    """The paper's Table 3 at toy scale: naive / paper settings / the model's default settings / deaf
+    (another song's context) / codec ceiling, scored against each song's ground truth (chord roots, beat grid, tempo), MIRDD and FAD."""
     from .engine import Engine
     from .evaluation.listening import INSTRUMENTS, SETTINGS, markdown_table, run_table3
 

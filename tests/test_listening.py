@@ -57,8 +57,29 @@ def test_table3_cli_writes_every_setting(tmp_path):
         assert set(rep["table"][inst]) == set(listening.SETTINGS)
         for setting in listening.SETTINGS:
             assert len(list((out / setting / inst).glob("*.wav"))) == 2
-    assert len(rep["per_song"]) == 2 * 2 * 4 and "chord_root" in rep["table"]["bass"]["paper"]
-    assert (out / "spectrograms.png").stat().st_size > 10000 and "| bass | paper |" in (out / "table3.md").read_text()
+    assert len(rep["per_song"]) == 2 * 2 * 5 and "chord_root" in rep["table"]["bass"]["paper"]
+    assert (out / "spectrograms.png").stat().st_size > 10000 and "| bass | default |" in (out / "table3.md").read_text()
+
+
+def test_table3_default_is_the_models_own_sampling(tmp_path):
+    """The default setting (and deaf) sample with the model directory's own defaults: a model whose
+    config.json says no guidance and a random ranking writes the naive stems, not the paper's."""
+    import soundfile as sf
+
+    model = tiny_model_dir(tmp_path)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["sampling"] = {**(cfg.get("sampling") or {}), "guidance": "none", "w_confidence": 0.0, "w_causal": 0.0}
+    (model / "config.json").write_text(json.dumps(cfg))
+    corpus = make_corpus(tmp_path / "held", songs=2, seed=1000, sr=16000)
+    out = tmp_path / "t3"
+    res = CliRunner().invoke(app, ["table3", "--model", str(model), "--corpus", str(corpus), "--out", str(out),
+                                   "--songs", "2", "--seconds", "2", "--steps", "3,2,1,1", "--stems", "bass",
+                                   "--settings", "naive,paper,default"])
+    assert res.exit_code == 0, res.output
+    wav = lambda setting, i: sf.read(out / setting / "bass" / f"Track{i:05d}.wav")[0]  # noqa: E731
+    for i in (1, 2):
+        assert np.array_equal(wav("default", i), wav("naive", i))
+    assert not all(np.array_equal(wav("default", i), wav("paper", i)) for i in (1, 2))
 
 
 def test_table3_cli_runs_a_subset(tmp_path):
