@@ -126,6 +126,9 @@ def convert(lm: Optional[Path] = typer.Option(None, "--lm", help=f"LM checkpoint
             text_encoder: Optional[Path] = typer.Option(None, "--text-encoder", help="MAGNeT: the local T5 folder "
                                                         "(t5-base for the music models), stored in the model directory"),
             dtype: str = typer.Option("float32", help="stored weight dtype: float32, bfloat16, float16"),
+            sampling: Optional[str] = typer.Option(None, "--sampling", help="the model's default sampling settings, "
+                                                   "KEY=VALUE,... over the paper's (e.g. cfg_context=1.5,"
+                                                   "cfg_instrument=1.5; steps=128/64/32/32); StemGen models"),
             force: bool = typer.Option(False, "--force", help="replace an existing output directory")):
     """Convert checkpoints into one engine model directory (config.json + safetensors)."""
     from .engine.config import CODEC_WEIGHTS, LM_WEIGHTS, ModelConfig, ModelFormatError
@@ -149,7 +152,10 @@ def convert(lm: Optional[Path] = typer.Option(None, "--lm", help=f"LM checkpoint
         from .weights_convert.formats import detect, get
         source = PickleFile(lm)   # unpickled once: detection, conversion and the training window
         fmt = get("lm", lm_format) if lm_format else detect("lm", source)
+        defaults = parse_sampling(sampling)
         if fmt.name == "magnet":
+            if sampling is not None:
+                raise ValueError("--sampling is for StemGen models; a MAGNeT model takes its defaults from its checkpoint")
             from .weights_convert.magnet import convert_magnet
             return convert_magnet(source, out, codec, codec_format, text_encoder, resolve_dtype(dtype), force)
         if text_encoder is not None:
@@ -162,6 +168,7 @@ def convert(lm: Optional[Path] = typer.Option(None, "--lm", help=f"LM checkpoint
                 raise ModelFormatError(f"codec ({codec_cfg.n_q} levels x {codec_cfg.bins} codes) does not fit the "
                                        f"LM ({lm_cfg.n_q} levels x {lm_cfg.codebook_size} codes)")
         config = ModelConfig(lm=lm_cfg, instruments=instruments, dtype=str(resolve_dtype(dtype)).split(".")[-1],
+                             sampling=defaults,
                              codec=codec_cfg.to_dict() if codec_cfg else None,
                              weights={"lm": LM_WEIGHTS, "codec": CODEC_WEIGHTS if codec_cfg else None},
                              window=training_window(source))
@@ -169,6 +176,30 @@ def convert(lm: Optional[Path] = typer.Option(None, "--lm", help=f"LM checkpoint
 
     path = run_guarded(work)
     console.print(f"wrote {path}")
+
+
+def parse_sampling(text: str | None):
+    """'cfg_context=1.5,steps=128/64/32/32' -> a SamplingConfig over the paper's defaults (None: the paper's);
+    an unknown key or a bad value is a ValueError naming it."""
+    from .engine.config import SamplingConfig
+
+    base = SamplingConfig()
+    if text is None:
+        return base
+    fields = {f.name: type(getattr(base, f.name)) for f in dataclasses.fields(base)}
+    values = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        key, eq, value = (x.strip() for x in item.partition("="))
+        if key not in fields or not eq:
+            raise ValueError(f"--sampling: {item[:40]!r} is not KEY=VALUE with KEY one of {', '.join(fields)}")
+        kind = fields[key]
+        try:
+            values[key] = (tuple(int(v) for v in value.split("/")) if kind is tuple
+                           else value if kind is str else kind(value))
+        except ValueError:
+            raise ValueError(f"--sampling: {key}={value[:40]!r} is not a{'n integer' if kind is int else ' number'}"
+                             f"{' list (a/b/c)' if kind is tuple else ''}") from None
+    return dataclasses.replace(base, **values)
 
 
 # named step presets for 4-level models (SPEC section 4): the paper's, MAGNeT's, SoundStorm-like

@@ -72,6 +72,24 @@ def _edit_ckpt(ckpt, fn):
     torch.save(ck, ckpt)
 
 
+def test_convert_sets_the_models_sampling_defaults(tmp_path, ckpt):
+    """--sampling stores the model's own defaults (the engine and `stemgen info` use them; a request's
+    own options still win); a bad key or value is one line and no directory."""
+    res, out = convert(tmp_path, ckpt, "--sampling", "cfg_context=1.5, cfg_instrument=1.5,steps=8/4/2/2,guidance=single")
+    assert res.exit_code == 0, res.output
+    eng = Engine.from_pretrained(out, device="cpu")
+    s = eng.config.sampling
+    assert (s.cfg_context, s.cfg_instrument, s.steps, s.guidance, s.w_causal) == (1.5, 1.5, (8, 4, 2, 2), "single", 0.1)
+    assert eng.sampling(cfg_context=3.0).cfg_context == 3.0
+    info = runner.invoke(app, ["info", str(out)])
+    assert "cfg_context=1.5" in info.stdout, info.stdout
+    for bad, needle in (("cfg_contxt=1", "cfg_contxt"), ("cfg_context=high", "cfg_context"),
+                        ("steps=8/x", "steps"), ("temperature=-1", "temperature"), ("top_k", "top_k")):
+        target = tmp_path / f"bad_{len(bad)}_{needle}"
+        res = runner.invoke(app, ["convert", "--lm", str(ckpt), "--out", str(target), "--sampling", bad])
+        assert_clean_failure(res, target, needle)
+
+
 def test_missing_tensor(tmp_path, ckpt):
     _edit_ckpt(ckpt, lambda ck: ck["model"].pop("layers.1.ffn.w2.weight"))
     assert_clean_failure(*convert(tmp_path, ckpt), "layers.1.ffn.w2.weight", "missing")
