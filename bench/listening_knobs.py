@@ -263,7 +263,8 @@ def paired(entries: list[dict], e: dict, ref: str, metric: str) -> str:
 
 def markdown(doc: dict) -> str:
     entries = doc["entries"]
-    lines = [f"# Listening knobs: demo model, held-out songs (corpus seed 1000), first {{s}} s",
+    lines = [f"# Listening knobs: model {doc.get('model', 'demo')}, the songs of {Path(doc['corpus']).name} "
+             "(a toy-band corpus from `stemgen make-corpus`), first {s} s",
              "",
              f"CPU: {doc['cpu']}; torch {doc['torch']}; fp32, 1 thread (`OMP_NUM_THREADS=1`, nice 19, "
              "machine shared). Mean over songs ± standard error (std/sqrt(n)); Δ: paired difference "
@@ -341,7 +342,7 @@ def main(argv=None) -> None:
     log(f"{len(data)} songs, {args.seconds:g} s, prepared in {time.perf_counter() - t0:.1f} s")
 
     doc = json.loads(args.json.read_text()) if args.json.is_file() else {"entries": []}
-    doc.update(cpu=cpu_model(), torch=torch.__version__, corpus=str(args.corpus))
+    doc.update(cpu=cpu_model(), torch=torch.__version__, corpus=str(args.corpus), model=args.model)
     try:
         for inst in instruments:
             for name, opts in variants:

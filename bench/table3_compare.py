@@ -14,7 +14,7 @@ A = {key(r): r for r in a["per_song"]}; B = {key(r): r for r in b["per_song"]}
 print("| stem | setting | metric | A | B | A - B (paired, +- SE) | SE of B |")
 print("| --- | --- | --- | --- | --- | --- | --- |")
 for inst in ("bass", "drums"):
-    for setting in [s for s in ("naive", "paper", "deaf", "ceiling") if s in a["table"].get(inst, {})
+    for setting in [s for s in ("naive", "paper", "default", "deaf", "ceiling") if s in a["table"].get(inst, {})
                     and s in b["table"].get(inst, {})]:
         for m in ("chord_root", "beat_align", "tempo_agree"):
             ks = [k for k in B if k[1] == inst and k[2] == setting and B[k].get(m) is not None]
