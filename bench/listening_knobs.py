@@ -266,8 +266,7 @@ def markdown(doc: dict) -> str:
     lines = [f"# Listening knobs: model {doc.get('model', 'demo')}, the songs of {Path(doc['corpus']).name} "
              "(a toy-band corpus from `stemgen make-corpus`), first {s} s",
              "",
-             f"CPU: {doc['cpu']}; torch {doc['torch']}; fp32, 1 thread (`OMP_NUM_THREADS=1`, nice 19, "
-             "machine shared). Mean over songs ± standard error (std/sqrt(n)); Δ: paired difference "
+             f"CPU: {doc['cpu']}; torch {doc['torch']}; fp32, {doc.get('threads', 1)} thread(s). Mean over songs ± standard error (std/sqrt(n)); Δ: paired difference "
              "from the `paper` row of the same instrument and song count (same songs, same seeds). "
              "Chance: chord root 1/12 = 0.083; grid: see `grid_chance`.",
              "",
@@ -342,7 +341,8 @@ def main(argv=None) -> None:
     log(f"{len(data)} songs, {args.seconds:g} s, prepared in {time.perf_counter() - t0:.1f} s")
 
     doc = json.loads(args.json.read_text()) if args.json.is_file() else {"entries": []}
-    doc.update(cpu=cpu_model(), torch=torch.__version__, corpus=str(args.corpus), model=args.model)
+    doc.update(cpu=cpu_model(), torch=torch.__version__, corpus=str(args.corpus), model=args.model,
+               threads=torch.get_num_threads())
     try:
         for inst in instruments:
             for name, opts in variants:

@@ -68,7 +68,7 @@ stemgen convert --lm lm6/model.pt --codec demo_model --out demo_model6 --dtype f
 cp demo_model/codec.safetensors demo_model6/codec.safetensors
 # Table 3 (README's round 2; bench/table3-demo-lm6.json), about 12 min here:
 stemgen table3 --model demo_model6 --corpus toy-heldout --out t3-6 --songs 40 --seconds 6 --steps 12,6,4,4
-# Round 3 (the demo shipped now): the round-2 LM, as stored in fp16, trained 3,600 more steps the same
+# Round 3: the round-2 LM, as stored in fp16, trained 3,600 more steps the same
 # way (half the pairs as the first step; lr 5e-4, decayed x0.3 every 1,200 steps), 2 threads at nice 19
 # on 2 cores of an Intel Xeon (AMX; bf16 autocast): tokenising the 200 songs 14 min (1 thread), training
 # 47 min (10,300 frames/s). Validation loss 2.07 (step 200) -> 1.80 (step 3,600).
@@ -78,9 +78,49 @@ stemgen train toy-train --codec demo_model6 --out lm7 --init-from lm7-init/model
   --lr 5e-4 --warmup 20 --decay-every 1200 --decay-rate 0.3 --val-songs 8 --val-every 200 --seed 7 --threads 2
 stemgen convert --lm lm7/model.pt --codec demo_model6 --out demo_model7 --dtype float16
 cp demo_model6/codec.safetensors demo_model7/codec.safetensors
-# Table 3 (README; bench/table3-demo.json), 5 min here; its int8 run (README, Performance;
-# bench/table3-demo-int8.json) is the same command with --dtype int8:
+# Table 3 (README; bench/table3-demo-lm7.json), 5 min here; its int8 run (README, Performance;
+# bench/table3-demo-lm7-int8.json) is the same command with --dtype int8:
 stemgen table3 --model demo_model7 --corpus toy-heldout --out t3-7 --songs 40 --seconds 6 --steps 12,6,4,4 --dtype float32
+
+# Round 5: round 3's LM (lm7/model.pt) on 600 songs of the same seed (the first 200 are toy-train's
+# songs, byte for byte), half of the pairs with the whole band as the context (--full-context-prob);
+# 3,000 steps, 2 threads on 2 cores of an Intel Xeon (AMX; bf16 autocast), about 37 min at 10,500-11,200
+# frames/s. (Here the token cache of tracks 1-200 was lm7's and tracks 201-600 were tokenised on their own,
+# by the same per-track tokeniser, 17 min; `stemgen train` alone tokenises all 600.)
+stemgen make-corpus toy-train600 --songs 600 --seed 0
+stemgen train toy-train600 --codec demo_model7 --out lm10 --init-from lm7/model.pt \
+  --blank-prob 0.5 --full-context-prob 0.5 --contexts rest --preset small --n-layers 4 --frames 500 --batch-size 16 \
+  --steps 3000 --lr 5e-4 --warmup 20 --decay-every 1200 --decay-rate 0.3 --val-songs 8 --val-every 200 --seed 10 --threads 2
+# Round 6 (the demo shipped now): round 5's LM on 1,200 songs of the same seed (the first 600 as above),
+# 3,600 steps; 2 threads on the Intel Xeon, 48 min (10,000-10,700 frames/s). (Tracks 1-600's tokens reused from lm10, tracks 601-1200
+# tokenised on their own, 28 min beside other work.)
+stemgen make-corpus toy-train1200 --songs 1200 --seed 0
+stemgen train toy-train1200 --codec demo_model7 --out lm11 --init-from lm10/model.pt \
+  --blank-prob 0.5 --full-context-prob 0.5 --contexts rest --preset small --n-layers 4 --frames 500 --batch-size 16 \
+  --steps 3600 --lr 5e-4 --warmup 50 --decay-every 1200 --decay-rate 0.3 --val-songs 8 --val-every 200 --seed 11 --threads 2
+# Engine files: the LM in fp16 with its own default sampling: no guidance, random unmasking order
+# (Table 3's "naive"), chosen on 40 songs of a corpus of seed 2000 (neither trained on nor Table 3's):
+# the bass's chord roots per sampler setting, round 5's LM (bench/listening-knobs-tune-round5.md; 1 thread
+# beside the tokenising) and round 6's (bench/listening-knobs-tune-round6.md; 2 threads, 5.5 min).
+stemgen make-corpus toy-tune --songs 40 --seed 2000
+stemgen convert --lm lm10/model.pt --codec demo_model7 --out demo_model10 --dtype float16
+cp demo_model7/codec.safetensors demo_model10/codec.safetensors
+OMP_NUM_THREADS=1 python bench/listening_knobs.py --corpus toy-tune --songs 40 --model demo_model10 \
+  --instruments bass,drums --json tune5.json --md tune5.md paper naive "multi1.5:cfg_context=1.5,cfg_instrument=1.5" \
+  "multi2:cfg_context=2,cfg_instrument=2" "single2:guidance=single,cfg_scale=2" "multi3-rank0:w_confidence=0,w_causal=0" \
+  "none-rank:guidance=none" "multi1.5-rank0:cfg_context=1.5,cfg_instrument=1.5,w_confidence=0,w_causal=0"
+# (stopped after the bass: the drums' runs were not needed)
+stemgen convert --lm lm11/model.pt --codec demo_model7 --out demo_model11p --dtype float16
+cp demo_model7/codec.safetensors demo_model11p/codec.safetensors
+OMP_NUM_THREADS=2 python bench/listening_knobs.py --corpus toy-tune --songs 40 --model demo_model11p \
+  --instruments bass --json tune6.json --md tune6.md paper naive "multi1.5:cfg_context=1.5,cfg_instrument=1.5" \
+  "multi1:cfg_context=1,cfg_instrument=1" "multi0.5:cfg_context=0.5,cfg_instrument=0.5" "none-rank:guidance=none" \
+  "multi1.5-rank0:cfg_context=1.5,cfg_instrument=1.5,w_confidence=0,w_causal=0" "single1.5:guidance=single,cfg_scale=1.5"
+stemgen convert --lm lm11/model.pt --codec demo_model7 --out demo_model11 --dtype float16 \
+  --sampling guidance=none,w_confidence=0,w_causal=0
+cp demo_model7/codec.safetensors demo_model11/codec.safetensors
+# Table 3 (README; bench/table3-demo.json), 7 min here; its int8 run (bench/table3-demo-int8.json) adds --dtype int8:
+stemgen table3 --model demo_model11 --corpus toy-heldout --out t3-11 --songs 40 --seconds 6 --steps 12,6,4,4 --dtype float32
 
 # ---- Tried after round 3, not shipped (README, "Where the bass loses the harmony") ----
 # Round 4 (tried, not shipped: Table 3 no better, bench/table3-demo-lm8-deep.json): round 3's LM
