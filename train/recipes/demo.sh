@@ -121,6 +121,9 @@ stemgen convert --lm lm11/model.pt --codec demo_model7 --out demo_model11 --dtyp
 cp demo_model7/codec.safetensors demo_model11/codec.safetensors
 # Table 3 (README; bench/table3-demo.json), 7 min here; its int8 run (bench/table3-demo-int8.json) adds --dtype int8:
 stemgen table3 --model demo_model11 --corpus toy-heldout --out t3-11 --songs 40 --seconds 6 --steps 12,6,4,4 --dtype float32
+# The NULL-context control (README; bench/listening-knobs-null.md): the instrument-only guidance row alone
+OMP_NUM_THREADS=2 python bench/listening_knobs.py --corpus toy-heldout --songs 40 --model demo_model11 --instruments bass,drums \
+  --json null.json --md null.md naive "null:base=naive,guidance=multi,cfg_context=0,cfg_instrument=1"
 
 # ---- Tried after round 3, not shipped (README, "Where the bass loses the harmony") ----
 # Round 4 (tried, not shipped: Table 3 no better, bench/table3-demo-lm8-deep.json): round 3's LM
