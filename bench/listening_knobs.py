@@ -43,6 +43,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 from stemgen.engine import Engine  # noqa: E402
+from stemgen.engine.config import parse_sampling  # noqa: E402
 from stemgen.evaluation import listening  # noqa: E402
 
 # named variants (the list); anything else is given as NAME:key=value,...
@@ -84,9 +85,7 @@ VARIANTS = {
     "first-sample": "steps=1/6/4/4",
 }
 
-INT_FIELDS = {"top_k", "seed"}
-STR_FIELDS = {"guidance"}
-SPECIAL = {"mode", "levels", "deaf", "base"}
+SPECIAL = {"mode": str, "levels": int, "deaf": int, "base": str}
 
 
 def parse_variant(arg: str) -> tuple[str, dict]:
@@ -95,18 +94,17 @@ def parse_variant(arg: str) -> tuple[str, dict]:
         if name not in VARIANTS:
             raise SystemExit(f"unknown variant {name!r}: give NAME:key=value,... or one of {', '.join(VARIANTS)}")
         spec = VARIANTS[name]
-    opts = {}
-    for item in filter(None, spec.split(",")):
-        k, _, v = item.partition("=")
-        k = k.strip()
-        if k == "steps":
-            opts[k] = tuple(int(s) for s in v.split("/"))
-        elif k in STR_FIELDS or k in ("mode", "base"):
-            opts[k] = v
-        elif k in INT_FIELDS or k in ("levels", "deaf"):
-            opts[k] = int(v)
+    opts, rest = {}, []
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        key, _, value = (x.strip() for x in item.partition("="))
+        if key in SPECIAL:
+            opts[key] = SPECIAL[key](value)
         else:
-            opts[k] = float(v)
+            rest.append(item)
+    try:
+        opts.update(parse_sampling(",".join(rest), f"variant {name}"))
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     return name, opts
 
 
@@ -266,7 +264,8 @@ def markdown(doc: dict) -> str:
     lines = [f"# Listening knobs: model {doc.get('model', 'demo')}, the songs of {Path(doc['corpus']).name} "
              "(a toy-band corpus from `stemgen make-corpus`), first {s} s",
              "",
-             f"CPU: {doc['cpu']}; torch {doc['torch']}; fp32, {doc.get('threads', 1)} thread(s). Mean over songs ± standard error (std/sqrt(n)); Δ: paired difference "
+             f"CPU: {doc['cpu']}; torch {doc['torch']}; fp32, {doc.get('threads', 1)} thread(s). "
+             "Mean over songs ± standard error (std/sqrt(n)); Δ: paired difference "
              "from the `paper` row of the same instrument and song count (same songs, same seeds). "
              "Chance: chord root 1/12 = 0.083; grid: see `grid_chance`.",
              "",

@@ -215,6 +215,25 @@ class SamplingConfig:
         return cls(**check(d, SAMPLING_SPEC, "sampling", allow_unknown=True))
 
 
+def parse_sampling(text: str, what: str = "--sampling") -> dict:
+    """'cfg_context=1.5,steps=128/64/32/32' -> {"cfg_context": 1.5, "steps": (128, 64, 32, 32)}, each value
+    typed by its SamplingConfig field; an unknown key or a bad value is a ValueError naming ``what``."""
+    kinds = {f.name: type(f.default) for f in dataclasses.fields(SamplingConfig)}
+    values = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        key, eq, value = (x.strip() for x in item.partition("="))
+        if key not in kinds or not eq:
+            raise ValueError(f"{what}: {item[:40]!r} is not KEY=VALUE with KEY one of {', '.join(kinds)}")
+        kind = kinds[key]
+        try:
+            values[key] = (tuple(int(v) for v in value.split("/")) if kind is tuple
+                           else value if kind is str else kind(value))
+        except ValueError:
+            raise ValueError(f"{what}: {key}={value[:40]!r} is not a{'n integer' if kind is int else ' number'}"
+                             f"{' list (a/b/c)' if kind is tuple else ''}") from None
+    return values
+
+
 @dataclass
 class ModelConfig:
     lm: LMConfig

@@ -131,7 +131,7 @@ def convert(lm: Optional[Path] = typer.Option(None, "--lm", help=f"LM checkpoint
                                                    "cfg_instrument=1.5; steps=128/64/32/32); StemGen models"),
             force: bool = typer.Option(False, "--force", help="replace an existing output directory")):
     """Convert checkpoints into one engine model directory (config.json + safetensors)."""
-    from .engine.config import CODEC_WEIGHTS, LM_WEIGHTS, ModelConfig, ModelFormatError
+    from .engine.config import CODEC_WEIGHTS, LM_WEIGHTS, ModelConfig, ModelFormatError, SamplingConfig, parse_sampling
     from .engine.model import resolve_dtype
     from .weights_convert import convert_train_checkpoint, write_model_dir
     from .weights_convert.codec import convert_codec
@@ -150,9 +150,9 @@ def convert(lm: Optional[Path] = typer.Option(None, "--lm", help=f"LM checkpoint
 
     def work():
         from .weights_convert.formats import detect, get
+        defaults = SamplingConfig(**parse_sampling(sampling)) if sampling is not None else SamplingConfig()
         source = PickleFile(lm)   # unpickled once: detection, conversion and the training window
         fmt = get("lm", lm_format) if lm_format else detect("lm", source)
-        defaults = parse_sampling(sampling)
         if fmt.name == "magnet":
             if sampling is not None:
                 raise ValueError("--sampling is for StemGen models; a MAGNeT model takes its defaults from its checkpoint")
@@ -176,30 +176,6 @@ def convert(lm: Optional[Path] = typer.Option(None, "--lm", help=f"LM checkpoint
 
     path = run_guarded(work)
     console.print(f"wrote {path}")
-
-
-def parse_sampling(text: str | None):
-    """'cfg_context=1.5,steps=128/64/32/32' -> a SamplingConfig over the paper's defaults (None: the paper's);
-    an unknown key or a bad value is a ValueError naming it."""
-    from .engine.config import SamplingConfig
-
-    base = SamplingConfig()
-    if text is None:
-        return base
-    fields = {f.name: type(getattr(base, f.name)) for f in dataclasses.fields(base)}
-    values = {}
-    for item in filter(None, (x.strip() for x in text.split(","))):
-        key, eq, value = (x.strip() for x in item.partition("="))
-        if key not in fields or not eq:
-            raise ValueError(f"--sampling: {item[:40]!r} is not KEY=VALUE with KEY one of {', '.join(fields)}")
-        kind = fields[key]
-        try:
-            values[key] = (tuple(int(v) for v in value.split("/")) if kind is tuple
-                           else value if kind is str else kind(value))
-        except ValueError:
-            raise ValueError(f"--sampling: {key}={value[:40]!r} is not a{'n integer' if kind is int else ' number'}"
-                             f"{' list (a/b/c)' if kind is tuple else ''}") from None
-    return dataclasses.replace(base, **values)
 
 
 # named step presets for 4-level models (SPEC section 4): the paper's, MAGNeT's, SoundStorm-like
@@ -839,7 +815,8 @@ def table3_cmd(model: str = typer.Option("demo", "--model", "-m", help="model di
                dtype: str = typer.Option("float32", "--dtype", help="engine dtype: float32, bfloat16 or int8 (the "
                                          "CPU's int8 path)")):
     """The paper's Table 3 at toy scale: naive / paper settings / the model's default settings / deaf
-    (another song's context) / codec ceiling, scored against each song's ground truth (chord roots, beat grid, tempo), MIRDD and FAD."""
+    (another song's context) / codec ceiling, scored against each song's ground truth (chord roots,
+    beat grid, tempo), MIRDD and FAD."""
     from .engine import Engine
     from .evaluation.listening import INSTRUMENTS, SETTINGS, markdown_table, run_table3
 
