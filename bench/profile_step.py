@@ -122,7 +122,7 @@ def main(argv=None) -> str:
     table = prof.key_averages().table(sort_by=key, row_limit=args.rows)
     rows = args.batch * (3 if sampling.guidance == "multi" else 2 if sampling.guidance == "single" else 1)
     head = (f"{desc}, batch {args.batch} x {args.frames} frames, {sampling.guidance} CFG ({rows} rows), "
-            f"{str(lm.dtype).replace('torch.', '')} on {device}"
+            f"{str(dtype).replace('torch.', '')} on {device}"
             f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}"
             f"{', CUDA graphs' if runner.graphs is not None else ''}, {torch.get_num_threads()} threads: "
             f"{1000 * wall:.2f} ms per step (mean of {args.steps}, unprofiled; {1000 * wall_prof:.2f} profiled); "

@@ -39,8 +39,9 @@ def pick_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-def backends(device: torch.device, dtype: torch.dtype | None = None, arch: str | None = None) -> dict[str, str]:
-    """What runs where (reported by `stemgen info`): every op of the table, or those of ``arch``."""
+def backends(device: torch.device, dtype: str | torch.dtype | None = None, arch: str | None = None) -> dict[str, str]:
+    """What runs where (reported by `stemgen info`) for ``dtype`` (default: the device's): every op
+    of the table, or those of ``arch``."""
     from .. import cpp_ext
     from ..kernels import OPS
     from . import memory
@@ -48,12 +49,17 @@ def backends(device: torch.device, dtype: torch.dtype | None = None, arch: str |
     from .architectures import ARCH_OPS
 
     default = default_dtype(device)
-    ops = select_ops(device, dtype or default)
+    dtype = resolve_dtype(dtype) if dtype is not None else default
+    if dtype == torch.int8 and device.type != "cpu":
+        raise ValueError("--dtype int8 is the CPU's path; on a GPU use bfloat16 (the default there)")
+    ops = select_ops(device, dtype)
     shown = [op for op in OPS.values() if arch is None or op.name in ARCH_OPS[arch]]
+    name = lambda d: str(d).replace("torch.", "")  # noqa: E731
     return {
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
-        "LM dtype (default)": str(default).replace("torch.", "")
+        "LM dtype (default)": name(default)
         + (" (CPU has native bf16)" if device.type == "cpu" and default == torch.bfloat16 else ""),
+        **({"LM dtype (this report)": name(dtype)} if dtype != default else {}),
         **{op.title: ops.names[op.name] for op in shown},
         "codec": "PyTorch (engine.codec, fp32; RVQ encode as a GEMM: faster here than the C++ op)",
         "C++ extension": cpp_ext.status(),

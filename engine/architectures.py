@@ -48,7 +48,7 @@ def lm_from_state(cfg: LMConfig, state: dict[str, torch.Tensor], device="cpu",
     state = {k: v.to(device=device, dtype=compute) for k, v in state.items()}
     model.load_state_dict(state, assign=True, strict=True)
     model.rebuild_buffers(device)  # buffers were built on meta above
-    model.ops = select_ops(torch.device(device), compute)
+    model.ops = select_ops(torch.device(device), dtype)   # int8: fp32 ops, but not bit-bound to fp32's
     if int8:
         quantize_trunk(model)
     return model.eval().requires_grad_(False)

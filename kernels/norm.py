@@ -3,7 +3,8 @@
 PyTorch references, with the engine's numerics: statistics in fp32, the normalised value rounded
 to the model dtype before the gain is applied (as the training-form model does). The fast
 variants do each in one read and one write of the rows. In fp32 the engine keeps the reference
-(PyTorch's own sums), so its tokens equal the fp32 training-form model's bit for bit.
+(PyTorch's own sums), so its tokens equal the fp32 training-form model's bit for bit; the int8
+path, whose tokens differ from fp32's anyway, runs the fast fp32 variants.
 """
 from __future__ import annotations
 

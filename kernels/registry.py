@@ -30,14 +30,16 @@ class Variant:
         return getattr(importlib.import_module(module, __package__), name)
 
     def accepts(self, dtype: torch.dtype) -> bool:
-        return not self.dtypes or dtype in self.dtypes
+        """torch.int8 is the CPU's int8 path: everything but the trunk GEMMs computes in fp32."""
+        compute = torch.float32 if dtype == torch.int8 else dtype
+        return not self.dtypes or compute in self.dtypes
 
     def why_not(self, dtype: torch.dtype) -> str | None:
         """None if the engine runs this variant for a model of ``dtype``, else why not."""
         if not self.accepts(dtype):
             names = "/".join(str(d).replace("torch.", "") for d in self.dtypes)
             return f"the {self.backend} op takes {names}, not {str(dtype).replace('torch.', '')}"
-        return self.declined.get(dtype)
+        return self.declined.get(dtype)   # keyed by the model dtype: fp32 may decline what int8 runs
 
 
 @dataclass

@@ -39,6 +39,8 @@ def _route_warnings():
 def info(model_dir: Optional[Path] = typer.Argument(None, help="engine model directory (made by `stemgen convert`); "
                                                     "'demo' or 'random' for the built-in models; omit for backends only"),
          device: str = typer.Option("auto", help="device to report backends for: auto, cpu, cuda"),
+         dtype: Optional[str] = typer.Option(None, help="dtype to report backends for (as generate's --dtype; "
+                                                        "default: the device's)"),
          as_json: bool = typer.Option(False, "--json", help="print machine-readable JSON")):
     """Show a model directory's config, size, dtype and the backends that would run it."""
     from .engine.api import backends, pick_device
@@ -46,7 +48,7 @@ def info(model_dir: Optional[Path] = typer.Argument(None, help="engine model dir
     from .engine.architectures import expected_shapes
 
     if model_dir is None:
-        be = run_guarded(lambda: backends(pick_device(device)))
+        be = run_guarded(lambda: backends(pick_device(device), dtype))
         if as_json:
             print(json.dumps({"backends": be}, indent=2))
             return
@@ -64,7 +66,7 @@ def info(model_dir: Optional[Path] = typer.Argument(None, help="engine model dir
         Engine.from_pretrained(model_dir, device="cpu", dtype="float32")  # the same checks as generate
         n_params = sum(math.prod(s) for s in expected_shapes(cfg.lm).values())
         stored = _stored_dtype(cfg.file(model_dir, "lm"))
-        return cfg, n_params, stored, backends(pick_device(device), arch=cfg.lm.arch)
+        return cfg, n_params, stored, backends(pick_device(device), dtype, arch=cfg.lm.arch)
 
     cfg, n_params, stored, be = run_guarded(gather)
     if as_json:

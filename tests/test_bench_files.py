@@ -51,3 +51,29 @@ def test_attention_sweep_script_runs(tmp_path):
         "rope=kernel,split_tail=0,acc_in_dot=0,tma=0", "rope=q,split_tail=1,acc_in_dot=0,tma=1",
         "rope=fused,split_tail=0,acc_in_dot=1,tma=0", "rope=fused,split_tail=1,acc_in_dot=1,tma=1"}
     assert report["best"]["config"] in tried and report["best"]["config"] in res.stdout
+
+
+def test_int8_fidelity_script(tmp_path):
+    """bench/int8_fidelity.py on the tiny preset: figures per level and in all, errors small but not zero
+    (int8 does move the logits), and its comparison of a model with itself is exact."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("int8_fidelity", ROOT / "bench" / "int8_fidelity.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "fid.json"
+    mod.main(["--config", "tiny", "--frames", "30", "--examples", "2", "--json", str(out)])
+    levels = json.loads(out.read_text())["levels"]
+    assert set(levels) == {"0", "1", "2", "3", "all"}
+    assert all(0 < r["mean_error"] < 0.2 and 0 < r["max_error"] < 0.2 and 0.5 <= r["top1"] <= 1 for r in levels.values())
+    from stemgen.bench import build_models
+    lm = build_models(None, "tiny", torch.device("cpu"), torch.float32, False, 0)[0]
+    g = torch.Generator().manual_seed(1)
+    cfg = lm.cfg
+    rows = mod.step_rows(cfg, torch.randint(0, cfg.codebook_size, (cfg.n_channels - 1, cfg.n_q, 12), generator=g),
+                         torch.zeros(len(cfg.cond_sizes), dtype=torch.int64),
+                         torch.randint(0, cfg.codebook_size, (cfg.n_q, 12), generator=g), g)
+    assert len(rows) == 2 * cfg.n_q and all(r[0].shape[0] == 3 for r in rows)
+    same = mod.compare(lm, lm, rows)["all"]
+    assert same["max_error"] == 0 and same["top1"] == 1

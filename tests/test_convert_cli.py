@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
+from stemgen import cpp_ext
 from stemgen.cli import app
 from stemgen.engine import Engine, ModelFormatError
 from stemgen.train import StemGenConfig, save_checkpoint
@@ -177,6 +178,20 @@ def test_info_without_model_reports_backends():
     assert res.exit_code == 0, res.output
     be = json.loads(res.stdout)["backends"]
     assert be["device"] == "cpu" and "C++ extension" in be and "guidance+sampling" in be
+
+
+def test_info_reports_the_backends_of_a_dtype():
+    """--dtype: the ops that dtype would run (the int8 path takes the C++ norms fp32 declines); bad ones one line."""
+    from stemgen.kernels import OPS
+    be = {d: json.loads(runner.invoke(app, ["info", "--json", "--device", "cpu", "--dtype", d]).stdout)["backends"]
+          for d in ("float32", "int8")}
+    assert be["int8"]["LM dtype (this report)"] == "int8"
+    assert be["float32"]["RMSNorm"].startswith(OPS["rms_norm"].reference_label)
+    if cpp_ext.available():
+        assert be["int8"]["RMSNorm"] == OPS["rms_norm"].variants["cpp"].label
+    for args, msg in ((["--dtype", "int9"], "unknown dtype 'int9'"), (["--dtype", "int8", "--device", "cuda"], "")):
+        res = runner.invoke(app, ["info", *args])
+        assert res.exit_code != 0 and "Traceback" not in res.output and msg in res.output, res.output
 
 
 def test_format_table_drives_detection_choices_and_help():
