@@ -16,7 +16,7 @@ import os
 from .request import Request
 from .scheduler import Scheduler
 from .memory import keep_freed_memory
-from .threads import ThreadGovernor
+from .threads import process_governor
 
 
 def cpu_chunk_rows(ffn_hidden: int) -> int:
@@ -99,7 +99,7 @@ class StepLoop:
         self.runner = model_or_runner if isinstance(model_or_runner, Runner) else Runner(model_or_runner, head_subset)
         self.scheduler = Scheduler(self.runner.device, max_frames)
         # on the CPU: threads sized to the cores other processes leave free (engine.threads)
-        self.governor = ThreadGovernor() if self.runner.device.type == "cpu" else None
+        self.governor = process_governor() if self.runner.device.type == "cpu" else None
         if self.governor is not None:   # large step buffers kept mapped between steps (engine.memory)
             keep_freed_memory()
 

@@ -10,11 +10,16 @@ runs with the cores that are left, at least one; on a quiet machine that is all 
 
 ``STEMGEN_THREADS=N`` fixes the count (no watching); ``auto`` (the default) watches. Processes at a
 positive nice level (background training, say) do not count as busy: they yield to the engine.
+Every step loop of a process shares one governor (``process_governor``): a new generation starts from
+the last decision instead of measuring again, and the first decision is made after a short window
+(0.2 s) rather than a whole interval, so a short generation on a busy machine does not run its first
+second with a thread too many.
 """
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 
 import torch
@@ -59,14 +64,18 @@ def read_self() -> int | None:
 
 
 class ThreadGovernor:
-    """Call ``update()`` once per step from the thread that runs the steps: every ``interval``
-    seconds it measures the cores other processes used since the last measurement and sets this
-    thread's torch (and OpenMP) thread count to the cores left, at least one."""
+    """Call ``update()`` once per step from each thread that runs steps: every ``interval`` seconds
+    (the first time after ``first_interval``) it measures the cores other processes used since the
+    last measurement and sets the calling thread's torch (and OpenMP) thread count to the cores
+    left, at least one. Thread-safe."""
 
     def __init__(self, interval: float = 1.0, cpu=read_cpu, own=read_self, clock=time.monotonic,
-                 usable: int | None = None, niced: bool | None = None):
+                 usable: int | None = None, niced: bool | None = None, first_interval: float = 0.2):
         self.fixed = fixed_threads()
         self.interval, self.cpu, self.own, self.clock = interval, cpu, own, clock
+        self.first_interval = min(first_interval, interval)
+        self.decided = False   # a decision made from a measurement (before it: the threads torch had)
+        self._lock = threading.Lock()
         if usable is None:
             usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         self.usable = usable
@@ -81,8 +90,16 @@ class ThreadGovernor:
             if torch.get_num_threads() != self.fixed:
                 torch.set_num_threads(self.fixed)
             return self.fixed
+        with self._lock:
+            threads = self._measure()
+        if torch.get_num_threads() != threads:   # the calling thread's count (OpenMP's is per thread)
+            torch.set_num_threads(threads)
+        return threads
+
+    def _measure(self) -> int:
         now = self.clock()
-        if self.last is not None and now - self.last[0] < self.interval:
+        wait = self.interval if self.decided else self.first_interval
+        if self.last is not None and now - self.last[0] < wait:
             return self.threads
         cpu, own = self.cpu(), self.own()
         if cpu is None or own is None:
@@ -98,7 +115,20 @@ class ThreadGovernor:
                     log.info("CPU threads %d -> %d (other processes keep %.1f of %d cores busy)",
                              self.threads, want, self.others, n)
                     self.threads = want
-        if torch.get_num_threads() != self.threads:
-            torch.set_num_threads(self.threads)
+                self.decided = True
         self.last = (now, cpu[0], cpu[1], own)
         return self.threads
+
+
+_process: ThreadGovernor | None = None
+_process_lock = threading.Lock()
+
+
+def process_governor() -> ThreadGovernor:
+    """The governor every step loop of this process shares (made on first use; made again if
+    STEMGEN_THREADS has changed since)."""
+    global _process
+    with _process_lock:
+        if _process is None or _process.fixed != fixed_threads():
+            _process = ThreadGovernor()
+        return _process

@@ -73,3 +73,36 @@ def test_real_proc_readings_are_sane():
     for _ in range(50):
         x = (x @ x).tanh()
     assert 1 <= g.update() <= g.usable
+
+
+def test_first_decision_after_a_short_window_then_every_interval():
+    """A short generation on a busy machine must not run its first second with a thread too many."""
+    m = Machine(2)
+    torch.set_num_threads(2)
+    g = m.governor()
+    g.update()
+    m.run(0.1, ours=1.0, others=1.0)
+    assert g.update() == 2                      # under 0.2 s: nothing measured yet
+    m.run(0.15, ours=1.0, others=1.0)
+    assert g.update() == 1 and torch.get_num_threads() == 1
+    m.run(0.5, ours=1.0, others=0.0)            # decided: now the whole interval
+    assert g.update() == 1
+    m.run(0.6, ours=1.0, others=0.0)
+    assert g.update() == 2
+
+
+def test_step_loops_of_a_process_share_one_governor(monkeypatch, tmp_path):
+    """A new generation starts from the last decision; a changed STEMGEN_THREADS gets a new governor."""
+    from helpers import load_engine_lm, make_model_dir
+    from stemgen.engine import threads
+    from stemgen.engine.runner import StepLoop
+    from stemgen.train import StemGenConfig
+
+    _, d = make_model_dir(tmp_path, StemGenConfig(d_model=32, n_heads=2, n_layers=1, codebook_size=16,
+                                                  ffn_multiple_of=16))
+    lm = load_engine_lm(d)
+    a, b = StepLoop(lm), StepLoop(lm)
+    assert a.governor is b.governor is threads.process_governor()
+    monkeypatch.setenv("STEMGEN_THREADS", "1")
+    c = StepLoop(lm)
+    assert c.governor is not a.governor and c.governor.fixed == 1 and c.governor is threads.process_governor()
