@@ -61,7 +61,8 @@ def backends(device: torch.device, dtype: str | torch.dtype | None = None, arch:
         + (" (CPU has native bf16)" if device.type == "cpu" and default == torch.bfloat16 else ""),
         **({"LM dtype (this report)": name(dtype)} if dtype != default else {}),
         **{op.title: ops.names[op.name] for op in shown},
-        "codec": "PyTorch (engine.codec, fp32; RVQ encode as a GEMM: faster here than the C++ op)",
+        "codec": "PyTorch (engine.codec, fp32; RVQ encode as a GEMM: faster here than the C++ op)"
+        + (f"; {_codec_threads()}" if device.type == "cpu" else ""),
         "C++ extension": cpp_ext.status(),
         **({"CPU memory": memory.status()} if device.type == "cpu" else {}),
         "triton": _triton_status(device),
@@ -69,6 +70,15 @@ def backends(device: torch.device, dtype: str | torch.dtype | None = None, arch:
         else "CUDA only",
         "torch": torch.__version__,
     }
+
+
+def _codec_threads() -> str:
+    from .threads import codec_threads
+    try:
+        n = codec_threads()
+    except ValueError as e:
+        return f"{e}: generation will refuse it"
+    return f"{n} CPU thread{'s' if n > 1 else ''} (STEMGEN_CODEC_THREADS), whatever the step loop uses"
 
 
 def _triton_status(device: torch.device) -> str:
@@ -98,12 +108,13 @@ def check_environment() -> None:
     checked now: a ValueError (one line) naming the first bad one. For a server's start-up."""
     from .audio import max_samples, max_seconds
     from .runner import cpu_chunk_rows
-    from .threads import fixed_threads
+    from .threads import codec_threads, fixed_threads
 
     max_seconds()
     max_samples()
     cpu_chunk_rows(1)
     fixed_threads()
+    codec_threads()
     choice = os.environ.get("STEMGEN_BACKEND", "auto")
     if choice not in ("auto", "reference", "cpp", "triton"):
         raise ValueError(f"STEMGEN_BACKEND={choice[:40]!r}: use auto, reference, cpp or triton")

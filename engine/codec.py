@@ -11,6 +11,7 @@ sequence exactly as in the reference implementations:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 
 from .errors import ModelFormatError
 from .tensors import check_shapes, read_weights
+from .threads import codec_threads, thread_count
 
 
 @dataclass(frozen=True)
@@ -222,6 +224,15 @@ class Codec:
 
     @torch.inference_mode()
     def encode(self, audio: torch.Tensor) -> torch.Tensor:
+        """audio [B, channels, N] float -> codes [B, n_q, ceil(N / hop)] int64 (see _encode); on the
+        CPU with engine.threads.codec_threads() threads, so its codes never depend on the caller's."""
+        with self._threads():
+            return self._encode(audio)
+
+    def _threads(self):
+        return thread_count(codec_threads()) if self.device.type == "cpu" else contextlib.nullcontext()
+
+    def _encode(self, audio: torch.Tensor) -> torch.Tensor:
         """audio [B, channels, N] float -> codes [B, n_q, ceil(N / hop)] int64. Long inputs are
         encoded in chunks of CHUNK_FRAMES with MARGIN_FRAMES of context on each side (memory bounded
         by the chunk; codes away from chunk seams are those of one pass)."""
@@ -232,7 +243,7 @@ class Codec:
             for a in range(0, T, CHUNK_FRAMES):
                 b = min(a + CHUNK_FRAMES, T)
                 lo, hi = max(0, a - MARGIN_FRAMES), min(T, b + MARGIN_FRAMES)
-                parts.append(self.encode(audio[..., lo * hop: hi * hop])[..., a - lo: b - lo])
+                parts.append(self._encode(audio[..., lo * hop: hi * hop])[..., a - lo: b - lo])
             return torch.cat(parts, dim=-1)
         z = self._run("encoder", audio.to(self.device, torch.float32))    # [B, D, T]
         B, D, T = z.shape
@@ -241,7 +252,12 @@ class Codec:
 
     @torch.inference_mode()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes [B, Q, T] (Q <= n_q) -> audio [B, channels, T * hop]."""
+        """codes [B, Q, T] (Q <= n_q) -> audio [B, channels, T * hop]; on the CPU with
+        engine.threads.codec_threads() threads, so its samples never depend on the caller's."""
+        with self._threads():
+            return self._decode(codes)
+
+    def _decode(self, codes: torch.Tensor) -> torch.Tensor:
         codes = codes.to(self.device, torch.int64)
         if codes.shape[1] > self.cfg.n_q or (codes < 0).any() or (codes >= self.cfg.bins).any():
             raise ValueError(f"codes must be [B, <= {self.cfg.n_q}, T] with values in [0, {self.cfg.bins})")
@@ -251,7 +267,7 @@ class Codec:
             for a in range(0, T, CHUNK_FRAMES):
                 b = min(a + CHUNK_FRAMES, T)
                 lo, hi = max(0, a - MARGIN_FRAMES), min(T, b + MARGIN_FRAMES)
-                parts.append(self.decode(codes[..., lo:hi])[..., (a - lo) * hop: (b - lo) * hop])
+                parts.append(self._decode(codes[..., lo:hi])[..., (a - lo) * hop: (b - lo) * hop])
             return torch.cat(parts, dim=-1)
         z = sum(F.embedding(codes[:, k], self.w[f"quantizer.{k}.embed"]) for k in range(codes.shape[1]))
         return self._run("decoder", z.transpose(1, 2))

@@ -17,6 +17,7 @@ second with a thread too many.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -28,14 +29,41 @@ log = logging.getLogger("stemgen")
 TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def fixed_threads() -> int | None:
-    """STEMGEN_THREADS as a thread count, None for 'auto' (unset); a bad value is one clear error."""
-    text = os.environ.get("STEMGEN_THREADS", "auto").strip()
+def _count(var: str, default: str) -> int | None:
+    text = os.environ.get(var, default).strip()
     if text == "auto":
         return None
     if not text.isdigit() or not 1 <= int(text) <= 1024:
-        raise ValueError(f"STEMGEN_THREADS={text!r}: a thread count from 1 to 1024, or auto")
+        raise ValueError(f"{var}={text[:40]!r}: a thread count from 1 to 1024" + (", or auto" if default == "auto" else ""))
     return int(text)
+
+
+def fixed_threads() -> int | None:
+    """STEMGEN_THREADS as a thread count, None for 'auto' (unset); a bad value is one clear error."""
+    return _count("STEMGEN_THREADS", "auto")
+
+
+def codec_threads() -> int:
+    """The CPU threads the codec runs with, whatever the step loop uses: STEMGEN_CODEC_THREADS, 1 by
+    default. Fixed, because its convolutions and LSTM round differently with another thread count
+    (a stem's audio would then depend on how busy the machine was, and the server's on a worker
+    thread's count); 1, because it is also the fastest here: on 2 cores of the Xeon the demo codec
+    decodes 18.8 s in 0.56 s with 1 thread against 1.21 s with 2 (oneDNN's LSTM steps one frame at
+    a time, and splitting each frame's small product over threads costs more than it saves)."""
+    return _count("STEMGEN_CODEC_THREADS", "1")
+
+
+@contextlib.contextmanager
+def thread_count(n: int):
+    """Run the block with this thread's torch (and OpenMP) thread count at ``n``, then restore it."""
+    before = torch.get_num_threads()
+    if before != n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if before != n:
+            torch.set_num_threads(before)
 
 
 def read_cpu() -> tuple[int, int, int] | None:

@@ -480,6 +480,7 @@ def test_404s_delete_and_readyz(server, model):
     ([], {"STEMGEN_CPU_CHUNK_ROWS": "-3"}, "STEMGEN_CPU_CHUNK_ROWS"),
     ([], {"STEMGEN_CUDA_GRAPHS": "yes"}, "STEMGEN_CUDA_GRAPHS"),
     ([], {"STEMGEN_THREADS": "0"}, "STEMGEN_THREADS"),
+    ([], {"STEMGEN_CODEC_THREADS": "two"}, "STEMGEN_CODEC_THREADS"),
 ])
 def test_serve_refuses_bad_options_before_loading_the_model(model, monkeypatch, args, env, needle):
     from test_hardening import one_line_error

@@ -106,3 +106,37 @@ def test_step_loops_of_a_process_share_one_governor(monkeypatch, tmp_path):
     monkeypatch.setenv("STEMGEN_THREADS", "1")
     c = StepLoop(lm)
     assert c.governor is not a.governor and c.governor.fixed == 1 and c.governor is threads.process_governor()
+
+
+def test_codec_samples_do_not_depend_on_the_callers_threads(monkeypatch, tmp_path):
+    """The codec runs with STEMGEN_CODEC_THREADS threads (1 by default), whatever its caller's count:
+    its convolutions round differently with another count (before: 4 of 5 lengths differed here
+    between 1 and 2 threads), so a busy machine or a server's worker thread changed a stem's bits."""
+    import torch.nn.functional as F
+    from helpers import tiny_model_dir
+    from stemgen.engine import Engine
+    from stemgen.engine import codec as codec_mod
+
+    monkeypatch.delenv("STEMGEN_CODEC_THREADS", raising=False)
+    codec = Engine.from_pretrained(tiny_model_dir(tmp_path), device="cpu", dtype="float32").codec
+    seen = []
+    real_elu = F.elu
+    monkeypatch.setattr(codec_mod.F, "elu", lambda x: (seen.append(torch.get_num_threads()), real_elu(x))[1])
+    for T in (40, 123, 300):
+        codes = torch.randint(0, codec.cfg.bins, (1, codec.cfg.n_q, T), generator=torch.Generator().manual_seed(T))
+        audio = torch.randn(1, 1, T * codec.cfg.hop_length, generator=torch.Generator().manual_seed(T))
+        out = {}
+        for n in (2, 1):
+            torch.set_num_threads(n)
+            out[n] = codec.decode(codes), codec.encode(audio)
+            assert torch.get_num_threads() == n          # the caller's count is given back
+        assert torch.equal(out[1][0], out[2][0]) and torch.equal(out[1][1], out[2][1]), T
+    assert seen and set(seen) == {1}
+    monkeypatch.setenv("STEMGEN_CODEC_THREADS", "2")
+    seen.clear()
+    torch.set_num_threads(1)
+    codec.decode(codes)
+    assert set(seen) == {2} and torch.get_num_threads() == 1
+    monkeypatch.setenv("STEMGEN_CODEC_THREADS", "many")
+    with pytest.raises(ValueError, match="STEMGEN_CODEC_THREADS='many': a thread count from 1 to 1024"):
+        codec.decode(codes)
