@@ -47,11 +47,11 @@ def codec_threads() -> int:
     """The CPU threads the codec runs with, whatever the step loop uses: STEMGEN_CODEC_THREADS, 1 by
     default. Fixed, because its convolutions and LSTM round differently with another thread count
     (a stem's audio would then depend on how busy the machine was, and the server's on a worker
-    thread's count); 1, because it costs nothing here and helps beside other work: on 2 cores of the
-    Xeon the demo codec decodes 18.8 s in 0.48-0.51 s with 1 thread and 0.47-0.53 s with 2 on a quiet
-    machine, 0.56 s against 1.21 s while another process keeps a core busy (oneDNN's LSTM steps one
-    frame at a time; a thread the scheduler parks stalls every frame), and the main job, whose codec
-    work overlaps the step loop, takes 7.5 s instead of 9.1-9.4 s."""
+    thread's count). 1 by default; measured on 2 cores of the Xeon with the demo codec, 18.8 s of audio:
+    a process's first decode takes 0.6 s with 1 thread against 2.3 s with 2 (oneDNN sets up its
+    kernels for 2 threads slowly), which is what a `stemgen generate` pays; later decodes 0.39-0.45 s
+    against 0.33 s (a server's steady state, 2 threads ahead); with another process keeping a core
+    busy 0.56 s against 1.21 s (oneDNN's LSTM steps one frame at a time; a parked thread stalls each)."""
     return _count("STEMGEN_CODEC_THREADS", "1")
 
 
