@@ -20,8 +20,12 @@ def _selfcheck(fn, device, dtype) -> str | None:
     return None if close(fn(x), silu_mul_ref(x), dtype, loose=5) else "silu * up differs from its reference"
 
 
+# measured on 2 cores of a Sapphire Rapids Xeon: 500 x 768 rows 0.13 ms against the C++ op's 0.25 ms,
+# a demo-model step 9.0 ms against 9.6 ms (the C++ op stays the int8 feed-forward's building block)
+BF16_TORCH_FASTER = "bf16: PyTorch's own ops are faster here (0.13 vs 0.25 ms for 500 x 768)"
+
 OP = register(
     Op("silu_mul", "SwiGLU (silu * up)", silu_mul_ref, selfcheck=_selfcheck),
     Variant("cpp", "..cpp_ext:silu_mul", "C++ (cpp_ext, fused)", dtypes=(torch.float32, torch.bfloat16),
-            declined=FP32_KEEPS_REFERENCE),
+            declined={**FP32_KEEPS_REFERENCE, torch.bfloat16: BF16_TORCH_FASTER}),
     Variant("triton", ".swiglu_triton:silu_mul", "Triton (fused)"))
