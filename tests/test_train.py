@@ -159,14 +159,16 @@ def test_train_codec_export_converts(corpus, tmp_path):
 
 
 def test_torchrun_ddp_two_cpu_processes(cache, tmp_path):
-    """The same trainer under torchrun (2 processes, gloo): both ranks train, each on its own data."""
+    """The same trainer under torchrun (2 processes, gloo): both ranks train, each on its own data, and
+    take their process group down at the end (a gloo group left to the exit once aborted a rank in CI)."""
     script = tmp_path / "ddp.py"
     script.write_text(
         "import sys, torch\n"
         "from stemgen.train.trainer import TrainConfig, train_lm\n"
         f"cfg = TrainConfig(preset='tiny', model={TINY_LM!r}, frames=40, batch_size=2, steps=2, val_songs=1,"
         " val_every=100, ckpt_every=100, warmup=1)\n"
-        "train_lm(sys.argv[1], sys.argv[2], cfg, log=lambda m: None)\n")
+        "train_lm(sys.argv[1], sys.argv[2], cfg, log=lambda m: None)\n"
+        "sys.stdout.write(f'process group left: {torch.distributed.is_initialized()}\\n')\n")   # one write: ranks share the pipe
     import socket
 
     with socket.socket() as sock:
@@ -177,6 +179,7 @@ def test_torchrun_ddp_two_cpu_processes(cache, tmp_path):
                         "127.0.0.1", "--master-port", str(port), str(script), str(cache), str(tmp_path / "run")], env=env, capture_output=True,
                        text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("process group left: False") == 2, r.stdout   # each rank took its group down
     ck = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert ck["config"]["world"] == 2 and len(ck["ranks"]) == 2 and ck["step"] == 2
     assert ck["ranks"][0]["numpy"] != ck["ranks"][1]["numpy"]

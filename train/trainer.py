@@ -222,8 +222,16 @@ class _Dist:
     def __init__(self, device: torch.device):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
-        if self.world > 1 and not torch.distributed.is_initialized():
+        self.owned = self.world > 1 and not torch.distributed.is_initialized()
+        if self.owned:
             torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    def close(self) -> None:
+        """Every rank done, then the process group this run made taken down (a gloo group left to
+        the interpreter's exit can abort a rank there)."""
+        if self.owned and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
 
     @property
     def main(self) -> bool:
@@ -385,6 +393,7 @@ def train_lm(cache: str | Path, out: str | Path, cfg: TrainConfig, device: str =
                            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                            "step": step, "train_config": asdict(cfg)}, final)
         log(f"LM checkpoint written to {final}")
+    dist.close()
     return final
 
 
