@@ -1,4 +1,5 @@
-"""How far the CPU's int8 path (`--dtype int8`) moves the logits from fp32's.
+"""How far the CPU's int8 path (`--dtype int8`) moves the logits from fp32's (``--dtype bfloat16``: the
+same figures for bf16, the default where the CPU has native bf16, to set them beside).
 
 For a model directory (default: the shipped demo) and held-out toy-band songs (`stemgen make-corpus
 DIR --songs 40 --seed 1000`), each song's bass and drums are encoded with the model's codec and the
@@ -9,7 +10,7 @@ With ``--config small`` (no corpus) the model is that preset with random weights
 random. Reported over all rows and masked frames, per level and in all:
 
   max error    max |int8 - fp32| / max |fp32|  (the scale the guidance and sampling see)
-  mean error   mean |int8 - fp32| / mean |fp32|
+  mean error   mean |int8 - fp32| / mean |fp32|   (int8: or the dtype given)
   top-1        share of (row, frame) whose argmax code is the same
 
     .venv/bin/python bench/int8_fidelity.py --corpus /tmp/heldout --songs 40
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 
 import torch
@@ -68,6 +68,7 @@ def main(argv=None) -> None:
     p.add_argument("--config", help="a preset with random weights and random codes instead (e.g. small)")
     p.add_argument("--frames", type=int, default=500, help="with --config: frames per example")
     p.add_argument("--examples", type=int, default=4, help="with --config: random examples")
+    p.add_argument("--dtype", default="int8", choices=["int8", "bfloat16"], help="the dtype set against fp32")
     p.add_argument("--json", help="write the figures here too")
     a = p.parse_args(argv)
     torch.manual_seed(0)
@@ -75,7 +76,8 @@ def main(argv=None) -> None:
     if a.config:
         from stemgen.bench import build_models
         fp32 = build_models(None, a.config, torch.device("cpu"), torch.float32, False, 0)[0]
-        int8 = build_models(None, a.config, torch.device("cpu"), "int8", False, 0)[0]
+        int8 = build_models(None, a.config, torch.device("cpu"), a.dtype if a.dtype == "int8" else torch.bfloat16,
+                            False, 0)[0]
         cfg = fp32.cfg
         rows = []
         for _ in range(a.examples):
@@ -89,7 +91,7 @@ def main(argv=None) -> None:
             sys.exit("give --corpus DIR (held-out songs: stemgen make-corpus DIR --songs 40 --seed 1000) or --config NAME")
         from stemgen.engine import Engine
         from stemgen.evaluation.listening import heldout_songs
-        engines = [Engine.from_pretrained(a.model, device="cpu", dtype=d) for d in ("float32", "int8")]
+        engines = [Engine.from_pretrained(a.model, device="cpu", dtype=d) for d in ("float32", a.dtype)]
         fp32, int8 = (e.lm for e in engines)
         cfg = fp32.cfg
         rows = []
@@ -102,15 +104,15 @@ def main(argv=None) -> None:
         source = f"{a.model}, {a.songs} held-out songs of {a.corpus} x bass, drums, first {a.seconds:g} s"
     with torch.inference_mode():
         res = compare(fp32, int8, rows)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-               platform.processor())
-    print(f"int8 vs fp32 logits: {source}; CPU {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    from stemgen.bench import cpu_features, cpu_name
+    cpu = f"{cpu_name()} ({cpu_features()})"
+    print(f"{a.dtype} vs fp32 logits: {source}; CPU {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print("| level | max error | mean error | top-1 agreement | frames x rows |\n| --- | --- | --- | --- | --- |")
     for level, r in res.items():
         print(f"| {level} | {r['max_error']:.2%} | {r['mean_error']:.2%} | {r['top1']:.1%} | {r['frames']} |")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(dict(source=source, cpu=cpu, torch=torch.__version__, levels=res), f, indent=1)
+            json.dump(dict(dtype=a.dtype, source=source, cpu=cpu, torch=torch.__version__, levels=res), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,6 +40,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
+from stemgen.bench import cpu_features, cpu_name  # noqa: E402
 from stemgen.engine import Engine  # noqa: E402
 from stemgen.engine.config import parse_sampling  # noqa: E402
 from stemgen.evaluation import listening  # noqa: E402
@@ -106,17 +105,6 @@ def parse_variant(arg: str) -> tuple[str, dict]:
     except ValueError as e:
         raise SystemExit(str(e)) from None
     return name, opts
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown"
 
 
 def code_root_table(songs: list[dict], real_codes: list[torch.Tensor], fps: float, V: int) -> np.ndarray:
@@ -340,7 +328,7 @@ def main(argv=None) -> None:
     log(f"{len(data)} songs, {args.seconds:g} s, prepared in {time.perf_counter() - t0:.1f} s")
 
     doc = json.loads(args.json.read_text()) if args.json.is_file() else {"entries": []}
-    doc.update(cpu=cpu_model(), torch=torch.__version__, corpus=str(args.corpus), model=args.model,
+    doc.update(cpu=cpu_name(), cpu_features=cpu_features(), torch=torch.__version__, corpus=str(args.corpus), model=args.model,
                threads=torch.get_num_threads())
     try:
         for inst in instruments:

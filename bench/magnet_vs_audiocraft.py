@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import site
 import statistics
 import sys
@@ -43,16 +42,6 @@ def project_packages() -> None:
         for p in list(sys.path):
             if p.endswith("site-packages"):
                 site.addsitedir(p)
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def audiocraft_lm(ckpt: str, t5_folder: str):
@@ -137,7 +126,7 @@ def main():
     project_packages()
     import torch
 
-    from stemgen.bench import machine_info
+    from stemgen.bench import cpu_features, cpu_name, machine_info
     from stemgen.engine import Engine
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -171,7 +160,7 @@ def main():
         return out[0].shape[-1]
 
     mcfg = next(iter(engines.values())).config.lm
-    report = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    report = {"cpu": cpu_name(), "cpu_features": cpu_features(), "threads": torch.get_num_threads(), "torch": torch.__version__,
               "device": a.device + (f" ({torch.cuda.get_device_name()})" if a.device == "cuda" else ""),
               "checkpoint": a.ckpt or a.engine_model, "d_model": mcfg.d_model, "layers": mcfg.n_layers,
               "seconds": a.seconds, "steps": steps, "span_arrangement": a.span_arrangement, "results": []}

@@ -140,8 +140,8 @@ CPU_ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA
 
 def machine_info(device: torch.device) -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-            "processor": _cpu_name(), "cpu_threads": torch.get_num_threads(), "cores": os.cpu_count(),
-            "device": str(device)}
+            "processor": cpu_name(), "cpu_features": cpu_features(), "cpu_threads": torch.get_num_threads(),
+            "cores": os.cpu_count(), "device": str(device)}
     held = {k: os.environ[k] for k in CPU_ISA_LIMITS if os.environ.get(k)}
     if held:   # GEMM libraries held to a lower instruction set (a stand-in for another CPU): say so
         info["cpu_isa_limits"] = held
@@ -152,7 +152,21 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
-def _cpu_name() -> str:
+MATRIX_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def cpu_features() -> str:
+    """The instruction sets that decide the CPU's GEMM speed per dtype, e.g. 'avx2 avx512f avx512_vnni
+    avx512_bf16' (no AMX): a model name such as 'AMD EPYC' alone does not tell one machine from another."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
+    except OSError:
+        return "unknown"
+    return " ".join(x for x in MATRIX_FEATURES if x in flags) or "none of " + ", ".join(MATRIX_FEATURES)
+
+
+def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

@@ -497,7 +497,7 @@ def bench(
                   rate(s['audio_s_per_wall_s']), f"{s['peak_mb']:.0f}", ratio)
     Console(soft_wrap=True, width=max(console.width, 130)).print(t)
     m, st = report["machine"], report["settings"]
-    console.print(f"machine: {m.get('gpu') or m['processor']}, {m['cpu_threads']} threads, torch {m['torch']}"
+    console.print(f"machine: {m.get('gpu') or m['processor'] + ' (' + m['cpu_features'] + ')'}, {m['cpu_threads']} threads, torch {m['torch']}"
                   + (f", {st['load']} busy process(es) beside it" if st.get("load") else "") + "; "
                   f"engine {st['engine_dtype']}, baseline {st['baseline_dtype'] or 'not run'}"
                   + (f"; STEMGEN_FLASH_CONFIG={m['flash_config']}" if m.get("flash_config") else "")

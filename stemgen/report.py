@@ -39,7 +39,8 @@ def render_generation(name: str, rep: dict) -> list[str]:
     m, s = rep["machine"], rep["settings"]
     has_base = any("baseline" in r for r in rep["results"])
     base = f"baseline {s['baseline_dtype']} training-form model" if has_base else "no baseline run"
-    where = m.get("gpu") or f"{m['processor']}, {m['cpu_threads']} threads"
+    where = m.get("gpu") or f"{m['processor']}, {m['cpu_threads']} threads" + (
+        f" ({m['cpu_features']})" if m.get("cpu_features") else "")
     lines = [f"### {name}: whole generations (`stemgen bench`)", "",
              f"Device: **{where}** ({m['device']}); torch {m['torch']}, Python {m['python']}.",
              f"Model {s['model']}, {s['parameters'] / 1e6:.1f}M parameters; {s['duration_s']:.1f} s "

@@ -126,3 +126,29 @@ def test_machine_info_says_when_the_gemm_libraries_are_held_to_another_isa(monke
     assert "cpu_isa_limits" not in machine_info(torch.device("cpu"))
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     assert machine_info(torch.device("cpu"))["cpu_isa_limits"] == {"ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def test_bench_records_the_cpus_matrix_features(tiny_bench, tmp_path, monkeypatch):
+    """A CPU's model name ('AMD EPYC') does not tell an AVX2-only part from one with VNNI and bf16: the
+    JSON and the rendered report carry the instruction sets that decide each dtype's GEMM speed."""
+    import builtins
+    import io
+
+    from stemgen import bench
+    from stemgen.report import render_generation
+
+    rep = json.loads(tiny_bench[0].read_text())
+    assert rep["machine"]["cpu_features"] == bench.cpu_features()
+    assert f"({rep['machine']['cpu_features']})" in "\n".join(render_generation("gen.json", rep))
+    assert f"({bench.cpu_features()})" in tiny_bench[1].stdout
+    real_open = builtins.open
+
+    def fake(flags):
+        return lambda p, *a, **k: io.StringIO(f"model name\t: X\nflags\t\t: {flags}\n") if p == "/proc/cpuinfo" \
+            else real_open(p, *a, **k)
+    monkeypatch.setattr(builtins, "open", fake("fpu sse avx2 fma avx512f avx512_vnni avx512_bf16 amx_bf16 amx_int8"))
+    assert bench.cpu_features() == "avx2 avx512f avx512_vnni avx512_bf16 amx_bf16 amx_int8"
+    monkeypatch.setattr(builtins, "open", fake("fpu sse sse2 avx fma avx2"))
+    assert bench.cpu_features() == "avx2"
+    monkeypatch.setattr(builtins, "open", fake("fpu sse sse2"))
+    assert bench.cpu_features().startswith("none of avx2")

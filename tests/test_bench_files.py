@@ -55,7 +55,7 @@ def test_attention_sweep_script_runs(tmp_path):
 
 def test_int8_fidelity_script(tmp_path):
     """bench/int8_fidelity.py on the tiny preset: figures per level and in all, errors small but not zero
-    (int8 does move the logits), and its comparison of a model with itself is exact."""
+    (int8 does move the logits; so does bf16 with --dtype bfloat16), and its comparison of a model with itself is exact."""
     import importlib.util
     import json
 
@@ -67,6 +67,10 @@ def test_int8_fidelity_script(tmp_path):
     levels = json.loads(out.read_text())["levels"]
     assert set(levels) == {"0", "1", "2", "3", "all"}
     assert all(0 < r["mean_error"] < 0.2 and 0 < r["max_error"] < 0.2 and 0.5 <= r["top1"] <= 1 for r in levels.values())
+    mod.main(["--config", "tiny", "--frames", "30", "--examples", "2", "--dtype", "bfloat16", "--json", str(out)])
+    bf16 = json.loads(out.read_text())
+    assert bf16["dtype"] == "bfloat16" and all(0 < r["mean_error"] < 0.2 for r in bf16["levels"].values())
+    assert bf16["levels"]["all"]["mean_error"] != levels["all"]["mean_error"]   # another model ran
     from stemgen.bench import build_models
     lm = build_models(None, "tiny", torch.device("cpu"), torch.float32, False, 0)[0]
     g = torch.Generator().manual_seed(1)
