@@ -232,18 +232,19 @@ def head_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return linear(x, w).float()
 
 
+def read_cpu_flags() -> frozenset[str]:
+    """The CPU's instruction-set flags from /proc/cpuinfo (empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return frozenset(next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), []))
+    except OSError:
+        return frozenset()
+
+
 @functools.lru_cache(maxsize=None)
 def native_bf16_cpu() -> bool:
     """True when the CPU has bf16 dot-product instructions (AVX512-BF16 or AMX-BF16)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = line.split()
-                    return "avx512_bf16" in flags or "amx_bf16" in flags
-    except OSError:
-        pass
-    return False
+    return bool({"avx512_bf16", "amx_bf16"} & read_cpu_flags())
 
 
 def default_dtype(device: torch.device) -> torch.dtype:

@@ -158,11 +158,8 @@ MATRIX_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", 
 def cpu_features() -> str:
     """The instruction sets that decide the CPU's GEMM speed per dtype, e.g. 'avx2 avx512f avx512_vnni
     avx512_bf16' (no AMX): a model name such as 'AMD EPYC' alone does not tell one machine from another."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
-    except OSError:
-        return "unknown"
+    from .engine.model import read_cpu_flags
+    flags = read_cpu_flags()
     return " ".join(x for x in MATRIX_FEATURES if x in flags) or "none of " + ", ".join(MATRIX_FEATURES)
 
 

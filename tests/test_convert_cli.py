@@ -194,6 +194,18 @@ def test_info_reports_the_backends_of_a_dtype():
         assert res.exit_code != 0 and "Traceback" not in res.output and msg in res.output, res.output
 
 
+def test_info_points_to_int8_where_the_cpu_has_no_amx(monkeypatch):
+    """Without AMX the int8 GEMMs (VNNI or AVX2) beat the default dtype's: `stemgen info` says so beside
+    the default, with its cost; with AMX (bf16 as fast) or in the int8 report itself it says nothing."""
+    from stemgen.engine import api, model
+    cpu = torch.device("cpu")
+    for flags, hinted in (({"avx2", "avx512_vnni", "avx512_bf16"}, True), ({"avx2"}, True),
+                          ({"avx2", "avx512_bf16", "amx_bf16", "amx_int8"}, False)):
+        monkeypatch.setattr(model, "read_cpu_flags", lambda f=flags: frozenset(f))
+        assert (api.INT8_HINT in api.backends(cpu)["LM dtype (default)"]) == hinted, flags
+        assert api.INT8_HINT not in api.backends(cpu, "int8")["LM dtype (default)"]
+
+
 def test_format_table_drives_detection_choices_and_help():
     """One table of formats: every row's detector and reader resolve, `convert --help` lists each,
     and an unknown --codec-format names the table's choices."""
