@@ -10,7 +10,7 @@ With ``--config small`` (no corpus) the model is that preset with random weights
 random. Reported over all rows and masked frames, per level and in all:
 
   max error    max |int8 - fp32| / max |fp32|  (the scale the guidance and sampling see)
-  mean error   mean |int8 - fp32| / mean |fp32|   (int8: or the dtype given)
+  mean error   mean |int8 - fp32| / mean |fp32|   (int8: or the --dtype given)
   top-1        share of (row, frame) whose argmax code is the same
 
     .venv/bin/python bench/int8_fidelity.py --corpus /tmp/heldout --songs 40
@@ -27,11 +27,11 @@ import torch
 from stemgen.engine.request import guidance_rows
 
 
-def compare(fp32, int8, rows: list[tuple]) -> dict:
+def compare(fp32, other, rows: list[tuple]) -> dict:
     """rows: (tokens [R, C, Q, T], conditions [R, S], level, positions) inputs of forward_requests."""
     per_level: dict[int, list] = {}
     for r in rows:
-        a, b = (m.forward_requests([r])[0] for m in (fp32, int8))
+        a, b = (m.forward_requests([r])[0] for m in (fp32, other))
         per_level.setdefault(r[2], []).append((a, b))
     out = {}
     for level in sorted(per_level) + ["all"]:
@@ -76,8 +76,7 @@ def main(argv=None) -> None:
     if a.config:
         from stemgen.bench import build_models
         fp32 = build_models(None, a.config, torch.device("cpu"), torch.float32, False, 0)[0]
-        int8 = build_models(None, a.config, torch.device("cpu"), a.dtype if a.dtype == "int8" else torch.bfloat16,
-                            False, 0)[0]
+        other = build_models(None, a.config, torch.device("cpu"), a.dtype, False, 0)[0]
         cfg = fp32.cfg
         rows = []
         for _ in range(a.examples):
@@ -92,7 +91,7 @@ def main(argv=None) -> None:
         from stemgen.engine import Engine
         from stemgen.evaluation.listening import heldout_songs
         engines = [Engine.from_pretrained(a.model, device="cpu", dtype=d) for d in ("float32", a.dtype)]
-        fp32, int8 = (e.lm for e in engines)
+        fp32, other = (e.lm for e in engines)
         cfg = fp32.cfg
         rows = []
         for song in heldout_songs(a.corpus, a.songs, a.seconds):
@@ -103,7 +102,7 @@ def main(argv=None) -> None:
                 rows += step_rows(cfg, ctx[: cfg.n_channels - 1], cond, real[:, : ctx.shape[-1]], g)
         source = f"{a.model}, {a.songs} held-out songs of {a.corpus} x bass, drums, first {a.seconds:g} s"
     with torch.inference_mode():
-        res = compare(fp32, int8, rows)
+        res = compare(fp32, other, rows)
     from stemgen.bench import cpu_features, cpu_name
     cpu = f"{cpu_name()} ({cpu_features()})"
     print(f"{a.dtype} vs fp32 logits: {source}; CPU {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}")
