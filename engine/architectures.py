@@ -10,7 +10,7 @@ import torch
 from .backend import select_ops
 from .config import LMConfig, read_weights
 from .magnet import MagnetLM, magnet_shapes
-from .model import PackedLM, StemGenEngineLM, quantize_trunk, resolve_dtype, stemgen_shapes
+from .model import PackedLM, StemGenEngineLM, pack_trunk, quantize_trunk, resolve_dtype, stemgen_shapes
 
 ARCHITECTURES = {"stemgen": (StemGenEngineLM, stemgen_shapes), "magnet": (MagnetLM, magnet_shapes)}
 # the ops each architecture's step runs (`stemgen info` shows a model's own)
@@ -51,4 +51,6 @@ def lm_from_state(cfg: LMConfig, state: dict[str, torch.Tensor], device="cpu",
     model.ops = select_ops(torch.device(device), dtype)   # int8: fp32 ops, but not bit-bound to fp32's
     if int8:
         quantize_trunk(model)
+    else:
+        pack_trunk(model)   # fp32 on the CPU: weights in the GEMM op's own layout
     return model.eval().requires_grad_(False)

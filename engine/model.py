@@ -103,8 +103,8 @@ class PackedLM(nn.Module):
 class StemGenEngineLM(PackedLM):
     # the trunk GEMM weights of a layer (int8 on the CPU's int8 path) and the ops a step runs
     TRUNK_WEIGHTS = ("wqkv", "wo", "w13", "w2")
-    OPS = ("embed_sum", "attention", "rms_norm", "add_rms_norm", "silu_mul", "guide_sample_rank", "int8_linear",
-           "int8_swiglu")
+    OPS = ("embed_sum", "attention", "rms_norm", "add_rms_norm", "silu_mul", "guide_sample_rank", "linear",
+           "int8_linear", "int8_swiglu")
 
     def __init__(self, cfg: LMConfig):
         super().__init__()
@@ -186,6 +186,19 @@ class Int8Weight:
         return (self.q.shape[1], self.q.shape[0])
 
 
+class PackedWeight:
+    """A trunk weight of the fp32 CPU path in the layout of its GEMM op (kernels.linear: oneDNN's
+    blocked layout, reordered once at load), with that op."""
+
+    def __init__(self, w: torch.Tensor, op):
+        from ..kernels.linear import pack_weight
+        self.w, self.op = pack_weight(w), op
+
+    @property
+    def shape(self):
+        return self.w.shape
+
+
 def quantize_trunk(model: "PackedLM") -> None:
     """Replace every trunk GEMM weight (the architecture's TRUNK_WEIGHTS) by its Int8Weight; the
     embeddings, norms, level heads and the sampling stay fp32."""
@@ -195,13 +208,26 @@ def quantize_trunk(model: "PackedLM") -> None:
             setattr(layer, name, Int8Weight(w.detach().float(), model.ops.int8_linear))
 
 
+def pack_trunk(model: "PackedLM") -> None:
+    """Where the model's ``linear`` op is not the reference (fp32 on the CPU: oneDNN), replace every
+    trunk GEMM weight by its PackedWeight (the dense copy is freed: no second copy in memory)."""
+    from ..kernels.linear import linear_ref
+    if model.ops.linear is linear_ref:
+        return
+    for layer in model.layers:
+        for name in model.TRUNK_WEIGHTS:
+            w = layer._parameters.pop(name)
+            setattr(layer, name, PackedWeight(w, model.ops.linear))
+
+
 def linear(x: torch.Tensor, w) -> torch.Tensor:
     if isinstance(w, Int8Weight):   # exact int32 products: rows independent of the batch, no padding
         return w.op(x, w.q, w.scale)
+    fn, w = (w.op, w.w) if isinstance(w, PackedWeight) else (F.linear, w)
     n = x.shape[0]
     if n >= MIN_GEMM_ROWS or x.device.type != "cpu":
-        return F.linear(x, w)
-    return F.linear(torch.cat([x, x.new_zeros(MIN_GEMM_ROWS - n, x.shape[1])]), w)[:n]
+        return fn(x, w)
+    return fn(torch.cat([x, x.new_zeros(MIN_GEMM_ROWS - n, x.shape[1])]), w)[:n]
 
 
 def swiglu(ops, h: torch.Tensor, w13, w2) -> torch.Tensor:

@@ -5,6 +5,6 @@ it). `OPS` is the table every other part reads (kernels.registry)."""
 from . import embedding, attention, norm, swiglu, sampling  # noqa: F401, I001
 # MAGNeT's ops (engine.magnet)
 from . import layer_norm, band_attention, cross_attention, gelu, magnet_sampling  # noqa: F401, I001
-# --dtype int8 on the CPU
-from . import int8_linear  # noqa: F401, I001
+# the trunk's GEMMs on the CPU: fp32 (oneDNN, packed weights) and --dtype int8
+from . import linear, int8_linear  # noqa: F401, I001
 from .registry import OPS  # noqa: F401

@@ -2,18 +2,15 @@
 
 PyTorch references, with the engine's numerics: statistics in fp32, the normalised value rounded
 to the model dtype before the gain is applied (as the training-form model does). The fast
-variants do each in one read and one write of the rows. In fp32 the engine keeps the reference
-(PyTorch's own sums), so its tokens equal the fp32 training-form model's bit for bit; the int8
-path, whose tokens differ from fp32's anyway, runs the fast fp32 variants.
+variants do each in one read and one write of the rows (their sums ordered differently from
+PyTorch's: an fp32 engine picks the training-form model's tokens bit for bit only on the reference
+ops, STEMGEN_BACKEND=reference, as its GEMMs are then the training form's too; kernels.linear).
 """
 from __future__ import annotations
 
 import torch
 
 from .registry import Op, Variant, close, register
-
-FP32_KEEPS_REFERENCE = {torch.float32: "fp32: bit-for-bit the training-form model's norms"}
-
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [N, d] -> x / rms(x) * weight, in x's dtype."""
@@ -48,12 +45,10 @@ def _check_add_rms_norm(fn, device, dtype) -> str | None:
 
 RMS_NORM = register(
     Op("rms_norm", "RMSNorm", rms_norm_ref, selfcheck=_check_rms_norm),
-    Variant("cpp", "..cpp_ext:rms_norm", "C++ (cpp_ext)", dtypes=(torch.float32, torch.bfloat16),
-            declined=FP32_KEEPS_REFERENCE),
+    Variant("cpp", "..cpp_ext:rms_norm", "C++ (cpp_ext)", dtypes=(torch.float32, torch.bfloat16)),
     Variant("triton", ".norm_triton:rms_norm", "Triton (one read, one write of the rows)"))
 
 ADD_RMS_NORM = register(
     Op("add_rms_norm", "residual add + RMSNorm", add_rms_norm_ref, selfcheck=_check_add_rms_norm),
-    Variant("cpp", "..cpp_ext:add_rms_norm", "C++ (cpp_ext, fused)", dtypes=(torch.float32, torch.bfloat16),
-            declined=FP32_KEEPS_REFERENCE),
+    Variant("cpp", "..cpp_ext:add_rms_norm", "C++ (cpp_ext, fused)", dtypes=(torch.float32, torch.bfloat16)),
     Variant("triton", ".norm_triton:add_rms_norm", "Triton (fused: one read of x and delta)"))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .norm import FP32_KEEPS_REFERENCE
 from .registry import Op, Variant, close, register
 
 
@@ -27,5 +26,5 @@ BF16_TORCH_FASTER = "bf16: PyTorch's own ops are faster here (0.13 vs 0.25 ms fo
 OP = register(
     Op("silu_mul", "SwiGLU (silu * up)", silu_mul_ref, selfcheck=_selfcheck),
     Variant("cpp", "..cpp_ext:silu_mul", "C++ (cpp_ext, fused)", dtypes=(torch.float32, torch.bfloat16),
-            declined={**FP32_KEEPS_REFERENCE, torch.bfloat16: BF16_TORCH_FASTER}),
+            declined={torch.bfloat16: BF16_TORCH_FASTER}),
     Variant("triton", ".swiglu_triton:silu_mul", "Triton (fused)"))

@@ -33,8 +33,8 @@ def test_extension_is_built():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
 def test_cpu_choice_per_op_and_dtype(dtype):
     """Every op of the table takes its C++ variant where it has one for the dtype, else the reference
-    (fp32 norms stay PyTorch's, for tokens bit-equal to the training-form model's; the int8 path, fp32
-    but for its trunk GEMMs, takes the fp32 C++ variants); info says so."""
+    (the norms in C++ for every dtype; the fp32 GEMM op on oneDNN for fp32 only: the int8 path's trunk
+    GEMMs are int8); info says so."""
     ops = backend.select_ops(torch.device("cpu"), dtype)
     info = backends(torch.device("cpu"), dtype)
     for op in OPS.values():
@@ -43,18 +43,24 @@ def test_cpu_choice_per_op_and_dtype(dtype):
         assert (getattr(ops, op.name) is not op.reference) == runs_cpp, op.name
         assert info[op.title] == ops.names[op.name]
         assert (info[op.title] == variant.label if variant else False) == runs_cpp
-    assert (ops.add_rms_norm is OPS["add_rms_norm"].reference) == (dtype == torch.float32)
+    assert ops.add_rms_norm is not OPS["add_rms_norm"].reference
+    assert (ops.linear is not OPS["linear"].reference) == (dtype == torch.float32)
 
 
 @NEEDS_CPP
-def test_int8_model_runs_the_fp32_cpp_ops(tmp_path):
-    """A model loaded with --dtype int8 takes the ops chosen for int8 (C++ norms), fp32 the reference norms."""
+def test_fp32_and_int8_models_run_their_cpp_ops(tmp_path):
+    """fp32 and --dtype int8 both take the C++ norms; fp32's trunk weights are packed for oneDNN's GEMM,
+    int8's are int8 (the fp32 GEMM op declined there)."""
+    from stemgen.engine.model import Int8Weight, PackedWeight
     cfg = StemGenConfig(d_model=32, n_heads=2, n_layers=1, codebook_size=16, ffn_multiple_of=16)
     _, d = make_model_dir(tmp_path, cfg)
     fp32, int8 = load_engine_lm(d), load_engine_lm(d, dtype="int8")
-    assert fp32.ops.add_rms_norm is OPS["add_rms_norm"].reference
-    assert int8.ops.add_rms_norm is not OPS["add_rms_norm"].reference
-    assert int8.ops.names["rms_norm"] == OPS["rms_norm"].variants["cpp"].label
+    for lm in (fp32, int8):
+        assert lm.ops.add_rms_norm is not OPS["add_rms_norm"].reference
+        assert lm.ops.names["rms_norm"] == OPS["rms_norm"].variants["cpp"].label
+    assert fp32.ops.linear is not OPS["linear"].reference and int8.ops.linear is OPS["linear"].reference
+    assert all(isinstance(getattr(layer, n), PackedWeight) for layer in fp32.layers for n in fp32.TRUNK_WEIGHTS)
+    assert all(isinstance(getattr(layer, n), Int8Weight) for layer in int8.layers for n in int8.TRUNK_WEIGHTS)
 
 
 @NEEDS_CPP

@@ -181,14 +181,17 @@ def test_info_without_model_reports_backends():
 
 
 def test_info_reports_the_backends_of_a_dtype():
-    """--dtype: the ops that dtype would run (the int8 path takes the C++ norms fp32 declines); bad ones one line."""
+    """--dtype: the ops that dtype would run (fp32 trunk GEMMs on oneDNN, the int8 path's are int8); bad ones
+    one line."""
     from stemgen.kernels import OPS
     be = {d: json.loads(runner.invoke(app, ["info", "--json", "--device", "cpu", "--dtype", d]).stdout)["backends"]
           for d in ("float32", "int8")}
     assert be["int8"]["LM dtype (this report)"] == "int8"
-    assert be["float32"]["RMSNorm"].startswith(OPS["rms_norm"].reference_label)
+    gemm = OPS["linear"].title
+    assert be["int8"][gemm].startswith(OPS["linear"].reference_label) and "int8_linear" in be["int8"][gemm]
     if cpp_ext.available():
-        assert be["int8"]["RMSNorm"] == OPS["rms_norm"].variants["cpp"].label
+        assert be["float32"][gemm] == OPS["linear"].variants["cpp"].label
+        assert be["int8"]["RMSNorm"] == be["float32"]["RMSNorm"] == OPS["rms_norm"].variants["cpp"].label
     for args, msg in ((["--dtype", "int9"], "unknown dtype 'int9'"), (["--dtype", "int8", "--device", "cuda"], "")):
         res = runner.invoke(app, ["info", *args])
         assert res.exit_code != 0 and "Traceback" not in res.output and msg in res.output, res.output

@@ -183,8 +183,9 @@ def test_bench_baseline_names_the_device_of_every_new_tensor(engine):
     from stemgen.bench import baseline_generate
     from stemgen.train import StemGenLM
     from stemgen.weights_convert.lm import train_state_from_engine
-    base = StemGenLM(CFG)
-    base.load_state_dict(train_state_from_engine(CFG, engine.lm.state_dict()))
+    from safetensors.torch import load_file
+    base = StemGenLM(CFG)   # from the model's file: the engine's CPU trunk weights are packed for oneDNN
+    base.load_state_dict(train_state_from_engine(CFG, load_file(engine.model_dir / engine.config.weights["lm"])))
     ctx, cond = torch.randint(0, CFG.codebook_size, (2, 1, CFG.n_q, 9)), torch.zeros(2, 1, dtype=torch.long)
     samplings = [SamplingConfig(steps=(2, 1, 1, 1), seed=s) for s in range(2)]
     with DevicelessFactories() as det:
