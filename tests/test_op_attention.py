@@ -190,7 +190,7 @@ def test_cpp_rope_pack_equals_rope_ref(dtype, segments):
 @pytest.mark.parametrize("segments", [[(3, 9), (2, 1), (1, 40)], [(2, 257)]])
 def test_cpp_attention_fp32_equals_reference(segments):
     """fp32: the C++ variant's output equals attention_ref's bit for bit (RoPE bit-equal, then the
-    same SDPA on the same values), which keeps fp32 tokens equal to the training-form model's."""
+    same SDPA on the same values): the attention adds no difference of its own to the fp32 engine's."""
     from helpers import backend_missing
     if backend_missing("cpp"):
         pytest.fail(f"the C++ extension should be built for the tests: {backend_missing('cpp')}")
