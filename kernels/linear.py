@@ -16,6 +16,8 @@ kernel): engine.model.linear pads CPU GEMMs to MIN_GEMM_ROWS rows for both, whic
 invariance exact."""
 from __future__ import annotations
 
+import platform
+
 import torch
 import torch.nn.functional as F
 
@@ -46,6 +48,8 @@ def _selfcheck(fn, device, dtype) -> str | None:
 _DECLINED = {torch.int8: "the int8 path's trunk GEMMs are int8_linear's"}
 if not torch.backends.mkldnn.is_available():
     _DECLINED[torch.float32] = "this torch is built without oneDNN"
+elif platform.machine().lower() not in ("x86_64", "amd64"):
+    _DECLINED[torch.float32] = "measured on x86 CPUs only"
 
 OP = register(Op("linear", "fp32 trunk GEMM", linear_ref, selfcheck=_selfcheck,
                  reference_label="PyTorch reference (F.linear: the training form's GEMM, bit for bit)"),
