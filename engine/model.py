@@ -199,13 +199,17 @@ class PackedWeight:
         return self.w.shape
 
 
-def quantize_trunk(model: "PackedLM") -> None:
-    """Replace every trunk GEMM weight (the architecture's TRUNK_WEIGHTS) by its Int8Weight; the
-    embeddings, norms, level heads and the sampling stay fp32."""
+def _replace_trunk(model: "PackedLM", make) -> None:
+    """Replace every trunk GEMM weight (the architecture's TRUNK_WEIGHTS) by ``make(weight)``."""
     for layer in model.layers:
         for name in model.TRUNK_WEIGHTS:
-            w = layer._parameters.pop(name)
-            setattr(layer, name, Int8Weight(w.detach().float(), model.ops.int8_linear))
+            setattr(layer, name, make(layer._parameters.pop(name).detach()))
+
+
+def quantize_trunk(model: "PackedLM") -> None:
+    """Replace every trunk GEMM weight by its Int8Weight; the embeddings, norms, level heads and the
+    sampling stay fp32."""
+    _replace_trunk(model, lambda w: Int8Weight(w.float(), model.ops.int8_linear))
 
 
 def pack_trunk(model: "PackedLM") -> None:
@@ -214,12 +218,8 @@ def pack_trunk(model: "PackedLM") -> None:
     size: 1.34 GB for MAGNeT-small); the weight file's pages they were read from stay mapped while
     the other tensors use the file, as clean page cache the system can reclaim."""
     from ..kernels.linear import linear_ref
-    if model.ops.linear is linear_ref:
-        return
-    for layer in model.layers:
-        for name in model.TRUNK_WEIGHTS:
-            w = layer._parameters.pop(name)
-            setattr(layer, name, PackedWeight(w, model.ops.linear))
+    if model.ops.linear is not linear_ref:
+        _replace_trunk(model, lambda w: PackedWeight(w, model.ops.linear))
 
 
 def linear(x: torch.Tensor, w) -> torch.Tensor:
