@@ -26,7 +26,7 @@ from stemgen.kernels import OPS
 
 CATEGORIES = {"embed_sum": "embedding-sum", "attention": "attention", "rms_norm": "norms",
               "add_rms_norm": "norms", "silu_mul": "SwiGLU (silu * up)", "guide_sample_rank": "guidance+sampling",
-              "linear": "GEMMs (trunk)", "head_logits": "head GEMM",
+              "linear": "GEMMs (trunk)", "head_logits": "head GEMM", "fold_guidance": "head GEMM",
               "int8_swiglu": "int8 feed-forward (both GEMMs + SwiGLU)"}
 
 

@@ -179,12 +179,22 @@ class MagnetRequest:
         self._pos = self._positions() if subset else self.arange
         return tokens, cond, self.level, self._pos if subset else None
 
-    def sample(self, ops, logits: torch.Tensor):
+    def _coef(self) -> float:
+        """The CFG coefficient, annealed with the mask ratio as audiocraft."""
         s, p = self.sampling, self.schedule[self.step]
+        return p * s.max_cfg_coef + (1 - p) * s.min_cfg_coef
+
+    def guidance(self) -> list[float] | None:
+        """This step's row weights: uncond + (cond - uncond) * coef = coef * cond + (1 - coef) * uncond."""
+        return [self._coef(), 1.0 - self._coef()] if self.n_rows == 2 else None
+
+    def sample(self, ops, logits: torch.Tensor):
+        """``logits`` [2, M, V] (conditioned, unconditioned), or [1, M, V]: guided already (folded
+        before the head, kernels.guidance_fold) or without text."""
+        s = self.sampling
         S = s.steps[self.level]
         temperature = max(s.temperature * (S - 1 - self.step) / S, 1e-2)   # annealed linearly, as audiocraft
-        coef = p * s.max_cfg_coef + (1 - p) * s.min_cfg_coef
-        return ops.magnet_sample(logits, self._pos, seed=s.seed, level=self.level, step=self.step, coef=coef,
+        return ops.magnet_sample(logits, self._pos, seed=s.seed, level=self.level, step=self.step, coef=self._coef(),
                                  temperature=temperature, top_k=s.top_k, top_p=s.top_p)
 
     def commit(self, tok: torch.Tensor, prob: torch.Tensor) -> None:

@@ -71,22 +71,25 @@ class PackedLM(nn.Module):
         return self.heads.device
 
     @torch.inference_mode()
-    def forward_requests(self, requests: list[tuple]) -> list[torch.Tensor]:
+    def forward_requests(self, requests: list[tuple], guidance: list | None = None) -> list[torch.Tensor]:
         """One forward over the guidance rows of several requests of different lengths, packed
         (no padding). Each request is (tokens [R, C, Q, T], conditions, level, positions):
         only head ``level`` is computed, and only at frames ``positions`` (int64 [M]; None: all).
-        Returns per request fp32 logits [R, M, V]. Attention never mixes requests."""
-        return self.level_logits(requests, self.hidden([(t, c) for t, c, _, _ in requests]))
+        Returns per request fp32 logits [R, M, V]. Attention never mixes requests.
+        ``guidance``: per request its guidance weights [R] (or None): the ``fold_guidance`` op may then
+        run the head on their weighted sum and return [1, M, V] for it (kernels.guidance_fold)."""
+        return self.level_logits(requests, self.hidden([(t, c) for t, c, _, _ in requests]), guidance)
 
-    def level_logits(self, requests: list[tuple], x: torch.Tensor) -> list[torch.Tensor]:
+    def level_logits(self, requests: list[tuple], x: torch.Tensor, guidance: list | None = None) -> list[torch.Tensor]:
         """fp32 logits of each request's level head at its positions, from the packed hidden states
         ``x`` [sum R*T, d] (see forward_requests)."""
         rows, start = [], 0
-        for tokens, _, level, positions in requests:
+        for i, (tokens, _, level, positions) in enumerate(requests):
             R, T = tokens.shape[0], tokens.shape[-1]
             seg = x[start: start + R * T].view(R, T, -1)
             start += R * T
-            rows.append(seg if positions is None else seg[:, positions])
+            seg = seg if positions is None else seg[:, positions]
+            rows.append(seg if guidance is None or guidance[i] is None else self.ops.fold_guidance(seg, guidance[i]))
         out: list[torch.Tensor | None] = [None] * len(requests)
         for level in sorted({r[2] for r in requests}):  # one GEMM per level present
             idx = [i for i, r in enumerate(requests) if r[2] == level]
@@ -103,7 +106,7 @@ class PackedLM(nn.Module):
 class StemGenEngineLM(PackedLM):
     # the trunk GEMM weights of a layer (int8 on the CPU's int8 path) and the ops a step runs
     TRUNK_WEIGHTS = ("wqkv", "wo", "w13", "w2")
-    OPS = ("embed_sum", "attention", "rms_norm", "add_rms_norm", "silu_mul", "guide_sample_rank", "linear",
+    OPS = ("embed_sum", "attention", "rms_norm", "add_rms_norm", "silu_mul", "fold_guidance", "guide_sample_rank", "linear",
            "int8_linear", "int8_swiglu")
 
     def __init__(self, cfg: LMConfig):

@@ -125,6 +125,7 @@ class Request:
         self.context = self.context.to(device)
         self.conditions = self.conditions.to(device)
         self.weights = torch.tensor(self.sampling.guidance_weights(), dtype=torch.float32, device=device)
+        self.one = torch.ones(1, dtype=torch.float32, device=device)   # the weight of folded rows
         if self.given is None:
             self.tokens = torch.full((Q, T), cfg.mask_id, dtype=torch.int64, device=device)
             self.level_totals = [T] * Q
@@ -180,16 +181,22 @@ class Request:
         self._positions = self.masked.nonzero()[:, 0] if subset else self.arange
         return tokens, self.cond_rows, self.level, self._positions if subset else None
 
-    def sample_args(self) -> tuple[tuple, dict]:
-        """The sampling op's arguments for this step's logits (see kernels.sampling)."""
+    def guidance(self) -> list[float]:
+        """The guidance weights of this step's rows (kernels.guidance_fold may fold them before the head)."""
+        return self.sampling.guidance_weights()
+
+    def sample_args(self, rows: int | None = None) -> tuple[tuple, dict]:
+        """The sampling op's arguments for this step's logits of ``rows`` rows (see kernels.sampling):
+        one row where the guidance rows were folded before the head takes weight 1."""
         s, pos = self.sampling, self._positions
-        return ((self.weights, pos, self.masked[pos], self.T),
+        weights = self.one if rows == 1 else self.weights
+        return ((weights, pos, self.masked[pos], self.T),
                 dict(seed=s.seed, level=self.level, step=self.step, temperature=s.temperature, top_k=s.top_k,
                      top_p=s.top_p, w_confidence=s.w_confidence, w_causal=s.w_causal, w_random=s.w_random))
 
     def sample(self, ops, logits: torch.Tensor):
         """This step's guidance + sampling + rank score -> what commit takes."""
-        args, kwargs = self.sample_args()
+        args, kwargs = self.sample_args(logits.shape[0])
         tok, _, score = ops.guide_sample_rank(logits, *args, **kwargs)
         return tok, score
 

@@ -77,10 +77,11 @@ class Runner:
         sizes = [t.shape[0] * t.shape[-1] for t, _, _, _ in inputs]
         for group in chunks(sizes, self.chunk_rows):
             part = [inputs[i] for i in group]
+            guidance = [active[i].guidance() for i in group]   # the head may run on their weighted sum
             if self.graphs is None:
-                logits = self.model.forward_requests(part)
+                logits = self.model.forward_requests(part, guidance)
             else:
-                logits = self.model.level_logits(part, self.graphs.hidden([(t, c) for t, c, _, _ in part]))
+                logits = self.model.level_logits(part, self.graphs.hidden([(t, c) for t, c, _, _ in part]), guidance)
             self._sample([active[i] for i in group], logits)
 
     def _sample(self, requests: list[Request], logits: list) -> None:

@@ -32,7 +32,7 @@ class FakeLM:
         R, _, _, T = tokens.shape
         return self.row_logits[:R, None, :].expand(R, T, -1).clone()
 
-    def forward_requests(self, requests):  # the engine LM's batched interface
+    def forward_requests(self, requests, guidance=None):  # the engine LM's batched interface (never folds)
         out = []
         for tokens, conds, level, positions in requests:
             logits = self(tokens, conds, level)
