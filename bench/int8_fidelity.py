@@ -12,6 +12,10 @@ random. Reported over all rows and masked frames, per level and in all:
   max error    max |int8 - fp32| / max |fp32|  (the scale the guidance and sampling see)
   mean error   mean |int8 - fp32| / mean |fp32|   (int8: or the --dtype given)
   top-1        share of (row, frame) whose argmax code is the same
+  guided       the multi-CFG distribution a step samples from (temperature 1), fp32's against the
+               compared model's as its engine runs it (the guidance folded before the head where its
+               fold_guidance op does; --head-on-every-row: not): total variation distance per frame
+               (mean, max) and the share of frames whose most likely code is the same
 
     .venv/bin/python bench/int8_fidelity.py --corpus /tmp/heldout --songs 40
     .venv/bin/python bench/int8_fidelity.py --config small
@@ -24,15 +28,29 @@ import sys
 
 import torch
 
+from stemgen.engine.config import SamplingConfig
 from stemgen.engine.request import guidance_rows
+from stemgen.kernels.guidance_fold import fold_guidance_ref
+from stemgen.kernels.sampling import guided_logprobs
 
 
-def compare(fp32, other, rows: list[tuple]) -> dict:
-    """rows: (tokens [R, C, Q, T], conditions [R, S], level, positions) inputs of forward_requests."""
+def guided_dist(lm, r: tuple, weights: list[float], fold: bool) -> torch.Tensor:
+    """The guided distribution [M, V] a step samples from (temperature 1): the head on every row then
+    the guidance (fold False), or as ``lm``'s own fold_guidance op runs it (kernels.guidance_fold)."""
+    logits = lm.forward_requests([r], [weights] if fold else None)[0]
+    w = torch.tensor(weights if logits.shape[0] == len(weights) else [1.0])
+    return torch.softmax(guided_logprobs(logits, w), dim=-1)
+
+
+def compare(fp32, other, rows: list[tuple], weights: list[float] | None = None) -> dict:
+    """rows: (tokens [R, C, Q, T], conditions [R, S], level, positions) inputs of forward_requests.
+    With the guidance ``weights`` of those rows, also the guided distributions: fp32's (every row)
+    against ``other``'s as its engine runs it (its guidance fold included)."""
     per_level: dict[int, list] = {}
     for r in rows:
         a, b = (m.forward_requests([r])[0] for m in (fp32, other))
-        per_level.setdefault(r[2], []).append((a, b))
+        ga, gb = (guided_dist(fp32, r, weights, False), guided_dist(other, r, weights, True)) if weights else (None, None)
+        per_level.setdefault(r[2], []).append((a, b, ga, gb))
     out = {}
     for level in sorted(per_level) + ["all"]:
         pairs = [p for lv in per_level for p in per_level[lv]] if level == "all" else per_level[level]
@@ -41,6 +59,11 @@ def compare(fp32, other, rows: list[tuple]) -> dict:
         err = (a - b).abs()
         out[str(level)] = dict(max_error=float(err.max() / a.abs().max()), mean_error=float(err.mean() / a.abs().mean()),
                                top1=float((a.argmax(-1) == b.argmax(-1)).float().mean()), frames=a.shape[0])
+        if weights:
+            ga, gb = torch.cat([p[2] for p in pairs]), torch.cat([p[3] for p in pairs])
+            tv = (ga - gb).abs().sum(-1) / 2          # total variation distance per frame
+            out[str(level)].update(guided_tv_mean=float(tv.mean()), guided_tv_max=float(tv.max()),
+                                   guided_top1=float((ga.argmax(-1) == gb.argmax(-1)).float().mean()))
     return out
 
 
@@ -69,6 +92,8 @@ def main(argv=None) -> None:
     p.add_argument("--frames", type=int, default=500, help="with --config: frames per example")
     p.add_argument("--examples", type=int, default=4, help="with --config: random examples")
     p.add_argument("--dtype", default="int8", choices=["int8", "bfloat16"], help="the dtype set against fp32")
+    p.add_argument("--head-on-every-row", action="store_true",
+                   help="the compared model's head on every guidance row (its guidance fold off)")
     p.add_argument("--json", help="write the figures here too")
     a = p.parse_args(argv)
     torch.manual_seed(0)
@@ -101,17 +126,25 @@ def main(argv=None) -> None:
                 cond = torch.tensor([engines[0].instrument_id(inst)])
                 rows += step_rows(cfg, ctx[: cfg.n_channels - 1], cond, real[:, : ctx.shape[-1]], g)
         source = f"{a.model}, {a.songs} held-out songs of {a.corpus} x bass, drums, first {a.seconds:g} s"
+    if a.head_on_every_row:
+        other.ops.fold_guidance = fold_guidance_ref
+        other.ops.names["fold_guidance"] = "on every guidance row (--head-on-every-row)"
+    weights = SamplingConfig(guidance="multi").guidance_weights()   # the rows step_rows builds
     with torch.inference_mode():
-        res = compare(fp32, other, rows)
+        res = compare(fp32, other, rows, weights)
     from stemgen.bench import cpu_features, cpu_name
     cpu = f"{cpu_name()} ({cpu_features()})"
     print(f"{a.dtype} vs fp32 logits: {source}; CPU {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print("| level | max error | mean error | top-1 agreement | frames x rows |\n| --- | --- | --- | --- | --- |")
+    print(f"guided distribution: multi CFG {weights}, the compared model's head {other.ops.names['fold_guidance']}")
+    print("| level | max error | mean error | top-1 agreement | frames x rows | guided: total variation mean / max "
+          "| guided top-1 |\n| --- | --- | --- | --- | --- | --- | --- |")
     for level, r in res.items():
-        print(f"| {level} | {r['max_error']:.2%} | {r['mean_error']:.2%} | {r['top1']:.1%} | {r['frames']} |")
+        print(f"| {level} | {r['max_error']:.2%} | {r['mean_error']:.2%} | {r['top1']:.1%} | {r['frames']} "
+              f"| {r['guided_tv_mean']:.4f} / {r['guided_tv_max']:.4f} | {r['guided_top1']:.1%} |")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(dict(dtype=a.dtype, source=source, cpu=cpu, torch=torch.__version__, levels=res), f, indent=1)
+            json.dump(dict(dtype=a.dtype, source=source, cpu=cpu, torch=torch.__version__, weights=weights,
+                           head=other.ops.names["fold_guidance"], levels=res), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -150,10 +150,19 @@ def int8_linear(x, wq, scale) -> torch.Tensor:
     return torch.from_numpy(_native.dequantize(_np(acc, torch.int32), xs, _np(scale.float(), torch.float32)))
 
 
+def int8_linear2(x, wq, scale) -> torch.Tensor:
+    """Same contract as kernels.int8_linear.int8_linear2_ref: x in two int8 parts (C++, one pass),
+    both parts' rows in one int8 GEMM, dequantized in one pass."""
+    q, s = _native.quantize_rows2(_np(x.float(), torch.float32))
+    acc = _int_mm(torch.from_numpy(q), wq)
+    return torch.from_numpy(_native.dequantize2(_np(acc, torch.int32), s, _np(scale.float(), torch.float32)))
+
+
 def int8_swiglu(x, w13q, s13, w2q, s2) -> torch.Tensor:
     """Same contract as kernels.int8_linear.int8_swiglu_ref: x quantized, the gate|up int8 GEMM, then
-    one C++ pass (dequantize, silu(gate) * up rounded as silu_mul_f32, quantize), the down int8 GEMM,
-    dequantized. Equal to int8_linear(silu_mul(int8_linear(x, ...)), ...) of this module bit for bit."""
+    one C++ pass (dequantize, silu(gate) * up rounded as silu_mul_f32, quantize in two parts), the down
+    int8 GEMM over both parts' rows, dequantized. Equal to int8_linear2(silu_mul(int8_linear(x, ...)),
+    ...) of this module bit for bit."""
     H = w2q.shape[0] if w2q.dim() == 2 else -1
     if (x.dim() != 2 or w13q.dim() != 2 or w13q.dtype != torch.int8 or w2q.dtype != torch.int8
             or w13q.shape[1] != 2 * H or x.shape[1] != w13q.shape[0]
@@ -163,9 +172,9 @@ def int8_swiglu(x, w13q, s13, w2q, s2) -> torch.Tensor:
                          f"{list(s2.shape)}")
     xq, xs = _native.quantize_rows(_np(x.float(), torch.float32))
     acc = _int_mm(torch.from_numpy(xq), w13q)
-    hq, hs = _native.swiglu_quantize(_np(acc, torch.int32), xs, _np(s13.float(), torch.float32))
+    hq, hs = _native.swiglu_quantize2(_np(acc, torch.int32), xs, _np(s13.float(), torch.float32))
     acc = _int_mm(torch.from_numpy(hq), w2q)
-    return torch.from_numpy(_native.dequantize(_np(acc, torch.int32), hs, _np(s2.float(), torch.float32)))
+    return torch.from_numpy(_native.dequantize2(_np(acc, torch.int32), hs, _np(s2.float(), torch.float32)))
 
 
 def _qkv_rows(q, k, v) -> torch.Tensor:

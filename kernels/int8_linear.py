@@ -42,10 +42,29 @@ def int8_linear_ref(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor) -> t
     return (acc.float() * xs[:, None] * scale[None, :])
 
 
+def quantize_rows2(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [N, K] in two int8 parts: (q1, s1) = quantize_rows(x), then the residual x - q1 * s1 the same
+    way (q2, s2); x ~ q1 * s1 + q2 * s2, about 14 bits per value where one part keeps 7."""
+    q1, s1 = quantize_rows(x)
+    q2, s2 = quantize_rows(x.float() - q1.float() * s1[:, None])
+    return q1, s1, q2, s2
+
+
+def int8_linear2_ref(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """int8_linear_ref with x in two int8 parts (quantize_rows2): two exact integer products."""
+    q1, s1, q2, s2 = quantize_rows2(x)
+    a1, a2 = (q.double() @ wq.double() for q in (q1, q2))
+    return (a1.float() * s1[:, None] + a2.float() * s2[:, None]) * scale[None, :]
+
+
 def int8_swiglu_ref(x: torch.Tensor, w13q: torch.Tensor, s13: torch.Tensor, w2q: torch.Tensor,
                     s2: torch.Tensor) -> torch.Tensor:
-    """The SwiGLU feed-forward with both GEMMs int8: down(silu(gate) * up), gate|up = x @ w13."""
-    return int8_linear_ref(silu_mul_ref(int8_linear_ref(x, w13q, s13)), w2q, s2)
+    """The SwiGLU feed-forward with both GEMMs int8: down(silu(gate) * up), gate|up = x @ w13; the down
+    projection's input in two int8 parts (int8_linear2_ref). That input (silu(gate) * up: many small
+    values beside a few large ones in a row) is where one int8 part per row loses most: on the demo
+    it made about half the int8 path's logit error (40 held-out songs' guided distributions: total
+    variation from fp32's 0.066 with one part, 0.039 with two; fp32 there: 0.038)."""
+    return int8_linear2_ref(silu_mul_ref(int8_linear_ref(x, w13q, s13)), w2q, s2)
 
 
 def _selfcheck(fn, device, dtype) -> str | None:
@@ -74,4 +93,4 @@ SWIGLU = register(Op("int8_swiglu", "int8 SwiGLU feed-forward (--dtype int8)", i
                      selfcheck=_selfcheck_swiglu,
                      reference_label="PyTorch reference (int8_linear_ref, silu_mul_ref, int8_linear_ref)"),
                   Variant("cpp", "..cpp_ext:int8_swiglu", "C++: the gate|up product dequantized, silu * up and "
-                          "quantized again in one pass between the two int8 GEMMs"))
+                          "quantized again (in two int8 parts) in one pass between the two int8 GEMMs"))

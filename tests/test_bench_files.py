@@ -79,5 +79,8 @@ def test_int8_fidelity_script(tmp_path):
                          torch.zeros(len(cfg.cond_sizes), dtype=torch.int64),
                          torch.randint(0, cfg.codebook_size, (cfg.n_q, 12), generator=g), g)
     assert len(rows) == 2 * cfg.n_q and all(r[0].shape[0] == 3 for r in rows)
-    same = mod.compare(lm, lm, rows)["all"]
+    same = mod.compare(lm, lm, rows, [3.0, 3.0, -5.0])["all"]
     assert same["max_error"] == 0 and same["top1"] == 1
+    # the guided distributions: the model with its guidance fold against itself without it
+    assert lm.ops.names["fold_guidance"].startswith("folded") and 0 <= same["guided_tv_max"] < 1e-5
+    assert all(0 < r["guided_tv_mean"] < 0.5 for r in bf16["levels"].values())

@@ -6,7 +6,7 @@ import torch
 
 from stemgen.kernels.int8_linear import int8_linear_ref, int8_swiglu_ref, quantize_weight
 
-from helpers import variants
+from helpers import NEEDS_CPP, variants
 
 SHAPES = [(1, 8, 8), (5, 37, 13), (257, 256, 768), (64, 1024, 96), (3, 4099, 7)]
 
@@ -92,7 +92,7 @@ def test_swiglu_cpp_equals_its_unfused_ops(N, K, H, M):
     args, _ = ffn_args(N, K, H, M, 7 * N + K)
     x, w13q, s13, w2q, s2 = args
     assert torch.equal(cpp_ext.int8_swiglu(*args),
-                       cpp_ext.int8_linear(cpp_ext.silu_mul(cpp_ext.int8_linear(x, w13q, s13)), w2q, s2))
+                       cpp_ext.int8_linear2(cpp_ext.silu_mul(cpp_ext.int8_linear(x, w13q, s13)), w2q, s2))
 
 
 @pytest.mark.parametrize("fn,dtype", variants("int8_swiglu"))
@@ -150,3 +150,30 @@ def test_model_in_int8_against_fp32(tmp_path):
     mk = lambda c: Request(int8.cfg, c, torch.tensor([0]), s)  # noqa: E731
     alone = [run_requests(int8, [mk(c)])[0] for c in ctx]
     assert all(torch.equal(x, y) for x, y in zip(alone, run_requests(int8, [mk(c) for c in ctx])))
+
+
+@NEEDS_CPP
+@pytest.mark.parametrize("N,K,M", SHAPES)
+def test_two_part_linear_matches_reference_and_keeps_small_values(N, K, M):
+    """The down projection's input in two int8 parts (quantize_rows2): C++ equal to the reference bit
+    for bit (the same float ops, exact integer products), NaN / inf rows NaN; on a row of many small
+    values beside one large one (silu(gate) * up's shape) it is far closer to the fp32 product than
+    one int8 part."""
+    from stemgen import cpp_ext
+    from stemgen.kernels.int8_linear import int8_linear2_ref
+    g = torch.Generator().manual_seed(N * K + M)
+    x, w = torch.randn(N, K, generator=g) * 0.05, torch.randn(M, K, generator=g) / K ** 0.5
+    x[:, 0] = 8.0                                           # one large value per row
+    if N > 2:
+        x[1, K // 2] = float("nan")
+    wq, s = quantize_weight(w)
+    got, want = cpp_ext.int8_linear2(x, wq, s), int8_linear2_ref(x, wq, s)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
+    ok = ~x.isnan().any(1)
+    assert got[~ok].isnan().all() and got[ok].isfinite().all()
+    assert torch.equal(got[ok][:2], cpp_ext.int8_linear2(x[ok][:2], wq, s))   # rows independent of the batch
+    if K >= 37:
+        exact = x[ok] @ (wq.float() * s[None, :])   # the product with the int8 weight itself
+        two = (got[ok] - exact).abs().max()
+        one = (int8_linear_ref(x[ok], wq, s) - exact).abs().max()
+        assert two <= 0.05 * one
