@@ -131,6 +131,27 @@ def test_guide_sample_rank(benchmark, fn, T):
           seed=0, level=0, step=0)
 
 
+@pytest.mark.parametrize("fn", implementations("fold_guidance"))
+@pytest.mark.parametrize("T", T_S)
+def test_head_and_guidance(benchmark, fn, T):
+    """A step's tail: the guidance rows before the head (every row, or folded into their weighted sum),
+    the level head's GEMM at every frame, then guidance + sampling (the engine's op for it)."""
+    from stemgen.engine.backend import backend_ops
+    from stemgen.engine.model import head_logits
+    benchmark.group = f"level head + guidance T={T} rows=3 d={D} V={V}"
+    sample = backend_ops(BACKEND, DTYPE).guide_sample_rank
+    weights = [3.0, 3.0, -5.0]
+    rows, head = torch.randn(3, T, D).to(DEV, DTYPE), (torch.randn(V, D) / D ** 0.5).to(DEV, DTYPE)
+    w, one = torch.tensor(weights, device=DEV), torch.ones(1, device=DEV)
+    pos, masked = torch.arange(T, device=DEV), torch.ones(T, dtype=torch.bool, device=DEV)
+
+    def tail():
+        x = fn(rows, weights)
+        logits = head_logits(x.reshape(-1, D), head).view(x.shape[0], T, V)
+        return sample(logits, w if x.shape[0] == 3 else one, pos, masked, T, seed=0, level=0, step=0)
+    timed(benchmark, tail)
+
+
 if BACKEND == "cpp" and unavailable("cpp") is None:   # the codec's RVQ encode: a C++ op (no Triton one)
     @pytest.mark.parametrize("impl", ["reference", "cpp"])
     @pytest.mark.parametrize("N", [250, 1000])

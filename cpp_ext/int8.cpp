@@ -118,14 +118,16 @@ static py::tuple swiglu_quantize2(py::array_t<int32_t, py::array::c_style> acc,
     return py::make_tuple(q_out, s_out);
 }
 
-// acc [2N, M] int32 (the products of quantize_rows2's two parts), xs [2N], ws [M] ->
-// (float(acc[n]) * xs[n] + float(acc[N + n]) * xs[N + n]) * ws[m], left to right as the reference.
-static py::array_t<float> dequantize2(py::array_t<int32_t, py::array::c_style> acc,
-                                      py::array_t<float, py::array::c_style> xs,
-                                      py::array_t<float, py::array::c_style> ws) {
-    const i64 N = acc.shape(0) / 2, M = acc.shape(1);
-    if (acc.shape(0) != 2 * N || xs.shape(0) != 2 * N || ws.shape(0) != M)
-        throw py::value_error("int8 dequantize2: acc [2N, M], xs [2N], ws [M] expected");
+// acc [P * N, M] int32 (the products of P parts of N rows: quantize_rows for P = 1, quantize_rows2
+// for 2), xs [P * N], ws [M] -> (float(acc[n]) * xs[n] (+ float(acc[N + n]) * xs[N + n])) * ws[m],
+// left to right as the reference.
+static py::array_t<float> dequantize_parts(py::array_t<int32_t, py::array::c_style> acc,
+                                           py::array_t<float, py::array::c_style> xs,
+                                           py::array_t<float, py::array::c_style> ws, int parts) {
+    const i64 N = acc.shape(0) / parts, M = acc.shape(1);
+    if (acc.shape(0) != parts * N || xs.shape(0) != parts * N || ws.shape(0) != M)
+        throw py::value_error("int8 dequantize: acc [" + std::string(parts == 2 ? "2N" : "N") +
+                              ", M], xs [" + (parts == 2 ? "2N" : "N") + "], ws [M] expected");
     py::array_t<float> out({N, M});
     const int32_t* A = acc.data();
     const float *XS = xs.data(), *WS = ws.data();
@@ -134,31 +136,16 @@ static py::array_t<float> dequantize2(py::array_t<int32_t, py::array::c_style> a
         py::gil_scoped_release nogil;
 #pragma omp parallel for schedule(static)
         for (i64 n = 0; n < N; ++n) {
-            const float x1 = XS[n], x2 = XS[N + n];
-            const int32_t *a1 = A + n * M, *a2 = A + (N + n) * M;
-            for (i64 m = 0; m < M; ++m)
-                O[n * M + m] = (static_cast<float>(a1[m]) * x1 + static_cast<float>(a2[m]) * x2) * WS[m];
-        }
-    }
-    return out;
-}
-
-// acc [N, M] int32, xs [N], ws [M] -> float(acc) * xs[n] * ws[m] (left to right, as the reference).
-static py::array_t<float> dequantize(py::array_t<int32_t, py::array::c_style> acc,
-                                     py::array_t<float, py::array::c_style> xs,
-                                     py::array_t<float, py::array::c_style> ws) {
-    const i64 N = acc.shape(0), M = acc.shape(1);
-    if (xs.shape(0) != N || ws.shape(0) != M) throw py::value_error("int8 dequantize: scale sizes do not match");
-    py::array_t<float> out({N, M});
-    const int32_t* A = acc.data();
-    const float *XS = xs.data(), *WS = ws.data();
-    float* O = out.mutable_data();
-    {
-        py::gil_scoped_release nogil;
-#pragma omp parallel for schedule(static)
-        for (i64 n = 0; n < N; ++n) {
-            const float xn = XS[n];
-            for (i64 m = 0; m < M; ++m) O[n * M + m] = static_cast<float>(A[n * M + m]) * xn * WS[m];
+            const float x1 = XS[n];
+            const int32_t* a1 = A + n * M;
+            if (parts == 1) {
+                for (i64 m = 0; m < M; ++m) O[n * M + m] = static_cast<float>(a1[m]) * x1 * WS[m];
+            } else {
+                const float x2 = XS[N + n];
+                const int32_t* a2 = A + (N + n) * M;
+                for (i64 m = 0; m < M; ++m)
+                    O[n * M + m] = (static_cast<float>(a1[m]) * x1 + static_cast<float>(a2[m]) * x2) * WS[m];
+            }
         }
     }
     return out;
@@ -166,8 +153,10 @@ static py::array_t<float> dequantize(py::array_t<int32_t, py::array::c_style> ac
 
 void def_int8(py::module_& m) {
     m.def("quantize_rows", &quantize_rows);
-    m.def("dequantize", &dequantize);
+    m.def("dequantize", [](py::array_t<int32_t, py::array::c_style> acc, py::array_t<float, py::array::c_style> xs,
+                           py::array_t<float, py::array::c_style> ws) { return dequantize_parts(acc, xs, ws, 1); });
     m.def("quantize_rows2", &quantize_rows2);
     m.def("swiglu_quantize2", &swiglu_quantize2);
-    m.def("dequantize2", &dequantize2);
+    m.def("dequantize2", [](py::array_t<int32_t, py::array::c_style> acc, py::array_t<float, py::array::c_style> xs,
+                            py::array_t<float, py::array::c_style> ws) { return dequantize_parts(acc, xs, ws, 2); });
 }
