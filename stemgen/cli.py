@@ -466,6 +466,8 @@ def bench(
     seed: int = typer.Option(0, "--seed"),
     load: int = typer.Option(0, "--load", help="busy-loop processes kept running beside the whole benchmark "
                              "(a busy machine: e.g. 1 on 2 cores)"),
+    repeat: int = typer.Option(1, "--repeat", help="runs of each side per batch, alternating engine and baseline; "
+                               "each side's best is its figure (a machine whose speed drifts between runs)"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="write all figures (and the machine) as JSON"),
 ):
     """Time whole generations: the engine vs the baseline a careful peer user runs, same process."""
@@ -484,7 +486,7 @@ def bench(
                          steps=_parse_steps(steps) or ((128, 64, 32, 32) if gpu else (16, 8, 4, 4)),
                          batches=tuple(int(b) for b in batch.split(",")), device=dev, dtype=dtype,
                          baseline=baseline, guidance=guidance, seed=seed, cuda_graphs=cuda_graphs, load=load,
-                         log=lambda m: err_console.print(m, highlight=False, soft_wrap=True))
+                         repeat=repeat, log=lambda m: err_console.print(m, highlight=False, soft_wrap=True))
 
     report = run_guarded(work)
     t = Table(title="stemgen bench")

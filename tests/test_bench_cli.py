@@ -52,6 +52,24 @@ def test_bench_model_dir_fp32_matches_baseline_tokens(tmp_path, monkeypatch):
     assert json.loads(out.read_text())["results"][0]["token_agreement"] == 1.0
 
 
+def test_bench_repeat_alternates_and_takes_each_sides_best(tmp_path):
+    """--repeat 3: three runs of each side per batch, all walls kept; each side's figure is its best
+    run and the ratio is the two bests'."""
+    out = tmp_path / "rep.json"
+    res = runner.invoke(app, ["bench", "--config", "tiny", "--duration", "1", "--steps", "2,1,1,1", "--batch", "1",
+                              "--device", "cpu", "--repeat", "3", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(out.read_text())
+    assert rep["settings"]["repeat"] == 3
+    (r,) = rep["results"]
+    for side in ("engine", "baseline"):
+        assert len(r[side]["walls_s"]) == 3 and r[side]["wall_s"] == min(r[side]["walls_s"])
+    assert r["speedup_frames_per_s"] == pytest.approx(r["baseline"]["wall_s"] / r["engine"]["wall_s"], rel=1e-9)
+    assert "best of 3" in res.output
+    bad = runner.invoke(app, ["bench", "--config", "tiny", "--repeat", "0", "--device", "cpu"])
+    assert bad.exit_code != 0 and "--repeat must be 1-20" in bad.output and "Traceback" not in bad.output
+
+
 def test_bench_bad_arguments():
     res = runner.invoke(app, ["bench", "--config", "tiny", "--batch", "x"])
     assert res.exit_code != 0 and "--batch" in res.stderr
