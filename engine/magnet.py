@@ -79,8 +79,8 @@ class MagnetLayer(nn.Module):
 
 class MagnetLM(PackedLM):
     TRUNK_WEIGHTS = ("wqkv", "wo", "cross_wq", "cross_wo", "w1", "w2")
-    OPS = ("embed_sum", "layer_norm", "add_layer_norm", "band_attention", "cross_attention", "gelu", "fold_guidance", "magnet_sample",
-           "linear", "int8_linear")
+    OPS = ("embed_sum", "layer_norm", "add_layer_norm", "band_attention", "cross_attention", "gelu", "fold_guidance",
+           "magnet_sample", "linear", "int8_linear")
 
     def __init__(self, cfg: MagnetConfig):
         super().__init__()

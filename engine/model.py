@@ -106,8 +106,8 @@ class PackedLM(nn.Module):
 class StemGenEngineLM(PackedLM):
     # the trunk GEMM weights of a layer (int8 on the CPU's int8 path) and the ops a step runs
     TRUNK_WEIGHTS = ("wqkv", "wo", "w13", "w2")
-    OPS = ("embed_sum", "attention", "rms_norm", "add_rms_norm", "silu_mul", "fold_guidance", "guide_sample_rank", "linear",
-           "int8_linear", "int8_swiglu")
+    OPS = ("embed_sum", "attention", "rms_norm", "add_rms_norm", "silu_mul", "fold_guidance", "guide_sample_rank",
+           "linear", "int8_linear", "int8_swiglu")
 
     def __init__(self, cfg: LMConfig):
         super().__init__()
