@@ -30,16 +30,13 @@ import torch
 
 from stemgen.engine.config import SamplingConfig
 from stemgen.engine.request import guidance_rows
-from stemgen.kernels.guidance_fold import fold_guidance_ref
-from stemgen.kernels.sampling import guided_logprobs
+from stemgen.kernels.guidance_fold import fold_guidance_ref, guided_distribution
 
 
 def guided_dist(lm, r: tuple, weights: list[float], fold: bool) -> torch.Tensor:
     """The guided distribution [M, V] a step samples from (temperature 1): the head on every row then
     the guidance (fold False), or as ``lm``'s own fold_guidance op runs it (kernels.guidance_fold)."""
-    logits = lm.forward_requests([r], [weights] if fold else None)[0]
-    w = torch.tensor(weights if logits.shape[0] == len(weights) else [1.0])
-    return torch.softmax(guided_logprobs(logits, w), dim=-1)
+    return guided_distribution(lm.forward_requests([r], [weights] if fold else None)[0], weights).exp()
 
 
 def compare(fp32, other, rows: list[tuple], weights: list[float] | None = None) -> dict:

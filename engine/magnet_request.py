@@ -186,7 +186,10 @@ class MagnetRequest:
 
     def guidance(self) -> list[float] | None:
         """This step's row weights: uncond + (cond - uncond) * coef = coef * cond + (1 - coef) * uncond."""
-        return [self._coef(), 1.0 - self._coef()] if self.n_rows == 2 else None
+        if self.n_rows != 2:
+            return None
+        coef = self._coef()
+        return [coef, 1.0 - coef]
 
     def sample(self, ops, logits: torch.Tensor):
         """``logits`` [2, M, V] (conditioned, unconditioned), or [1, M, V]: guided already (folded

@@ -18,8 +18,9 @@ of the sampler's reads with multi-source CFG, half with single-source. In fp32 (
 whose head is fp32) its distribution differs from the reference's in the last bits. In bf16 on the
 CPU it is closer to fp32's than the reference: the CPU's bf16 head rounds each row's logits to bf16
 before the guidance weights (3, 3, -5) amplify that rounding, where the folded sum is rounded once,
-before the head (the demo, 12 held-out songs x bass, drums, every level: total variation from the
-fp32 distribution 0.024 mean against 0.028, top-1 96.6% against 96.1%). On CUDA the bf16 head writes
+before the head (the demo, 40 held-out songs x bass, drums, every level, `bench/int8_fidelity.py
+--dtype bfloat16 [--head-on-every-row]`: total variation from the fp32 distribution 0.024 mean against
+0.028, top-1 96.4% against 95.9%; `bench/logits-fidelity-demo-bfloat16-{folded,every-row}.json`). On CUDA the bf16 head writes
 fp32 logits, so the fold would add a rounding there: not measured on a GPU, it stays off in half
 precision on CUDA."""
 from __future__ import annotations
@@ -27,7 +28,6 @@ from __future__ import annotations
 import torch
 
 from .registry import Op, Variant, register
-from .sampling import guided_logprobs
 
 
 def fold_guidance_ref(rows: torch.Tensor, weights) -> torch.Tensor:
@@ -45,12 +45,18 @@ def fold_guidance(rows: torch.Tensor, weights) -> torch.Tensor:
     return acc.unsqueeze(0).to(rows.dtype)
 
 
-def guided(rows: torch.Tensor, weights, head: torch.Tensor) -> torch.Tensor:
-    """Normalised guided log-probabilities [M, V] of rows that fold_guidance (either form) returned:
-    the sampler's distribution, to compare the two forms."""
-    logits = rows.float() @ head.float().t()
-    w = weights if rows.shape[0] == len(weights) else [1.0]
+def guided_distribution(logits: torch.Tensor, weights) -> torch.Tensor:
+    """Normalised guided log-probabilities [M, V] (temperature 1) from a level head's logits of either
+    form: [R, M, V], one row per guidance weight, or [1, M, V], folded (weight 1). What the sampler's
+    distribution is, to compare the two forms (and dtypes: bench/int8_fidelity.py)."""
+    from .sampling import guided_logprobs   # imported here: this op registers before sampling's (step order)
+    w = weights if logits.shape[0] == len(weights) else [1.0]
     return torch.log_softmax(guided_logprobs(logits, torch.tensor(w)), dim=-1)
+
+
+def guided(rows: torch.Tensor, weights, head: torch.Tensor) -> torch.Tensor:
+    """guided_distribution of the head ``head`` [V, d] on rows that fold_guidance (either form) returned."""
+    return guided_distribution(rows.float() @ head.float().t(), weights)
 
 
 def _selfcheck(fn, device, dtype) -> str | None:
