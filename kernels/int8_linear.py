@@ -10,8 +10,16 @@ The int32 accumulation is exact, so a row's result never depends on the other ro
 the same integer products in fp64; the fast variant (cpp_ext.int8_linear) quantizes and dequantizes
 in C++ (one pass each, the same float ops, so equal to the reference bit for bit) around PyTorch's
 int8 GEMM (``torch._int_mm``: oneDNN's s8 kernels, VNNI / AMX-int8 where the CPU has them, AVX2
-otherwise)."""
+otherwise).
+
+Without VNNI that GEMM is exact only for 7-bit weights: AVX2's ``vpmaddubsw`` multiplies the
+activations (shifted by 128 into unsigned bytes) by the weights and adds each pair of products in
+16 bits with saturation, which 8-bit weight codes overflow (2 x 255 x 127 = 64,770 > 32,767; ``all
+127`` rows summed to 8,160 instead of 1,032,256). So the weights' code range is probed once per
+process (weight_code_max): +-127 where the GEMM sums them exactly, +-63 where it does not."""
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -19,20 +27,57 @@ from .registry import Op, Variant, register
 from .swiglu import silu_mul_ref
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [N, K] -> (int8 [N, K], fp32 scale [N]) with x ~ q * scale; an all-zero row gets scale 1, a row
-    holding NaN or inf codes 0 and scale NaN (its outputs NaN: never a finite result from it)."""
+def quantize_rows(x: torch.Tensor, qmax: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N, K] -> (int8 [N, K], fp32 scale [N]) with x ~ q * scale, codes within +-qmax (scale = max |x|
+    / qmax); an all-zero row gets scale 1, a row holding NaN or inf codes 0 and scale NaN (its outputs
+    NaN: never a finite result from it)."""
     x = x.float()
-    scale = x.abs().amax(dim=1) / 127.0
+    scale = x.abs().amax(dim=1) / float(qmax)
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     finite = scale.isfinite()   # a row with NaN or inf: codes 0 and scale NaN, so its outputs are NaN
-    q = torch.where(finite[:, None], torch.round(x / scale[:, None]).clamp_(-127, 127), 0.0).to(torch.int8)
+    q = torch.where(finite[:, None], torch.round(x / scale[:, None]).clamp_(-qmax, qmax), 0.0).to(torch.int8)
     return q, torch.where(finite, scale, torch.full_like(scale, float("nan")))
 
 
-def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [M, K] (out, in) -> (wq [K, M] int8, scale [M] fp32): per output channel."""
-    q, scale = quantize_rows(w)
+# (rows, K, M) the probe runs: one row, the engine's shapes, a long K
+_PROBE_SHAPES = ((1, 64, 16), (256, 256, 64), (7, 4099, 24))
+
+
+def _int_mm_exact(qmax: int) -> bool:
+    """Does torch._int_mm sum activations at full range (+-127) times weights within +-qmax exactly?
+    Worst cases: every activation +-127 against every weight +-qmax, in all sign patterns."""
+    for n, k, m in _PROBE_SHAPES:
+        g = torch.Generator().manual_seed(n + k + m)
+        a = torch.where(torch.rand(n, k, generator=g) < 0.5, -127, 127).to(torch.int8)
+        a[0] = 127
+        b = torch.where(torch.rand(k, m, generator=g) < 0.5, -qmax, qmax).to(torch.int8)
+        b[:, 0] = qmax
+        if not torch.equal(torch._int_mm(a, b).long(), a.long() @ b.long()):
+            return False
+    return True
+
+
+@functools.cache
+def weight_code_max() -> tuple[int, str]:
+    """(the weight codes' bound, why): 127 where this process's int8 GEMM (torch._int_mm) sums 8-bit
+    weights exactly, 63 where only 7-bit ones (no VNNI: pairs of products saturate in 16 bits; see
+    the module's docstring). Probed once on the worst cases; raises if neither is exact."""
+    try:
+        if _int_mm_exact(127):
+            return 127, "+-127 (8 bits): this CPU's int8 GEMM sums them exactly"
+    except RuntimeError as e:   # no int8 GEMM in this torch build: only the reference op runs
+        return 127, f"+-127 (8 bits; torch._int_mm does not run here: {str(e).splitlines()[0][:120]})"
+    if _int_mm_exact(63):
+        return 63, ("+-63 (7 bits): this CPU's int8 GEMM (no VNNI) adds byte products in pairs in 16 bits, "
+                    "which 8-bit weight codes overflow")
+    raise RuntimeError("this CPU's int8 GEMM (torch._int_mm) is not exact even for 7-bit weights; "
+                       "use --dtype float32")
+
+
+def quantize_weight(w: torch.Tensor, qmax: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [M, K] (out, in) -> (wq [K, M] int8, scale [M] fp32): per output channel, codes within +-qmax
+    (default: what this machine's int8 GEMM sums exactly, weight_code_max)."""
+    q, scale = quantize_rows(w, weight_code_max()[0] if qmax is None else qmax)
     return q.t().contiguous(), scale
 
 

@@ -187,6 +187,8 @@ def test_info_reports_the_backends_of_a_dtype():
     be = {d: json.loads(runner.invoke(app, ["info", "--json", "--device", "cpu", "--dtype", d]).stdout)["backends"]
           for d in ("float32", "int8")}
     assert be["int8"]["LM dtype (this report)"] == "int8"
+    from stemgen.kernels.int8_linear import weight_code_max
+    assert be["int8"]["int8 weight codes"] == weight_code_max()[1]   # 8 or 7 bits: what the int8 GEMM sums exactly
     gemm = OPS["linear"].title
     assert be["int8"][gemm].startswith(OPS["linear"].reference_label) and "int8_linear" in be["int8"][gemm]
     if cpp_ext.available():

@@ -1,6 +1,8 @@
 """The CPU's int8 path: the int8 GEMM variant against its reference (integer products in fp64) over
 odd shapes, exact batch invariance, the quantization error against fp32, and a whole model in int8
 against fp32 (logits and top-1)."""
+import os
+
 import pytest
 import torch
 
@@ -38,7 +40,8 @@ def test_ties_round_to_even_and_zero_rows(fn, dtype):
     """Rows whose quantized values fall exactly half-way (scale 1: max 127) round half to even, as
     torch.round; an all-zero row gets scale 1 and stays zero."""
     x = torch.tensor([[127.0, 2.5, -3.5, 0.5, -0.5, 1.5, 126.5, -127.0], [0.0] * 8])
-    wq, s = quantize_weight(torch.eye(8) * torch.arange(1.0, 9.0)[:, None])
+    # 8-bit weight codes on every CPU: one non-zero weight per column never saturates a pair
+    wq, s = quantize_weight(torch.eye(8) * torch.arange(1.0, 9.0)[:, None], qmax=127)
     got, want = fn(x, wq, s), int8_linear_ref(x, wq, s)
     assert torch.equal(got, want) and torch.equal(got[1], torch.zeros(8))
     assert torch.equal(got[0, 1:7] / torch.arange(2.0, 8.0), torch.tensor([2.0, -4.0, 0.0, -0.0, 2.0, 126.0]))
@@ -177,3 +180,68 @@ def test_two_part_linear_matches_reference_and_keeps_small_values(N, K, M):
         two = (got[ok] - exact).abs().max()
         one = (int8_linear_ref(x[ok], wq, s) - exact).abs().max()
         assert two <= 0.05 * one
+
+
+def _saturating_int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """torch._int_mm as oneDNN runs it without VNNI (AVX2's vpmaddubsw): the activations shifted by
+    128 to unsigned bytes, each pair of byte products added in 16 bits with saturation, then the shift
+    taken back out."""
+    au, bl = a.long() + 128, b.long()
+    if a.shape[1] % 2:
+        au, bl = torch.cat([au, torch.zeros_like(au[:, :1])], 1), torch.cat([bl, torch.zeros_like(bl[:1])], 0)
+    pairs = au[:, 0::2, None] * bl[None, 0::2] + au[:, 1::2, None] * bl[None, 1::2]
+    return (pairs.clamp(-32768, 32767).sum(1) - 128 * bl.sum(0)).int()
+
+
+@pytest.mark.parametrize("gemm,want", [(lambda a, b: (a.long() @ b.long()).int(), 127), (_saturating_int_mm, 63)])
+def test_weight_codes_follow_what_the_int8_gemm_sums_exactly(monkeypatch, gemm, want):
+    """The probe picks 8-bit weight codes for an exact int8 GEMM and 7-bit ones for a GEMM that
+    saturates pairs of products in 16 bits (oneDNN without VNNI), and says why; with those codes the
+    saturating GEMM is exact on the worst case, where 8-bit codes are far off."""
+    from stemgen.kernels import int8_linear
+    monkeypatch.setattr(torch, "_int_mm", gemm)
+    qmax, why = int8_linear.weight_code_max.__wrapped__()
+    assert qmax == want and why.startswith(f"+-{want} ")
+    a = torch.full((4, 64), 127, dtype=torch.int8)
+    for q in (63, 127):
+        b = torch.full((64, 8), q, dtype=torch.int8)
+        assert torch.equal(_saturating_int_mm(a, b).long(), a.long() @ b.long()) == (q == 63)
+
+
+def test_weight_codes_refuse_a_gemm_that_is_never_exact(monkeypatch):
+    from stemgen.kernels import int8_linear
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: (a.long() @ b.long()).int() + 1)
+    with pytest.raises(RuntimeError, match="use --dtype float32"):
+        int8_linear.weight_code_max.__wrapped__()
+
+
+@NEEDS_CPP
+def test_int8_path_is_exact_with_the_gemm_held_to_avx2():
+    """oneDNN held to AVX2 (no VNNI; ONEDNN_MAX_CPU_ISA, as on an AVX2-only CPU): the int8 ops with the
+    weights quantized for this machine equal their references bit for bit on the worst case (every
+    weight at the codes' bound, every activation at +-127) and on random rows. Before the weight
+    codes followed the GEMM, 8-bit codes summed to 8,160 where the product is 1,032,256."""
+    import subprocess
+    import sys
+    code = """
+import torch
+from stemgen import cpp_ext
+from stemgen.kernels.int8_linear import int8_linear_ref, int8_linear2_ref, int8_swiglu_ref, quantize_weight
+g = torch.Generator().manual_seed(0)
+for x, w in ((torch.full((300, 256), 1.0), torch.full((64, 256), 1.0)),
+             (torch.randn(300, 256, generator=g), torch.randn(96, 256, generator=g))):
+    wq, s = quantize_weight(w)
+    assert torch.equal(cpp_ext.int8_linear(x, wq, s), int8_linear_ref(x, wq, s))
+    assert torch.equal(cpp_ext.int8_linear2(x, wq, s), int8_linear2_ref(x, wq, s))
+    exact = x @ w.t()
+    assert (cpp_ext.int8_linear(x, wq, s) - exact).abs().max() <= 0.03 * exact.abs().max()
+x, w13, w2 = (torch.randn(*sh, generator=g) for sh in ((300, 64), (96, 64), (64, 48)))
+args = (x, *quantize_weight(w13), *quantize_weight(w2))
+got, want = cpp_ext.int8_swiglu(*args), int8_swiglu_ref(*args)   # C++ silu: within float rounding
+assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+assert torch.equal(got, cpp_ext.int8_linear2(cpp_ext.silu_mul(cpp_ext.int8_linear(x, *args[1:3])), *args[3:]))
+print("ok")
+"""
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
