@@ -129,8 +129,8 @@ def main(argv=None) -> None:
     weights = SamplingConfig(guidance="multi").guidance_weights()   # the rows step_rows builds
     with torch.inference_mode():
         res = compare(fp32, other, rows, weights)
-    from stemgen.bench import cpu_features, cpu_name
-    cpu = f"{cpu_name()} ({cpu_features()})"
+    from stemgen.bench import cpu_label
+    cpu = cpu_label(a.dtype)
     print(f"{a.dtype} vs fp32 logits: {source}; CPU {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"guided distribution: multi CFG {weights}, the compared model's head {other.ops.names['fold_guidance']}")
     print("| level | max error | mean error | top-1 agreement | frames x rows | guided: total variation mean / max "

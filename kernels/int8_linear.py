@@ -108,7 +108,8 @@ def int8_swiglu_ref(x: torch.Tensor, w13q: torch.Tensor, s13: torch.Tensor, w2q:
     projection's input in two int8 parts (int8_linear2_ref). That input (silu(gate) * up: many small
     values beside a few large ones in a row) is where one int8 part per row loses most: on the demo
     it made about half the int8 path's logit error (40 held-out songs' guided distributions: total
-    variation from fp32's 0.066 with one part, 0.039 with two; fp32 there: 0.038)."""
+    variation from fp32's 0.066 with one part, 0.039 with two, bench/logits-fidelity-demo-int8-*.json;
+    that GEMM alone in fp32: 0.038, a one-off run not committed)."""
     return int8_linear2_ref(silu_mul_ref(int8_linear_ref(x, w13q, s13)), w2q, s2)
 
 

@@ -152,6 +152,17 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
+def cpu_label(dtype=None) -> str:
+    """One line for a report: the CPU and its GEMM features, the GEMM libraries' instruction-set limits
+    where set (a stand-in for another CPU), and for int8 the weight codes its int8 GEMM sums exactly."""
+    held = [f"{k}={os.environ[k]}" for k in CPU_ISA_LIMITS if os.environ.get(k)]
+    text = f"{cpu_name()} ({cpu_features()})" + (f", held to {' '.join(held)}" if held else "")
+    if dtype is not None and str(dtype).replace("torch.", "") == "int8":
+        from .kernels.int8_linear import weight_code_max
+        text += f"; int8 weight codes {weight_code_max()[1]}"
+    return text
+
+
 MATRIX_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
 

@@ -82,5 +82,7 @@ def test_int8_fidelity_script(tmp_path):
     same = mod.compare(lm, lm, rows, [3.0, 3.0, -5.0])["all"]
     assert same["max_error"] == 0 and same["top1"] == 1
     # the guided distributions: the model with its guidance fold against itself without it
-    assert lm.ops.names["fold_guidance"].startswith("folded") and 0 <= same["guided_tv_max"] < 1e-5
+    from stemgen import cpp_ext   # the fold is the C++ backend's choice: without the extension, the reference
+    assert lm.ops.names["fold_guidance"].startswith("folded") == cpp_ext.available()
+    assert 0 <= same["guided_tv_max"] < 1e-5
     assert all(0 < r["guided_tv_mean"] < 0.5 for r in bf16["levels"].values())

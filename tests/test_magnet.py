@@ -500,3 +500,24 @@ def test_convert_from_the_hf_cache_offline(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     res = cli("convert", "--from-hf-cache", "facebook/magnet-medium-30secs")
     assert res.exit_code != 0 and "not in the Hugging Face cache" in res.output, res.output
+
+
+def test_fidelity_script_sets_a_dtype_against_fp32(model_dir, tmp_path):
+    """bench/magnet_fidelity.py: fp32 against itself is exact in both head forms (so the script compares
+    like with like); bf16 moves the guided distribution a little, folded and on every row."""
+    import importlib.util
+    import json
+    spec = importlib.util.spec_from_file_location("magnet_fidelity", Path(__file__).parents[1] / "bench" / "magnet_fidelity.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    common = ["--engine-model", str(model_dir), "--prompts", "2", "--frames", "24", "--steps", "3,2,1,1"]
+    same = mod.main(common + ["--dtype", "float32"])["levels"]
+    assert set(same) == {"0", "1", "2", "3", "all"}
+    for form in ("folded", "every row"):
+        assert same["all"][form]["guided_tv_max"] < 1e-4 and same["all"][form]["guided_top1"] == 1.0
+    out = tmp_path / "bf16.json"
+    bf16 = mod.main(common + ["--dtype", "bfloat16", "--json", str(out)])
+    assert json.loads(out.read_text())["levels"] == bf16["levels"]
+    for form in ("folded", "every row"):
+        assert 0 < bf16["levels"]["all"][form]["guided_tv_mean"] < 0.3
+        assert bf16["levels"]["all"][form]["frames"] == same["all"][form]["frames"] > 0
