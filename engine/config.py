@@ -145,6 +145,18 @@ def lm_config_from_dict(d) -> "LMConfig | MagnetConfig":
     return LMConfig.from_dict({k: v for k, v in d.items() if k != "arch"})
 
 
+STEMGEN_GUIDANCE = ("multi", "single", "none")   # guidance_rows' forms ("magnet" is MAGNeT's own)
+
+
+def check_guidance(guidance: str, arch: str) -> None:
+    """The one check that a guidance form is the model's: StemGen's three, or MAGNeT's."""
+    if arch == "magnet" and guidance != "magnet":
+        raise RequestError(f"guidance {guidance!r} is StemGen's; a MAGNeT model takes its own (guidance magnet)")
+    if arch != "magnet" and guidance not in STEMGEN_GUIDANCE:
+        raise RequestError(f"guidance {guidance!r} is MAGNeT's; a StemGen model takes "
+                           f"{', '.join(STEMGEN_GUIDANCE)} (e.g. --guidance multi)")
+
+
 @dataclass
 class SamplingConfig:
     """Sampler defaults (SPEC section 4; the paper's setting)."""
@@ -288,7 +300,12 @@ class ModelConfig:
             codec = CodecConfig.from_dict(codec).to_dict()
             if weights["codec"] is None:
                 raise ModelFormatError("config.json: a codec config but no weights.codec file name")
-        return cls(lm=lm_config_from_dict(d["lm"]), instruments=list(d["instruments"]), sampling=sampling,
+        lm = lm_config_from_dict(d["lm"])
+        try:
+            check_guidance(sampling.guidance, "magnet" if isinstance(lm, MagnetConfig) else "stemgen")
+        except RequestError as e:
+            raise ModelFormatError(f"config.json: sampling: {e}") from None
+        return cls(lm=lm, instruments=list(d["instruments"]), sampling=sampling,
                    codec=codec, dtype=d.get("dtype", "float32"), weights=weights,
                    untrained=bool(d.get("untrained", False)), window=d.get("window"))
 

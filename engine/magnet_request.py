@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from .config import MagnetConfig, SamplingConfig
+from .config import MagnetConfig, SamplingConfig, check_guidance
 from .errors import RequestError
 from .magnet import TextMemory, TextRows
 from .request import _codes, call_progress, check_steps
@@ -83,6 +83,7 @@ class MagnetRequest:
             raise RequestError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
         if progress is not None and not callable(progress):
             raise RequestError("progress must be callable (level, step, steps_in_level)")
+        check_guidance(sampling.guidance, "magnet")
         check_steps(sampling.steps, cfg.n_q)
         Q = cfg.n_q
         if target is not None:

@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from .config import LMConfig, SamplingConfig
+from .config import LMConfig, SamplingConfig, check_guidance
 from .errors import RequestError
 
 
@@ -44,6 +44,7 @@ def check_steps(steps, n_q: int) -> None:
 
 def check_request(context: torch.Tensor, conditions: torch.Tensor, target: torch.Tensor | None,
                   cfg: LMConfig, sampling: SamplingConfig) -> None:
+    check_guidance(sampling.guidance, "stemgen")
     C, Q, V = cfg.n_channels, cfg.n_q, cfg.codebook_size
     if context.dim() != 3 or context.shape[0] != C - 1 or context.shape[1] != Q:
         raise RequestError(f"context tokens must have shape [{C - 1}, {Q}, T] (context channels, levels, "

@@ -31,7 +31,8 @@ class Scheduler:
 
     def admit(self) -> list[Request]:
         """Move waiting requests into the batch while the frame budget allows (a request larger
-        than the budget runs alone). Returns requests cancelled while waiting."""
+        than the budget runs alone). Returns requests cancelled while waiting, and those whose
+        admission failed (``error`` set: that request fails alone, the others run on)."""
         dropped = []
         used = sum(r.frames for r in self.running)
         while self.waiting and (not self.running or used + self.waiting[0].frames <= self.max_frames):
@@ -39,7 +40,12 @@ class Scheduler:
             if req.cancelled:
                 dropped.append(req)
                 continue
-            req.admit(self.device)
+            try:
+                req.admit(self.device)
+            except Exception as e:  # noqa: BLE001 - one request's bad state must not stop the batch
+                req.error = req.error or e
+                dropped.append(req)
+                continue
             self.running.append(req)
             used += req.frames
         return dropped

@@ -80,6 +80,7 @@ CONFIG_CASES = [
     (_set(["instruments"], [1, 2, 3]), "instruments[0]"),
     (_set(["sampling"], [1]), "sampling"),
     (_set(["sampling"], {"cfg_context": "x"}), "cfg_context"),
+    (_set(["sampling", "guidance"], "magnet"), "guidance 'magnet' is MAGNeT's; a StemGen model takes multi"),
     (lambda c: "[" * 100000 + "]" * 100000, "nested too deeply"),
     (_set(["lm", "n_layers"], 10 ** 9), "n_layers: 1000000000 is out of range"),
     (_set(["codec", "n_q"], 10 ** 9), "n_q"),

@@ -183,6 +183,32 @@ def test_broken_callback_fails_only_its_request(engine):
     assert h2.result(timeout=60).shape == (CFG.n_q, 20)
 
 
+def test_guidance_of_another_architecture_is_refused_on_construction(engine):
+    """MAGNeT's guidance on a StemGen model: one RequestError when the request is made (it used to reach
+    admission, where its KeyError failed every other request in the service and left its own job open)."""
+    with pytest.raises(RequestError, match="guidance 'magnet' is MAGNeT's; a StemGen model takes multi"):
+        Request(engine.lm.cfg, context(10, 1), torch.tensor([0]), SamplingConfig(guidance="magnet"))
+    with pytest.raises(RequestError, match="guidance 'magnet' is MAGNeT's"):
+        engine.submit(context(10, 1), "drums", guidance="magnet").result(timeout=10)
+
+
+def test_a_request_that_fails_admission_fails_alone(engine, monkeypatch):
+    """Whatever a request's admission raises fails that request only: its handle resolves with the
+    error, requests running and queued beside it finish."""
+    running = engine.submit(context(40, 4), "bass", steps=(6, 4, 2, 2))
+    bad = Request(engine.lm.cfg, context(20, 5), torch.tensor([1]), SamplingConfig(steps=(2, 1, 1, 1)))
+
+    def broken_admit(device):
+        raise KeyError("broken state")
+    monkeypatch.setattr(bad, "admit", broken_admit)
+    handle = engine.service.submit(bad)
+    queued = engine.submit(context(30, 6), "keys", steps=(2, 1, 1, 1))
+    with pytest.raises(KeyError, match="broken state"):
+        handle.result(timeout=60)
+    assert running.result(timeout=120).shape == (CFG.n_q, 40)
+    assert queued.result(timeout=120).shape == (CFG.n_q, 30)
+
+
 def test_engine_linear_rows_do_not_depend_on_batch_size():
     """CPU GEMMs switch kernels for small row counts (last-bit differences); engine.model.linear
     keeps a row's result the same whatever else is in the batch."""
