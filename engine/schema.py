@@ -120,16 +120,49 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _show(x, limit: int = 40) -> str:
-    """A value from an untrusted document for an error line: JSON where it is JSON, else repr (YAML
-    tags give bytes, dates, sets...); short, control characters escaped either way."""
+def _pieces(x, depth: int = 0):
+    """JSON text of ``x`` piece by piece, lazily: a document of shared references (a YAML alias bomb:
+    966 bytes that expand to 10^10 items) is never built whole, only as far as it is read."""
+    if depth > 16:
+        yield "..."
+    elif isinstance(x, dict):
+        yield "{"
+        for i, (k, v) in enumerate(x.items()):
+            yield from ((", " if i else ""), json.dumps(k[:80]) if isinstance(k, str) else _short_repr(k), ": ")
+            yield from _pieces(v, depth + 1)
+        yield "}"
+    elif isinstance(x, (list, tuple)):
+        yield "["
+        for i, v in enumerate(x):
+            yield ", " if i else ""
+            yield from _pieces(v, depth + 1)
+        yield "]"
+    elif isinstance(x, str):
+        yield json.dumps(x[:80])
+    elif x is None or isinstance(x, (bool, float)) or (isinstance(x, int) and abs(x) < 10 ** 80):
+        yield json.dumps(x)
+    else:   # YAML tags give bytes, dates, sets...; huge integers
+        yield _short_repr(x)
+
+
+def _short_repr(x) -> str:
+    import reprlib
+    r = reprlib.Repr()
+    r.maxlevel, r.maxstring, r.maxother, r.maxlong = 2, 80, 80, 80
     try:
-        text = json.dumps(x)
-    except (TypeError, ValueError, RecursionError):
-        try:
-            text = repr(x)
-        except Exception:  # noqa: BLE001 - a value whose repr fails is still named by its type
-            text = f"<{type(x).__name__}>"
+        return r.repr(x)
+    except Exception:  # noqa: BLE001 - a value whose repr fails is still named by its type
+        return f"<{type(x).__name__}>"
+
+
+def _show(x, limit: int = 40) -> str:
+    """A value from an untrusted document for an error line: JSON where it is JSON, else a short
+    repr; at most ``limit`` characters, control characters escaped, built only as far as shown."""
+    text = ""
+    for piece in _pieces(x):
+        text += piece
+        if len(text) > limit:
+            break
     return text[:limit]
 
 

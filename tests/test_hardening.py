@@ -593,6 +593,31 @@ def test_yaml_tags_in_a_codec_xp_cfg(tmp_path, xp, needle):
         convert_codec(src)
 
 
+def alias_bomb(levels: int) -> str:
+    """YAML whose value ``v`` expands to 10^levels items from a few hundred bytes (shared references)."""
+    return ("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]\n" for i in range(1, levels)))
+
+
+def test_yaml_alias_bomb_is_named_without_being_expanded(tmp_path, monkeypatch):
+    """An alias bomb where a number belongs (a codec's xp.cfg sample_rate): one error line that shows
+    the value's start; the error's text is built piece by piece, never by dumping the whole value."""
+    import json
+    from stemgen.engine import schema
+    from stemgen.weights_convert.codec import convert_codec
+
+    real = json.dumps
+
+    def scalar_only(x, *a, **k):
+        assert not isinstance(x, (list, dict)), "a whole container was serialised"
+        return real(x, *a, **k)
+    monkeypatch.setattr(schema.json, "dumps", scalar_only)
+    src = tmp_path / "compression_state_dict.bin"
+    torch.save({"best_state": {}, "xp.cfg": alias_bomb(7) + "sample_rate: *a6\n" + TAGGED}, src)
+    with pytest.raises(StemGenError, match=re_escape('sample_rate: must be an integer, got [[[[[[["x", "x"')):
+        convert_codec(src)
+
+
 @pytest.mark.parametrize("edit, needle", [
     (lambda r: r["conditioners"]["description"]["t5"].update(name=b"hi"), "t5.name b'hi'"),
     (lambda r: r.update(masking=[1, 2]), "'span_len' is a list"),

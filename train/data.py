@@ -42,8 +42,10 @@ def corpus_tracks(corpus: str | Path) -> list[Path]:
 
 
 def _show(v) -> str:
-    """A value from an untrusted file, for an error line: short, one line, control characters escaped."""
-    return repr(v)[:60]
+    """A value from an untrusted file, for an error line: short, one line, control characters escaped
+    (never expanded whole: engine.schema's bounded form)."""
+    from ..engine.schema import _show as show
+    return show(v, 60)
 
 
 def read_metadata(track: str | Path) -> tuple[dict, Path, list[tuple[str, str, bool]]]:
