@@ -59,14 +59,41 @@ def read_t5_folder(folder: str | Path):
         if getattr(config, "model_type", None) not in ("t5", "mt5", "umt5"):
             raise ModelFormatError(f"{folder}: model_type {getattr(config, 'model_type', None)!r} is not a T5 "
                                    "encoder; pass the t5-base (or t5-large) folder")
+        _check_sizes(folder, config)
         tokenizer = tf.AutoTokenizer.from_pretrained(folder, local_files_only=True)
         model = tf.T5EncoderModel.from_pretrained(folder, local_files_only=True, torch_dtype=torch.float32)
     except ModelFormatError:
         raise
-    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
+    except Exception as e:  # noqa: BLE001 - transformers' own validation errors vary by version: one line each
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelFormatError(f"{folder}: cannot load the T5 encoder or its tokenizer: {first[:200]}") from None
     return model.eval().requires_grad_(False), tokenizer
+
+
+# the largest T5 sizes taken (t5-11b: 24 layers, d_model 1024, d_ff 65536, 128 heads; vocab 32128)
+T5_LIMITS = {"num_layers": 96, "d_model": 16384, "d_ff": 131072, "num_heads": 256, "d_kv": 1024, "vocab_size": 1 << 20}
+
+
+def _check_sizes(folder: Path, config) -> None:
+    """The folder's config.json against bounds and, with safetensors weights, against the encoder
+    blocks they hold: transformers would otherwise build (and randomly initialise) every layer the
+    config names, so a config claiming 200,000 layers over a 2-layer file allocated without bound."""
+    for key, most in T5_LIMITS.items():
+        value = getattr(config, key, None)
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= most:
+            raise ModelFormatError(f"{folder}/config.json: {key} is {str(value)[:40]}; a T5 encoder has 1 to {most}")
+    weights = folder / "model.safetensors"
+    if weights.is_file():
+        from safetensors import SafetensorError, safe_open
+        try:
+            with safe_open(str(weights), framework="pt", device="cpu") as f:
+                names = list(f.keys())
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ModelFormatError(f"{weights}: not a readable safetensors file ({str(e)[:120]})") from None
+        blocks = {n.split(".")[2] for n in names if n.startswith("encoder.block.") and n.count(".") > 2}
+        if len(blocks) != config.num_layers:
+            raise ModelFormatError(f"{folder}: config.json says {config.num_layers} encoder layers, model.safetensors "
+                                   f"holds {len(blocks)}; the folder's config and weights do not match")
 
 
 class TextEncoder:

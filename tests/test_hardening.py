@@ -671,6 +671,27 @@ def test_text_encoder_folder_may_not_lead_outside(tmp_path):
         inside_model_dir(d, "t5", recursive=True)
 
 
+@pytest.mark.parametrize("key, value, needle", [
+    ("num_layers", 200000, "num_layers is 200000; a T5 encoder has 1 to 96"),
+    ("num_layers", 3, "config.json says 3 encoder layers, model.safetensors holds 2"),
+    ("d_model", "32", "d_model"),
+    ("vocab_size", 10 ** 12, "vocab_size is 1000000000000"),
+])
+def test_t5_config_is_checked_against_bounds_and_its_weights(tmp_path, key, value, needle):
+    """A T5 folder's config.json is untrusted: transformers builds (and randomly initialises) every
+    layer it names, so 200,000 layers over a 2-layer file used to allocate gigabytes; refused first."""
+    import json
+    from stemgen.engine.text import read_t5_folder
+
+    folder = tmp_path / "t5"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "magnet" / "t5-tiny", folder)
+    read_t5_folder(folder)                     # as written: loads
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, key: value}))
+    with pytest.raises(StemGenError, match=re_escape(needle)):
+        read_t5_folder(folder)
+
+
 CONTROL_NAMES = ["bass", "dr\x1b[31mums\nFAKE: line", "\u202egnp.exe"]
 
 
