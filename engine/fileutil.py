@@ -13,6 +13,16 @@ TEMP_MARK = ".stemgen-"     # every temporary this project writes: .stemgen-<pid
 _TEMP = re.compile(r"\.stemgen-(\d+)-(.+)\.[A-Za-z0-9_]+\.tmp")
 
 
+def read_bounded(path: str | Path, limit: int) -> bytes:
+    """A file's bytes, reading at most ``limit`` + 1 of them: a device or a pipe (/dev/zero) has no
+    size to check first. ValueError naming the file if it holds more; OSError as open() raises it."""
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{path}: larger than {limit} bytes")
+    return data
+
+
 def temp_prefix(name: str) -> str:
     """mkstemp/mkdtemp prefix of a temporary for ``name``: marked as ours and by our process, so a
     cleanup can never take another program's (or a live run's) hidden ``.*.tmp`` files."""

@@ -242,14 +242,19 @@ def check(doc, spec: dict[str, Field], where: str, allow_unknown: bool = False) 
 
 def load_json(path: str | Path, limit: int = MAX_CONFIG_BYTES):
     """Parse a JSON file of bounded size; any failure is one ModelFormatError line."""
+    from .fileutil import read_bounded
     path = Path(path)
     try:
         size = path.stat().st_size
         if size > limit:
             raise ModelFormatError(f"{path}: {size} bytes is too large for a config file (at most {limit})")
-        return json.loads(path.read_bytes())
-    except ModelFormatError:
-        raise
+        data = read_bounded(path, limit)   # a device or pipe reports size 0
+    except ValueError:
+        raise ModelFormatError(f"{path}: too large for a config file (at most {limit} bytes)") from None
+    except OSError as e:
+        raise ModelFormatError(f"{path}: cannot be read ({e.strerror or e})") from None
+    try:
+        return json.loads(data)
     except RecursionError:
         raise ModelFormatError(f"{path}: nested too deeply to be a config file") from None
     except (ValueError, UnicodeDecodeError) as e:

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from .cli_common import _model_dir, _numbered, _say, console, err_console, fail, run_guarded
+from .engine.fileutil import read_bounded
 
 MAX_PROMPTS = 1000
 
@@ -17,13 +18,13 @@ def read_prompts(text: str) -> tuple[list[str], bool]:
         return [text], False
     path = Path(text[1:])
     try:
-        if path.stat().st_size > 1 << 20:
-            raise ValueError(f"--text {text}: the prompt file is larger than 1 MB")
-        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+        lines = [ln.strip() for ln in read_bounded(path, 1 << 20).decode("utf-8").splitlines()]
+    except ValueError as e:
+        if isinstance(e, UnicodeDecodeError):
+            raise ValueError(f"--text {text}: the prompt file is not UTF-8 text") from None
+        raise ValueError(f"--text {text}: the prompt file is larger than 1 MB") from None
     except OSError as e:
         raise ValueError(f"--text {text}: cannot read the prompt file ({e.strerror or e})") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"--text {text}: the prompt file is not UTF-8 text") from None
     prompts = [ln for ln in lines if ln]
     if not prompts:
         raise ValueError(f"--text {text}: the prompt file has no prompts (one per line)")

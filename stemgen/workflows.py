@@ -10,6 +10,7 @@ import numpy as np
 
 from .engine.audio import (AUDIO_EXTS, AudioError, check_distinct, check_output_path, peak_safe, read_audio, splice,
                            write_audio_set)
+from .engine.fileutil import read_bounded
 
 SEAM_FADE_S = 0.02   # crossfade at the seams of a regenerated region
 
@@ -70,6 +71,9 @@ def layer(engine, x: np.ndarray, instruments: list[str], sampling, progress=None
     return stems, mix
 
 
+MAX_LIST_BYTES = 4 << 20   # a text list of inputs: 4 MB is tens of thousands of paths
+
+
 def collect_inputs(src: Path) -> list[Path]:
     """A folder's audio files (recursive, sorted) or the paths listed in a text file."""
     if src.is_dir():
@@ -77,7 +81,16 @@ def collect_inputs(src: Path) -> list[Path]:
         if not files:
             raise AudioError(f"{src}: no audio files ({', '.join(sorted(AUDIO_EXTS))}) in this folder")
         return files
-    lines = [ln.strip() for ln in src.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    try:
+        text = read_bounded(src, MAX_LIST_BYTES).decode("utf-8")
+    except OSError as e:
+        raise AudioError(f"{src}: cannot be read ({e.strerror or e}); give an audio folder or a text file "
+                         "listing audio files") from None
+    except UnicodeDecodeError:
+        raise AudioError(f"{src}: not a UTF-8 text list of audio files (one path per line) nor a folder") from None
+    except ValueError:
+        raise AudioError(f"{src}: a list of files larger than {MAX_LIST_BYTES >> 20} MB; split it") from None
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
     if not lines:
         raise AudioError(f"{src}: the list names no files")
     return [(src.parent / ln) if not Path(ln).is_absolute() else Path(ln) for ln in lines]

@@ -692,6 +692,42 @@ def test_t5_config_is_checked_against_bounds_and_its_weights(tmp_path, key, valu
         read_t5_folder(folder)
 
 
+@pytest.mark.parametrize("content, needle", [
+    ("/dev/zero", "a list of files larger than 4 MB"),
+    (b"\xff\xfe\xf9 not text", "not a UTF-8 text list of audio files"),
+    (None, "cannot be read (No such file or directory)"),
+])
+def test_a_list_of_inputs_is_read_bounded(model, tmp_path, content, needle):
+    """`stemgen generate LIST.txt`: a list that is a device (no size to check first) stops at 4 MB, a
+    binary one or a missing one is one line naming it (they read without bound, or printed only errno)."""
+    lst = tmp_path / "list.txt"
+    if content == "/dev/zero":
+        lst.symlink_to("/dev/zero")
+    elif content is not None:
+        lst.write_bytes(content)
+    res = runner.invoke(app, ["generate", str(lst), "-i", "bass", "--out", str(tmp_path / "out"), "--model", str(model)])
+    one_line_error(res, str(lst), needle)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("[" * 100000 + "]" * 100000, "nested too deeply"), ("\xff", "not valid JSON"), ("[1]", "not a JSON object"),
+    ("/dev/zero", "too large for a config file"),
+])
+def test_hf_codec_config_is_one_line(tmp_path, text, needle):
+    """An HF Encodec folder's config.json goes through the bounded JSON reader (it was read whole and a
+    deep nesting ended in a RecursionError traceback)."""
+    from stemgen.weights_convert.codec import read_hf
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    if text == "/dev/zero":
+        (folder / "config.json").symlink_to("/dev/zero")
+    else:
+        (folder / "config.json").write_bytes(text.encode("latin-1"))
+    with pytest.raises(StemGenError, match=re_escape(needle)):
+        read_hf(folder, None)
+
+
 CONTROL_NAMES = ["bass", "dr\x1b[31mums\nFAKE: line", "\u202egnp.exe"]
 
 

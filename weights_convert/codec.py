@@ -15,6 +15,7 @@ import torch
 
 from ..engine.codec import CodecConfig, check_codec_weights, expected_codec_shapes
 from ..engine.config import ModelFormatError, check_finite
+from ..engine.schema import load_json
 from .formats import read
 from .pickles import read_pickle
 
@@ -206,7 +207,10 @@ def _hf_weights(folder: Path) -> dict:
 
 def is_engine(src: Path, load) -> bool:
     cfg = src / "config.json"
-    return src.is_dir() and cfg.is_file() and '"stemgen-engine"' in cfg.read_text(errors="replace")[:4096]
+    if not (src.is_dir() and cfg.is_file()):
+        return False
+    with open(cfg, "rb") as f:
+        return b'"stemgen-engine"' in f.read(4096)
 
 
 def read_engine(src: Path, load) -> tuple[CodecConfig, dict]:
@@ -251,10 +255,9 @@ def is_encodec(src: Path, load) -> bool:
 def read_hf(src: Path, load) -> tuple[CodecConfig, dict]:
     if not src.is_dir():
         raise ModelFormatError(f"{src}: --codec-format hf takes the model folder")
-    try:
-        hf_cfg = json.loads((src / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelFormatError(f"{src / 'config.json'}: unreadable ({e})") from None
+    hf_cfg = load_json(src / "config.json")
+    if not isinstance(hf_cfg, dict):
+        raise ModelFormatError(f"{src / 'config.json'}: not a JSON object (an HF Encodec config)")
     state = _hf_weights(src)
     return hf_config(hf_cfg, _n_q(state), str(src)), state
 
