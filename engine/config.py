@@ -135,6 +135,16 @@ def magnet_sampling_defaults(steps=(20, 10, 10, 10), temperature: float = 3.0, t
                           **rest)
 
 
+def is_model_dir(path: Path) -> bool:
+    """Does ``path`` look like an engine model folder (its config.json names the format in its first
+    4 KB)? A cheap check that reads no more than that; ModelConfig.load validates."""
+    cfg = Path(path) / CONFIG_FILE
+    if not (Path(path).is_dir() and cfg.is_file()):
+        return False
+    with open(cfg, "rb") as f:
+        return f'"{FORMAT_NAME}"'.encode() in f.read(4096)
+
+
 def lm_config_from_dict(d) -> "LMConfig | MagnetConfig":
     """The LM config of its architecture (``arch``; absent: a StemGen LM)."""
     arch = d.get("arch", "stemgen") if isinstance(d, dict) else "stemgen"

@@ -104,9 +104,12 @@ def atomic_dir(out: str | Path, replace: bool = False):
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             if not replace:
                 raise FileExistsError(f"{out}: exists and is not empty")
-            old = out.with_name(f".{out.name}.old")
-            _remove(old)
-            os.rename(out, old)
+            if not out.is_dir():
+                raise FileExistsError(f"{out}: exists and is not a folder; choose another name")
+            # the old folder steps aside under a fresh temporary name of ours (a fixed name could be
+            # a user's folder), then goes
+            old = Path(tempfile.mkdtemp(prefix=temp_prefix(out.name), suffix=".tmp", dir=out.parent))
+            os.rename(out, old)      # a folder onto our empty one
             os.rename(tmp, out)
             _remove(old)
         else:

@@ -140,6 +140,14 @@ def convert(lm: Optional[Path] = typer.Option(None, "--lm", help=f"LM checkpoint
     from .weights_convert.lm import training_window
     from .weights_convert.pickles import PickleFile
 
+    import torch
+    try:
+        stored = resolve_dtype(dtype)
+    except ValueError as e:
+        fail(str(e))
+    if stored not in (torch.float32, torch.bfloat16, torch.float16):
+        fail(f"--dtype {dtype} is not a stored dtype (float32, bfloat16, float16): int8 is quantized when a model "
+             "loads, to the codes this CPU's int8 GEMM sums exactly; convert in float32 and run with --dtype int8")
     if from_hf_cache is not None:
         if lm is not None or codec is not None or text_encoder is not None:
             fail("--from-hf-cache finds the LM, codec and text encoder itself; drop --lm/--codec/--text-encoder")

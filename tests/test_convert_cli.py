@@ -67,6 +67,46 @@ def test_convert_then_info_and_load(tmp_path, ckpt):
     assert json.loads(runner.invoke(app, ["info", str(out), "--json"]).stdout)["stored_dtype"] == "BF16"
 
 
+def test_force_replaces_only_a_model_folder(tmp_path, ckpt):
+    """--force replaces an engine model folder (or an empty one), never a file or another folder, and
+    never touches a '.NAME.old' beside it (a fixed name it once used for the folder it replaced)."""
+    out = tmp_path / "out_model"
+    side = tmp_path / ".out_model.old"
+    side.mkdir()
+    (side / "notes.txt").write_text("precious")
+    out.mkdir()
+    (out / "mine.txt").write_text("mine")
+    res, _ = convert(tmp_path, ckpt, "--force")
+    assert res.exit_code == 1 and "is not an engine model folder" in res.stderr, res.output
+    assert (out / "mine.txt").read_text() == "mine"
+    (out / "mine.txt").unlink()
+    assert convert(tmp_path, ckpt, "--force")[0].exit_code == 0            # an empty folder
+    res, _ = convert(tmp_path, ckpt, "--force", "--dtype", "bfloat16")      # a model folder
+    assert res.exit_code == 0 and (out / "config.json").is_file()
+    assert (side / "notes.txt").read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out_model.old", "lm.pt", "out_model"]
+    wav = tmp_path / "song.wav"
+    wav.write_bytes(b"RIFF")
+    res = runner.invoke(app, ["convert", "--lm", str(ckpt), "--out", str(wav), "--force"])
+    assert res.exit_code == 1 and "is not an engine model folder" in res.stderr and wav.read_bytes() == b"RIFF"
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--dtype", "int8"], "int8 is quantized when a model loads"),
+    (["--dtype", "int9"], "unknown dtype 'int9'"),
+])
+def test_convert_stores_float_dtypes_only(tmp_path, ckpt, extra, needle):
+    res, out = convert(tmp_path, ckpt, *extra)
+    assert_clean_failure(res, out, needle)
+
+
+def test_convert_out_must_name_a_folder(tmp_path, ckpt, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = runner.invoke(app, ["convert", "--lm", str(ckpt), "--out", ".", "--force"])
+    assert res.exit_code == 1 and "names no new folder" in res.stderr, res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lm.pt"]
+
+
 def _edit_ckpt(ckpt, fn):
     ck = torch.load(ckpt, weights_only=True)
     fn(ck)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..engine.codec import CodecConfig, check_codec_weights, expected_codec_shapes
-from ..engine.config import ModelFormatError, check_finite
+from ..engine.config import ModelFormatError, check_finite, is_model_dir
 from ..engine.schema import load_json
 from .formats import read
 from .pickles import read_pickle
@@ -206,11 +206,7 @@ def _hf_weights(folder: Path) -> dict:
 
 
 def is_engine(src: Path, load) -> bool:
-    cfg = src / "config.json"
-    if not (src.is_dir() and cfg.is_file()):
-        return False
-    with open(cfg, "rb") as f:
-        return b'"stemgen-engine"' in f.read(4096)
+    return is_model_dir(src)
 
 
 def read_engine(src: Path, load) -> tuple[CodecConfig, dict]:

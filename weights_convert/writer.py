@@ -9,8 +9,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from ..engine.config import CONFIG_FILE, ModelConfig, ModelFormatError, check_finite
+from ..engine.config import CONFIG_FILE, ModelConfig, ModelFormatError, check_finite, is_model_dir
 from ..engine.fileutil import atomic_dir, default_permissions, output_error
+
+
+def _replaceable(out: Path) -> bool:
+    """An empty folder, or an engine model folder: what --force may replace. A file or any other
+    folder is the user's."""
+    return out.is_dir() and not out.is_symlink() and (not any(out.iterdir()) or is_model_dir(out))
 
 
 def write_model_dir(out: str | Path, config: ModelConfig, weights: dict[str, dict[str, torch.Tensor]],
@@ -19,8 +25,13 @@ def write_model_dir(out: str | Path, config: ModelConfig, weights: dict[str, dic
     ``extra(tmp)`` writes further parts (a MAGNeT model's text encoder folder) inside the same
     temporary directory."""
     out = Path(out)
+    if out.name in ("", ".", ".."):
+        raise ModelFormatError(f"--out {out} names no new folder; give the model folder's name, e.g. --out my-model")
     if out.exists() and not overwrite:
         raise ModelFormatError(f"{out}: already exists; choose another --out or pass --force to replace it")
+    if out.exists() and not _replaceable(out):
+        raise ModelFormatError(f"{out}: exists and is not an engine model folder; --force replaces only a model "
+                               "folder (or an empty one): choose another --out")
     if not out.parent.is_dir():
         raise ModelFormatError(f"{out.parent}: output's parent folder does not exist; create it first")
     try:
