@@ -26,6 +26,7 @@ class Field:
     nullable: bool = False
     max_len: int = 4096        # lists and strings
     choices: tuple = ()
+    hint: str = ""             # said after an out-of-range value
 
 
 # Sizes: generous for real models (the paper's LM is d 1024 x 20 layers, MusicGen's codec 64 filters),
@@ -53,7 +54,8 @@ SAMPLING_SPEC = {
     "cfg_scale": Field("float", -1e3, 1e3, required=False), "temperature": Field("float", 0.0, 1e3, required=False),
     "top_k": Field("int", 0, 1 << 16, required=False), "top_p": Field("float", 0.0, 1.0, required=False),
     "w_confidence": Field("float", -1e3, 1e3, required=False), "w_causal": Field("float", -1e3, 1e3, required=False),
-    "w_random": Field("float", -1e3, 1e3, required=False), "seed": Field("int", 0, (1 << 63) - 1, required=False),
+    "w_random": Field("float", -1e3, 1e3, required=False), "seed": Field("int", 0, (1 << 63) - 1, required=False,
+                   hint=" (variations, windows and layers take seed, seed + 1, ...: give a smaller --seed)"),
     "max_cfg_coef": Field("float", -1e3, 1e3, required=False), "min_cfg_coef": Field("float", -1e3, 1e3, required=False),
     "span_arrangement": Field("str", choices=("nonoverlap", "stride1"), required=False),
 }
@@ -168,7 +170,7 @@ def _show(x, limit: int = 40) -> str:
 
 def _bound(b) -> str:
     """A range bound as people write it: 1048576, not 1.04858e+06; 1e-12 stays short."""
-    return str(int(b)) if float(b).is_integer() and abs(b) < 1e15 else f"{b:g}"
+    return str(int(b)) if isinstance(b, int) or float(b).is_integer() and abs(b) < 1e15 else f"{b:g}"
 
 
 def _check_value(v, f: Field, where: str):
@@ -183,7 +185,7 @@ def _check_value(v, f: Field, where: str):
         if isinstance(x, float) and not math.isfinite(x):
             bad(f"must be finite, got {x}")
         if f.lo is not None and x < f.lo or f.hi is not None and x > f.hi:
-            bad(f"{_show(x, 60)} is out of range [{_bound(f.lo)}, {_bound(f.hi)}]")
+            bad(f"{_show(x, 60)} is out of range [{_bound(f.lo)}, {_bound(f.hi)}]{f.hint}")
         return x
 
     if f.kind == "int":

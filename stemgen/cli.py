@@ -281,6 +281,7 @@ def generate(
 
     from .engine import Engine
     from .engine.audio import SUBTYPES, AudioError, check_distinct, check_output_path, read_audio, write_audio_set
+    from .engine.config import check_guidance
     from .engine.request import check_steps
     from .workflows import edit_take, parse_regions
 
@@ -309,6 +310,7 @@ def generate(
             engine.instrument_id(inst)
         sampling = engine.sampling(**knobs)
         check_steps(sampling.steps, engine.config.lm.n_q)
+        check_guidance(sampling.guidance, engine.kind)   # before any work: folder runs say it once
         return engine, sampling
 
     if bits not in SUBTYPES:
@@ -334,6 +336,9 @@ def generate(
         regions = parse_regions(regenerate)
         audio, sr = read_audio(context)
         engine, sampling = load_engine()
+        if sampling.seed + variations - 1 > (1 << 63) - 1:   # before any work or note
+            raise AudioError(f"--seed {sampling.seed} with --variations {variations} takes seeds up to "
+                             f"{sampling.seed + variations - 1}, past the largest (2^63 - 1): give a smaller --seed")
         x, ctx = engine.prepare_context(audio, sr)
         return engine, sampling, x, ctx, outs, mixes, sr, regions
 

@@ -107,6 +107,28 @@ def test_convert_out_must_name_a_folder(tmp_path, ckpt, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lm.pt"]
 
 
+class _Runs:
+    """Unpickling this would run a shell command (a hostile checkpoint)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_in_one_line(tmp_path, recwarn):
+    """weights_only loading refuses it; the line says so without torch's advice to load it unsafely."""
+    marker = tmp_path / "PWNED"
+    bad = tmp_path / "evil.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "x": _Runs(marker)}, bad)
+    res, out = convert(tmp_path, bad)
+    assert_clean_failure(res, out, "holds objects other than tensors", "never runs code from a checkpoint")
+    assert "weights_only" not in res.output and "False" not in res.output and not marker.exists()
+    assert not [w for w in recwarn if "pickle protocol" in str(w.message)]
+
+
 def _edit_ckpt(ckpt, fn):
     ck = torch.load(ckpt, weights_only=True)
     fn(ck)

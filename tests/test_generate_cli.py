@@ -119,6 +119,9 @@ def test_bad_inputs(tmp_path):
     bad(tmp_path, ok, "-i", "kazoo", needle="valid names: piano")
     bad(tmp_path, ok, "-i", "drums", "--steps", "4,4", needle="levels")
     bad(tmp_path, ok, "-i", "drums", "--steps", "a,b", needle="--steps")
+    bad(tmp_path, ok, "-i", "drums", "--seed", str((1 << 63) - 1), "--variations", "2", *FAST,
+        needle="past the largest (2^63 - 1): give a smaller --seed")
+    bad(tmp_path, ok, "-i", "drums", "--guidance", "magnet", *FAST, needle="a StemGen model takes multi")
 
 
 def test_output_folder_missing(tmp_path):
