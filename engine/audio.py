@@ -171,18 +171,22 @@ def _subtype(ext: str, bits: str) -> str | None:
     return None
 
 
-def check_distinct(inputs: list[Path], outputs: list[Path]) -> None:
-    """Refuse an output that is an input (it would be overwritten) or is named twice."""
+def check_distinct(inputs: list[Path], outputs: list[Path], made_from: list[Path] | None = None) -> None:
+    """Refuse an output that is an input (it would be overwritten) or is named twice; ``made_from``
+    (the input of each output, for folder runs) names the two inputs that would share an output."""
     seen = {}
     for p in inputs:
-        seen[os.path.realpath(p)] = ("input", p)
-    for p in outputs:
+        seen[os.path.realpath(p)] = ("input", p, None)
+    for i, p in enumerate(outputs):
         key = os.path.realpath(p)
+        src = made_from[i] if made_from else None
         if key in seen:
-            kind, other = seen[key]
+            kind, other, other_src = seen[key]
+            if kind == "output" and src is not None and other_src is not None:
+                raise AudioError(f"{p}: would be the output of both {other_src} and {src}; rename one of them")
             what = "the input" if kind == "input" else "another output"
             raise AudioError(f"{p}: is also {what} ({other}); choose a different output name")
-        seen[key] = ("output", p)
+        seen[key] = ("output", p, src)
 
 
 def write_audio_set(items: list[tuple[Path, np.ndarray, int]], bits: str = "16") -> list[Path]:

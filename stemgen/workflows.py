@@ -120,7 +120,7 @@ def folder_outputs(src: Path, files: list[Path], out_dir: Path):
         names = [out_dir / (p.stem + ".wav") for p in files]
         if len(set(names)) != len(names):
             raise AudioError(f"{src}: two listed files share a name; outputs would collide")
-    check_distinct(files, names)    # a listed input at its own output path would be overwritten (--force)
+    check_distinct(files, names, files)    # a listed input at its own output path would be overwritten (--force)
     return files, names, rejected
 
 

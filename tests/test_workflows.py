@@ -227,3 +227,15 @@ def test_folder_run_reports_a_link_out_of_the_folder_and_goes_on(model, tmp_path
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.wav", "b.wav"]
     assert "away.wav" in res.stderr and "outside the input folder" in res.stderr and "Traceback" not in res.output
     assert "2 of 3 files written" in res.stdout and "1 failed" in res.stdout
+
+
+def test_folder_inputs_that_share_an_output_are_both_named(model, tmp_path):
+    """a.wav and a.flac in one folder would both write OUT/a.wav: one line naming both, nothing written."""
+    src = tmp_path / "ctx"
+    src.mkdir()
+    tone(src / "a.wav", 0.5)
+    sf.write(src / "a.flac", np.zeros(SR // 2), SR)
+    res = gen(model, src, "-i", "bass", "--out", tmp_path / "out")
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert f"would be the output of both {src / 'a.flac'} and {src / 'a.wav'}" in res.stderr, res.stderr
+    assert not (tmp_path / "out").exists()
