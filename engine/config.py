@@ -164,7 +164,7 @@ def check_guidance(guidance: str, arch: str) -> None:
         raise RequestError(f"guidance {guidance!r} is StemGen's; a MAGNeT model takes its own (guidance magnet)")
     if arch != "magnet" and guidance not in STEMGEN_GUIDANCE:
         raise RequestError(f"guidance {guidance!r} is MAGNeT's; a StemGen model takes "
-                           f"{', '.join(STEMGEN_GUIDANCE)} (e.g. --guidance multi)")
+                           f"{', '.join(STEMGEN_GUIDANCE)}")
 
 
 @dataclass
@@ -268,6 +268,10 @@ class ModelConfig:
     window: int | None = None  # training window in frames: longer contexts are generated window by window
 
     def __post_init__(self):
+        try:
+            check_guidance(self.sampling.guidance, self.lm.arch)
+        except RequestError as e:
+            raise ModelFormatError(f"config: sampling: {e}") from None
         if self.lm.arch == "magnet":
             if self.instruments:
                 raise ModelFormatError("config: a MAGNeT model is conditioned on text; it has no instruments")
@@ -298,8 +302,12 @@ class ModelConfig:
         for key in ("lm", "instruments"):
             if key not in d:
                 raise ModelFormatError(f"config.json: missing field {key!r}")
+        lm = lm_config_from_dict(d["lm"])
+        raw = d.get("sampling") or {}
+        if isinstance(lm, MagnetConfig) and isinstance(raw, dict) and "guidance" not in raw:
+            raw = {**magnet_sampling_defaults().to_dict(), **raw}   # a MAGNeT model's own defaults beneath
         try:
-            sampling = SamplingConfig.from_dict(d.get("sampling") or {})
+            sampling = SamplingConfig.from_dict(raw)
         except (TypeError, ValueError) as e:
             raise ModelFormatError(f"config.json: sampling: {e}") from None
         weights = check(d.get("weights") or {"lm": LM_WEIGHTS}, WEIGHTS_SPEC, "config.json weights")
@@ -310,11 +318,6 @@ class ModelConfig:
             codec = CodecConfig.from_dict(codec).to_dict()
             if weights["codec"] is None:
                 raise ModelFormatError("config.json: a codec config but no weights.codec file name")
-        lm = lm_config_from_dict(d["lm"])
-        try:
-            check_guidance(sampling.guidance, "magnet" if isinstance(lm, MagnetConfig) else "stemgen")
-        except RequestError as e:
-            raise ModelFormatError(f"config.json: sampling: {e}") from None
         return cls(lm=lm, instruments=list(d["instruments"]), sampling=sampling,
                    codec=codec, dtype=d.get("dtype", "float32"), weights=weights,
                    untrained=bool(d.get("untrained", False)), window=d.get("window"))

@@ -26,7 +26,6 @@ class Field:
     nullable: bool = False
     max_len: int = 4096        # lists and strings
     choices: tuple = ()
-    hint: str = ""             # said after an out-of-range value
 
 
 # Sizes: generous for real models (the paper's LM is d 1024 x 20 layers, MusicGen's codec 64 filters),
@@ -54,8 +53,7 @@ SAMPLING_SPEC = {
     "cfg_scale": Field("float", -1e3, 1e3, required=False), "temperature": Field("float", 0.0, 1e3, required=False),
     "top_k": Field("int", 0, 1 << 16, required=False), "top_p": Field("float", 0.0, 1.0, required=False),
     "w_confidence": Field("float", -1e3, 1e3, required=False), "w_causal": Field("float", -1e3, 1e3, required=False),
-    "w_random": Field("float", -1e3, 1e3, required=False), "seed": Field("int", 0, (1 << 63) - 1, required=False,
-                   hint=" (variations, windows and layers take seed, seed + 1, ...: give a smaller --seed)"),
+    "w_random": Field("float", -1e3, 1e3, required=False), "seed": Field("int", 0, (1 << 63) - 1, required=False),
     "max_cfg_coef": Field("float", -1e3, 1e3, required=False), "min_cfg_coef": Field("float", -1e3, 1e3, required=False),
     "span_arrangement": Field("str", choices=("nonoverlap", "stride1"), required=False),
 }
@@ -185,7 +183,7 @@ def _check_value(v, f: Field, where: str):
         if isinstance(x, float) and not math.isfinite(x):
             bad(f"must be finite, got {x}")
         if f.lo is not None and x < f.lo or f.hi is not None and x > f.hi:
-            bad(f"{_show(x, 60)} is out of range [{_bound(f.lo)}, {_bound(f.hi)}]{f.hint}")
+            bad(f"{_show(x, 60)} is out of range [{_bound(f.lo)}, {_bound(f.hi)}]")
         return x
 
     if f.kind == "int":
@@ -251,6 +249,8 @@ def load_json(path: str | Path, limit: int = MAX_CONFIG_BYTES):
         if size > limit:
             raise ModelFormatError(f"{path}: {size} bytes is too large for a config file (at most {limit})")
         data = read_bounded(path, limit)   # a device or pipe reports size 0
+    except ModelFormatError:
+        raise
     except ValueError:
         raise ModelFormatError(f"{path}: too large for a config file (at most {limit} bytes)") from None
     except OSError as e:
@@ -261,5 +261,3 @@ def load_json(path: str | Path, limit: int = MAX_CONFIG_BYTES):
         raise ModelFormatError(f"{path}: nested too deeply to be a config file") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise ModelFormatError(f"{path}: not valid JSON ({str(e)[:120]})") from None
-    except OSError as e:
-        raise ModelFormatError(f"{path}: cannot be read ({e.strerror or e})") from None

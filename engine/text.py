@@ -71,7 +71,16 @@ def read_t5_folder(folder: str | Path):
 
 
 # the largest T5 sizes taken (t5-11b: 24 layers, d_model 1024, d_ff 65536, 128 heads; vocab 32128)
-T5_LIMITS = {"num_layers": 96, "d_model": 16384, "d_ff": 131072, "num_heads": 256, "d_kv": 1024, "vocab_size": 1 << 20}
+T5_LIMITS = {"num_layers": 96, "d_model": 16384, "d_ff": 131072, "num_heads": 256, "d_kv": 1024, "vocab_size": 1 << 20,
+             "relative_attention_num_buckets": 4096}
+
+
+def _encoder_parameters(c) -> int:
+    """The parameter count of the T5 encoder a config describes (embedding, per block q/k/v/o, the
+    feed-forward (gated: three matrices), two norms; the relative position bias; the final norm)."""
+    d, ff, inner = c.d_model, c.d_ff, c.num_heads * c.d_kv
+    block = 4 * d * inner + (3 if getattr(c, "is_gated_act", False) else 2) * d * ff + 2 * d
+    return c.vocab_size * d + c.num_layers * block + d + c.relative_attention_num_buckets * c.num_heads
 
 
 def _check_sizes(folder: Path, config) -> None:
@@ -82,6 +91,13 @@ def _check_sizes(folder: Path, config) -> None:
         value = getattr(config, key, None)
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= most:
             raise ModelFormatError(f"{folder}/config.json: {key} is {str(value)[:40]}; a T5 encoder has 1 to {most}")
+    # transformers fills what the files lack with random values at the config's sizes: the config may
+    # describe no more than the weight files hold (2 bytes a value at the least)
+    stored = sum(p.stat().st_size for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
+    need = _encoder_parameters(config)
+    if 2 * need > 1.05 * stored + (1 << 20):
+        raise ModelFormatError(f"{folder}: config.json describes a T5 encoder of {need / 1e6:.1f}M parameters, its "
+                               f"weight files hold at most {stored / 2e6:.1f}M values; the config and weights do not match")
     weights = folder / "model.safetensors"
     if weights.is_file():
         from safetensors import SafetensorError, safe_open

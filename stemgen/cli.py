@@ -336,17 +336,18 @@ def generate(
         regions = parse_regions(regenerate)
         audio, sr = read_audio(context)
         engine, sampling = load_engine()
-        if sampling.seed + variations - 1 > (1 << 63) - 1:   # before any work or note
-            raise AudioError(f"--seed {sampling.seed} with --variations {variations} takes seeds up to "
-                             f"{sampling.seed + variations - 1}, past the largest (2^63 - 1): give a smaller --seed")
         x, ctx = engine.prepare_context(audio, sr)
         return engine, sampling, x, ctx, outs, mixes, sr, regions
 
     engine, sampling, x, ctx, outs, mixes, context_sr, regions = run_guarded(prepare)
-    _note_untrained(engine)
-    duration = x.shape[1] / engine.codec.cfg.sample_rate
     win, ovl = run_guarded(engine.window_frames, window, overlap)
     plan = run_guarded(engine.windows, ctx.shape[-1], win, ovl)
+    last = sampling.seed + variations - 1 + len(plan) - 1    # variation i, window k: seed + i + k
+    if last > (1 << 63) - 1:   # before any work
+        fail(f"--seed {sampling.seed} with {variations} variation(s) and {len(plan)} window(s) takes seeds up to "
+             f"{last}, past the largest (2^63 - 1): give a smaller --seed")
+    _note_untrained(engine)
+    duration = x.shape[1] / engine.codec.cfg.sample_rate
     if len(plan) > 1:
         _say("note:", "bold", f"{duration:.1f} s context: {len(plan)} windows of "
              f"{(plan[0][1] - plan[0][0]) / engine.codec.cfg.frame_rate:.1f} s")

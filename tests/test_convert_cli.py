@@ -92,6 +92,7 @@ def test_force_replaces_only_a_model_folder(tmp_path, ckpt):
 
 
 @pytest.mark.parametrize("extra, needle", [
+    (["--sampling", "guidance=magnet"], "guidance 'magnet' is MAGNeT's; a StemGen model takes multi"),
     (["--dtype", "int8"], "int8 is quantized when a model loads"),
     (["--dtype", "int9"], "unknown dtype 'int9'"),
 ])

@@ -274,6 +274,20 @@ def test_info_shows_the_model_kind_and_defaults(full_model):
     assert res.exit_code == 0 and "MAGNeT" in res.output and "nonoverlap" in res.output, res.output
 
 
+@pytest.mark.parametrize("sampling, want", [(None, 3.0), ({"steps": [2, 1, 1, 1]}, 3.0), ({"temperature": 1.5}, 1.5)])
+def test_magnet_config_without_guidance_takes_magnets_defaults(model_dir, tmp_path, sampling, want):
+    """A MAGNeT config.json with no sampling section, or one without guidance, loads with MAGNeT's own
+    defaults beneath what it gives (not StemGen's, whose guidance it would refuse)."""
+    from stemgen.engine.config import ModelConfig
+    d = json.loads((Path(model_dir) / "config.json").read_text())
+    if sampling is None:
+        d.pop("sampling")
+    else:
+        d["sampling"] = sampling
+    cfg = ModelConfig.from_dict(d)
+    assert cfg.sampling.guidance == "magnet" and cfg.sampling.temperature == want and cfg.sampling.top_p == 0.9
+
+
 def fixture_checkpoint():
     return torch.load(FIX / "state_dict.bin", map_location="cpu", weights_only=True)
 

@@ -17,12 +17,15 @@ def read_pickle(path: Path) -> object:
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        # torch's text advises weights_only=False: never here. Its own reason is on a later line.
+        # torch's text advises weights_only=False (never here); its own reason is on a later line
         why = [ln.strip() for ln in str(e).splitlines() if ln.strip() and "WeightsUnpickler error" not in ln]
-        detail = next((ln for ln in why[1:] if "weights_only" not in ln and "torch.load" not in ln), "")
-        raise ModelFormatError(f"{path}: holds objects other than tensors and plain containers ({detail[:120]}); "
-                               "this engine never runs code from a checkpoint: save the model's state_dict "
-                               "(torch.save(model.state_dict(), path)) and convert that") from None
+        detail = next((ln for ln in why[1:] if "weights_only" not in ln and "torch.load" not in ln), "")[:120]
+        if "GLOBAL" in detail or "global" in detail:   # a class or function the file would import: objects
+            raise ModelFormatError(f"{path}: holds objects other than tensors and plain containers ({detail}); "
+                                   "this engine never runs code from a checkpoint: save the model's state_dict "
+                                   "(torch.save(model.state_dict(), path)) and convert that") from None
+        raise ModelFormatError(f"{path}: cannot be read as a PyTorch checkpoint (corrupt, truncated or another "
+                               f"format): {detail or 'not a pickle torch.load reads'}") from None
     except Exception as e:  # torch raises many types for corrupt / foreign files
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelFormatError(f"{path}: cannot be read as a PyTorch checkpoint (corrupt, truncated or "
