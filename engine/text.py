@@ -61,7 +61,8 @@ def read_t5_folder(folder: str | Path):
                                    "encoder; pass the t5-base (or t5-large) folder")
         _check_sizes(folder, config)
         tokenizer = tf.AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        model = tf.T5EncoderModel.from_pretrained(folder, local_files_only=True, torch_dtype=torch.float32)
+        model = tf.T5EncoderModel.from_pretrained(folder, local_files_only=True, torch_dtype=torch.float32,
+                                                  use_safetensors=True)
     except ModelFormatError:
         raise
     except Exception as e:  # noqa: BLE001 - transformers' own validation errors vary by version: one line each
@@ -84,32 +85,56 @@ def _encoder_parameters(c) -> int:
 
 
 def _check_sizes(folder: Path, config) -> None:
-    """The folder's config.json against bounds and, with safetensors weights, against the encoder
-    blocks they hold: transformers would otherwise build (and randomly initialise) every layer the
+    """The folder's config.json against bounds and against the safetensors weights transformers will
+    load: transformers would otherwise build (and randomly initialise) every layer the
     config names, so a config claiming 200,000 layers over a 2-layer file allocated without bound."""
     for key, most in T5_LIMITS.items():
         value = getattr(config, key, None)
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= most:
             raise ModelFormatError(f"{folder}/config.json: {key} is {str(value)[:40]}; a T5 encoder has 1 to {most}")
     # transformers fills what the files lack with random values at the config's sizes: the config may
-    # describe no more than the weight files hold (2 bytes a value at the least)
-    stored = sum(p.stat().st_size for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
+    # describe no more values than the files it loads hold (counted from their headers), and as many
+    # encoder blocks as they hold
+    values, blocks = _stored_weights(folder)
+    if len(blocks) != config.num_layers:
+        raise ModelFormatError(f"{folder}: config.json says {config.num_layers} encoder layers, the weights hold "
+                               f"{len(blocks)}; the folder's config and weights do not match")
     need = _encoder_parameters(config)
-    if 2 * need > 1.05 * stored + (1 << 20):
+    if need > 1.01 * values + 4096:
         raise ModelFormatError(f"{folder}: config.json describes a T5 encoder of {need / 1e6:.1f}M parameters, its "
-                               f"weight files hold at most {stored / 2e6:.1f}M values; the config and weights do not match")
-    weights = folder / "model.safetensors"
-    if weights.is_file():
-        from safetensors import SafetensorError, safe_open
+                               f"weights hold {values / 1e6:.1f}M values; the config and weights do not match")
+
+
+def _stored_weights(folder: Path) -> tuple[int, set]:
+    """(values, encoder block numbers) of the safetensors files transformers loads from ``folder``:
+    model.safetensors, else the shards its index names; read from the headers only."""
+    import math
+
+    from safetensors import SafetensorError, safe_open
+
+    from .schema import load_json
+    files = [folder / "model.safetensors"]
+    if not files[0].is_file():
+        index = folder / "model.safetensors.index.json"
+        if not index.is_file():
+            raise ModelFormatError(f"{folder}: no model.safetensors (nor sharded safetensors with their index); the "
+                                   "T5 encoder is read from safetensors only: save it with safe_serialization=True")
+        doc = load_json(index)
+        shards = doc.get("weight_map") if isinstance(doc, dict) else None
+        if not isinstance(shards, dict) or not all(isinstance(n, str) and "/" not in n for n in shards.values()):
+            raise ModelFormatError(f"{index}: weight_map must map tensor names to shard file names in the folder")
+        files = [folder / n for n in sorted(set(shards.values()))]
+    values, blocks = 0, set()
+    for path in files:
         try:
-            with safe_open(str(weights), framework="pt", device="cpu") as f:
-                names = list(f.keys())
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    values += math.prod(f.get_slice(name).get_shape())
+                    if name.startswith("encoder.block.") and name.count(".") > 2:
+                        blocks.add(name.split(".")[2])
         except (SafetensorError, OSError, ValueError) as e:
-            raise ModelFormatError(f"{weights}: not a readable safetensors file ({str(e)[:120]})") from None
-        blocks = {n.split(".")[2] for n in names if n.startswith("encoder.block.") and n.count(".") > 2}
-        if len(blocks) != config.num_layers:
-            raise ModelFormatError(f"{folder}: config.json says {config.num_layers} encoder layers, model.safetensors "
-                                   f"holds {len(blocks)}; the folder's config and weights do not match")
+            raise ModelFormatError(f"{path}: not a readable safetensors file ({str(e)[:120]})") from None
+    return values, blocks
 
 
 class TextEncoder:

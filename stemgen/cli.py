@@ -342,9 +342,10 @@ def generate(
     engine, sampling, x, ctx, outs, mixes, context_sr, regions = run_guarded(prepare)
     win, ovl = run_guarded(engine.window_frames, window, overlap)
     plan = run_guarded(engine.windows, ctx.shape[-1], win, ovl)
-    last = sampling.seed + variations - 1 + len(plan) - 1    # variation i, window k: seed + i + k
-    if last > (1 << 63) - 1:   # before any work
-        fail(f"--seed {sampling.seed} with {variations} variation(s) and {len(plan)} window(s) takes seeds up to "
+    windows = 1 if keep else len(plan)    # variation i, window k: seed + i + k (--keep: one request each)
+    last = sampling.seed + variations - 1 + windows - 1
+    if last > (1 << 63) - 1:   # before generating
+        fail(f"--seed {sampling.seed} with {variations} variation(s) and {windows} window(s) takes seeds up to "
              f"{last}, past the largest (2^63 - 1): give a smaller --seed")
     _note_untrained(engine)
     duration = x.shape[1] / engine.codec.cfg.sample_rate

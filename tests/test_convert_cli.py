@@ -119,15 +119,23 @@ class _Runs:
         return os.system, (f"touch {self.marker}",)
 
 
-def test_a_checkpoint_that_would_run_code_is_refused_in_one_line(tmp_path, recwarn):
-    """weights_only loading refuses it; the line says so without torch's advice to load it unsafely."""
+@pytest.mark.parametrize("obj, named", [(lambda m: {"x": _Runs(m)}, "posix.system"),
+                                         (lambda m: torch.nn.Linear(2, 2), "torch.nn.modules.linear.Linear")])
+def test_a_checkpoint_holding_objects_is_refused_in_one_line(tmp_path, recwarn, obj, named):
+    """weights_only loading refuses a pickle that names a function or class (one that would run code, or
+    a whole saved model): the line names it and asks for a state_dict, without torch's advice to load
+    it unsafely; a file that is no pickle at all keeps the corrupt-or-other-format line."""
     marker = tmp_path / "PWNED"
     bad = tmp_path / "evil.pt"
-    torch.save({"state_dict": {"w": torch.zeros(2)}, "x": _Runs(marker)}, bad)
+    torch.save(obj(marker), bad)
     res, out = convert(tmp_path, bad)
-    assert_clean_failure(res, out, "holds objects other than tensors", "never runs code from a checkpoint")
+    assert_clean_failure(res, out, "holds objects other than tensors", named, "never runs code from a checkpoint")
     assert "weights_only" not in res.output and "False" not in res.output and not marker.exists()
     assert not [w for w in recwarn if "pickle protocol" in str(w.message)]
+    bad.write_bytes(b"\x80\x02" + bytes(range(200)))
+    res, out = convert(tmp_path, bad, "--lm-format", "train")
+    assert_clean_failure(res, out, "cannot be read as a PyTorch checkpoint")
+    assert "weights_only" not in res.output
 
 
 def _edit_ckpt(ckpt, fn):

@@ -124,6 +124,18 @@ def test_bad_inputs(tmp_path):
     bad(tmp_path, ok, "-i", "drums", "--guidance", "magnet", *FAST, needle="a StemGen model takes multi")
 
 
+def test_seed_range_counts_the_seeds_a_run_takes(tmp_path):
+    """Variation i of window k takes seed + i + k: windows count for a windowed run, not for --keep (one
+    request per variation); past 2^63 - 1 is one line before any generation."""
+    ok = stereo_wav(tmp_path / "ok.wav", seconds=0.5)
+    top = str((1 << 63) - 1)
+    res = gen(ok, "-i", "drums", "--keep", ok, "--regenerate", "0.1:0.3", "--window", "0.2", "--seed", top,
+              "--out", tmp_path / "k.wav", *FAST)
+    assert res.exit_code == 0 and (tmp_path / "k.wav").is_file(), res.output
+    bad(tmp_path, ok, "-i", "drums", "--seed", top, "--window", "0.2", *FAST,
+        needle="1 variation(s) and 3 window(s) takes seeds up to 9223372036854775809")
+
+
 def test_output_folder_missing(tmp_path):
     ok = stereo_wav(tmp_path / "ok.wav", seconds=0.5)
     res = gen(ok, "-i", "drums", "--out", tmp_path / "nope" / "x.wav", *FAST)

@@ -673,10 +673,10 @@ def test_text_encoder_folder_may_not_lead_outside(tmp_path):
 
 @pytest.mark.parametrize("key, value, needle", [
     ("num_layers", 200000, "num_layers is 200000; a T5 encoder has 1 to 96"),
-    ("num_layers", 3, "config.json says 3 encoder layers, model.safetensors holds 2"),
+    ("num_layers", 3, "config.json says 3 encoder layers, the weights hold 2"),
     ("d_model", "32", "d_model"),
     ("vocab_size", 10 ** 12, "vocab_size is 1000000000000"),
-    ("d_ff", 131072, "describes a T5 encoder of 16.8M parameters, its weight files hold at most 0.0M"),  # within bounds
+    ("d_ff", 131072, "describes a T5 encoder of 16.8M parameters, its weights hold 0.0M values"),  # within bounds
 ])
 def test_t5_config_is_checked_against_bounds_and_its_weights(tmp_path, key, value, needle):
     """A T5 folder's config.json is untrusted: transformers builds (and randomly initialises) every
@@ -727,6 +727,34 @@ def test_hf_codec_config_is_one_line(tmp_path, text, needle):
         (folder / "config.json").write_bytes(text.encode("latin-1"))
     with pytest.raises(StemGenError, match=re_escape(needle)):
         read_hf(folder, None)
+
+
+def test_t5_weights_are_counted_from_the_files_transformers_loads(tmp_path):
+    """The values a T5 config may describe are counted from the safetensors headers of what transformers
+    loads (model.safetensors, or the shards its index names): a sparse or unrelated large file beside
+    them counts for nothing; a folder without safetensors weights is refused."""
+    import json
+    import os
+    from stemgen.engine.text import read_t5_folder
+
+    folder = tmp_path / "t5"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "magnet" / "t5-tiny", folder)
+    with open(folder / "training_args.bin", "wb") as f:      # 1 GB apparent size, nothing on disk
+        f.truncate(1 << 30)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "d_model": 4096, "d_ff": 65536}))
+    with pytest.raises(StemGenError, match="describes a T5 encoder of"):
+        read_t5_folder(folder)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    os.rename(folder / "model.safetensors", folder / "model-00001-of-00001.safetensors")
+    with pytest.raises(StemGenError, match="safetensors only"):
+        read_t5_folder(folder)
+    from safetensors import safe_open
+    with safe_open(str(folder / "model-00001-of-00001.safetensors"), framework="pt") as f:
+        names = list(f.keys())
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {n: "model-00001-of-00001.safetensors" for n in names}}))
+    read_t5_folder(folder)                     # sharded, as transformers reads it: loads
 
 
 CONTROL_NAMES = ["bass", "dr\x1b[31mums\nFAKE: line", "\u202egnp.exe"]

@@ -18,8 +18,9 @@ def read_pickle(path: Path) -> object:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # torch's text advises weights_only=False (never here); its own reason is on a later line
-        why = [ln.strip() for ln in str(e).splitlines() if ln.strip() and "WeightsUnpickler error" not in ln]
-        detail = next((ln for ln in why[1:] if "weights_only" not in ln and "torch.load" not in ln), "")[:120]
+        why = [ln.strip().removeprefix("WeightsUnpickler error:").strip() for ln in str(e).splitlines()]
+        detail = next((ln for ln in why[1:] if ln and "weights_only" not in ln and "torch.load" not in ln), "")
+        detail = detail.split(". ")[0][:120]
         if "GLOBAL" in detail or "global" in detail:   # a class or function the file would import: objects
             raise ModelFormatError(f"{path}: holds objects other than tensors and plain containers ({detail}); "
                                    "this engine never runs code from a checkpoint: save the model's state_dict "
