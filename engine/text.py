@@ -56,7 +56,7 @@ def read_t5_folder(folder: str | Path):
     tf = _transformers()
     try:
         config = tf.AutoConfig.from_pretrained(folder, local_files_only=True)
-        if getattr(config, "model_type", None) not in ("t5", "mt5", "umt5"):
+        if getattr(config, "model_type", None) not in ("t5", "mt5"):   # umt5's per-layer position bias: not T5's
             raise ModelFormatError(f"{folder}: model_type {getattr(config, 'model_type', None)!r} is not a T5 "
                                    "encoder; pass the t5-base (or t5-large) folder")
         _check_sizes(folder, config)

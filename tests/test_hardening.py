@@ -676,6 +676,7 @@ def test_text_encoder_folder_may_not_lead_outside(tmp_path):
     ("num_layers", 3, "config.json says 3 encoder layers, the weights hold 2"),
     ("d_model", "32", "d_model"),
     ("vocab_size", 10 ** 12, "vocab_size is 1000000000000"),
+    ("model_type", "umt5", "model_type 'umt5' is not a T5 encoder"),   # per-layer position bias T5 lacks
     ("d_ff", 131072, "describes a T5 encoder of 16.8M parameters, its weights hold 0.0M values"),  # within bounds
 ])
 def test_t5_config_is_checked_against_bounds_and_its_weights(tmp_path, key, value, needle):

@@ -248,6 +248,7 @@ def test_batched_text_requests_equal_solo_runs(full_model):
     (["--text", "ok", "-i", "bass"], "no context"),
     (["--text", "ok", "--span-arrangement", "zigzag"], "span_arrangement"),
     (["--text", "@/dev/zero"], "the prompt file is larger than 1 MB"),   # a device: no size to check first
+    (["--text", "ok", "--seed", str((1 << 63) - 1), "--variations", "2"], "past the largest (2^63 - 1)"),
 ])
 def test_text_cli_bad_input_is_one_line(full_model, tmp_path, args, needle):
     res = cli("generate", "--model", full_model, "--out", tmp_path / "o.wav", *args)
