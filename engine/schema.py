@@ -86,6 +86,14 @@ MAGNET_SPEC = {
     "arch": Field("str", choices=("magnet",)),
 }
 
+# a MAGNeT model's T5 text encoder config (transformers' T5Config), up to the largest T5 (t5-11b: 24
+# layers, d_model 1024, d_ff 65536, 128 heads, vocab 32128) and beyond
+T5_SPEC = {
+    "num_layers": Field("int", 1, 96), "d_model": Field("int", 1, 16384), "d_ff": Field("int", 1, 131072),
+    "num_heads": Field("int", 1, 256), "d_kv": Field("int", 1, 1024), "vocab_size": Field("int", 1, 1 << 20),
+    "relative_attention_num_buckets": Field("int", 1, 4096),
+}
+
 # `stemgen train` options (train.trainer.TrainConfig): checked before anything is allocated, so an
 # option can ask for no more than a config.json could (the model's sizes go through TRAIN_SPEC)
 TRAIN_OPTIONS = {

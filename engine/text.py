@@ -71,11 +71,6 @@ def read_t5_folder(folder: str | Path):
     return model.eval().requires_grad_(False), tokenizer
 
 
-# the largest T5 sizes taken (t5-11b: 24 layers, d_model 1024, d_ff 65536, 128 heads; vocab 32128)
-T5_LIMITS = {"num_layers": 96, "d_model": 16384, "d_ff": 131072, "num_heads": 256, "d_kv": 1024, "vocab_size": 1 << 20,
-             "relative_attention_num_buckets": 4096}
-
-
 def _encoder_parameters(c) -> int:
     """The parameter count of the T5 encoder a config describes (embedding, per block q/k/v/o, the
     feed-forward (gated: three matrices), two norms; the relative position bias; the final norm)."""
@@ -88,10 +83,8 @@ def _check_sizes(folder: Path, config) -> None:
     """The folder's config.json against bounds and against the safetensors weights transformers will
     load: transformers would otherwise build (and randomly initialise) every layer the
     config names, so a config claiming 200,000 layers over a 2-layer file allocated without bound."""
-    for key, most in T5_LIMITS.items():
-        value = getattr(config, key, None)
-        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= most:
-            raise ModelFormatError(f"{folder}/config.json: {key} is {str(value)[:40]}; a T5 encoder has 1 to {most}")
+    from .schema import T5_SPEC, check
+    check({k: getattr(config, k, None) for k in T5_SPEC}, T5_SPEC, f"{folder}/config.json")
     # transformers fills what the files lack with random values at the config's sizes: the config may
     # describe no more values than the files it loads hold (counted from their headers), and as many
     # encoder blocks as they hold

@@ -138,11 +138,16 @@ class RunStats:
 CPU_ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
 
+def isa_limits() -> dict[str, str]:
+    """The GEMM libraries' instruction-set limits set in the environment (a stand-in for another CPU)."""
+    return {k: os.environ[k] for k in CPU_ISA_LIMITS if os.environ.get(k)}
+
+
 def machine_info(device: torch.device) -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
             "processor": cpu_name(), "cpu_features": cpu_features(), "cpu_threads": torch.get_num_threads(),
             "cores": os.cpu_count(), "device": str(device)}
-    held = {k: os.environ[k] for k in CPU_ISA_LIMITS if os.environ.get(k)}
+    held = isa_limits()
     if held:   # GEMM libraries held to a lower instruction set (a stand-in for another CPU): say so
         info["cpu_isa_limits"] = held
     if device.type == "cuda":
@@ -155,8 +160,8 @@ def machine_info(device: torch.device) -> dict:
 def cpu_label(dtype=None) -> str:
     """One line for a report: the CPU and its GEMM features, the GEMM libraries' instruction-set limits
     where set (a stand-in for another CPU), and for int8 the weight codes its int8 GEMM sums exactly."""
-    held = [f"{k}={os.environ[k]}" for k in CPU_ISA_LIMITS if os.environ.get(k)]
-    text = f"{cpu_name()} ({cpu_features()})" + (f", held to {' '.join(held)}" if held else "")
+    held = " ".join(f"{k}={v}" for k, v in isa_limits().items())
+    text = f"{cpu_name()} ({cpu_features()})" + (f", held to {held}" if held else "")
     if dtype is not None and str(dtype).replace("torch.", "") == "int8":
         from .kernels.int8_linear import weight_code_max
         text += f"; int8 weight codes {weight_code_max()[1]}"

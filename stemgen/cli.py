@@ -13,7 +13,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .cli_common import _model_dir, _numbered, _say, console, err_console, fail, printable, run_guarded  # noqa: F401
+from .cli_common import (_model_dir, _numbered, _say, check_seed_range, console, err_console, fail,  # noqa: F401
+                         printable, run_guarded)
 from .engine.fileutil import atomic_write_text
 from .weights_convert.formats import describe as describe_formats
 from .weights_convert.formats import formats
@@ -152,7 +153,7 @@ def convert(lm: Optional[Path] = typer.Option(None, "--lm", help=f"LM checkpoint
         if lm is not None or codec is not None or text_encoder is not None:
             fail("--from-hf-cache finds the LM, codec and text encoder itself; drop --lm/--codec/--text-encoder")
         from .weights_convert.hf_cache import convert_from_hf_cache
-        path = run_guarded(lambda: convert_from_hf_cache(from_hf_cache, out, resolve_dtype(dtype), force))
+        path = run_guarded(lambda: convert_from_hf_cache(from_hf_cache, out, stored, force))
         console.print(f"wrote {path}; use it with --model {from_hf_cache}")
         return
     if lm is None or out is None:
@@ -167,17 +168,17 @@ def convert(lm: Optional[Path] = typer.Option(None, "--lm", help=f"LM checkpoint
             if sampling is not None:
                 raise ValueError("--sampling is for StemGen models; a MAGNeT model takes its defaults from its checkpoint")
             from .weights_convert.magnet import convert_magnet
-            return convert_magnet(source, out, codec, codec_format, text_encoder, resolve_dtype(dtype), force)
+            return convert_magnet(source, out, codec, codec_format, text_encoder, stored, force)
         if text_encoder is not None:
             raise ModelFormatError("--text-encoder is for MAGNeT checkpoints; this LM is a StemGen model")
-        lm_cfg, instruments, lm_state = convert_train_checkpoint(source, fmt.name, resolve_dtype(dtype))
+        lm_cfg, instruments, lm_state = convert_train_checkpoint(source, fmt.name, stored)
         weights, codec_cfg = {"lm": lm_state}, None
         if codec is not None:
             codec_cfg, weights["codec"] = convert_codec(codec, codec_format)
             if codec_cfg.bins != lm_cfg.codebook_size or codec_cfg.n_q < lm_cfg.n_q:
                 raise ModelFormatError(f"codec ({codec_cfg.n_q} levels x {codec_cfg.bins} codes) does not fit the "
                                        f"LM ({lm_cfg.n_q} levels x {lm_cfg.codebook_size} codes)")
-        config = ModelConfig(lm=lm_cfg, instruments=instruments, dtype=str(resolve_dtype(dtype)).split(".")[-1],
+        config = ModelConfig(lm=lm_cfg, instruments=instruments, dtype=str(stored).split(".")[-1],
                              sampling=defaults,
                              codec=codec_cfg.to_dict() if codec_cfg else None,
                              weights={"lm": LM_WEIGHTS, "codec": CODEC_WEIGHTS if codec_cfg else None},
@@ -342,11 +343,7 @@ def generate(
     engine, sampling, x, ctx, outs, mixes, context_sr, regions = run_guarded(prepare)
     win, ovl = run_guarded(engine.window_frames, window, overlap)
     plan = run_guarded(engine.windows, ctx.shape[-1], win, ovl)
-    windows = 1 if keep else len(plan)    # variation i, window k: seed + i + k (--keep: one request each)
-    last = sampling.seed + variations - 1 + windows - 1
-    if last > (1 << 63) - 1:   # before generating
-        fail(f"--seed {sampling.seed} with {variations} variation(s) and {windows} window(s) takes seeds up to "
-             f"{last}, past the largest (2^63 - 1): give a smaller --seed")
+    check_seed_range(sampling.seed, variations, 1 if keep else len(plan), 1)   # --keep: one request each
     _note_untrained(engine)
     duration = x.shape[1] / engine.codec.cfg.sample_rate
     if len(plan) > 1:

@@ -67,3 +67,12 @@ def _model_dir(model: str) -> Path:
         return ensure_random_model(log=lambda m: err_console.print(m, highlight=False, markup=False))
     from .engine.models import resolve_model
     return resolve_model(model)
+
+
+def check_seed_range(seed: int, variations: int, windows: int, window_step: int) -> None:
+    """Variation i of window k runs with seed + i + window_step * k (StemGen 1, MAGNeT 1000): the last
+    of them must fit a seed (2^63 - 1), said before generating."""
+    last = seed + variations - 1 + window_step * (windows - 1)
+    if last > (1 << 63) - 1:
+        fail(f"--seed {seed} with {variations} variation(s) and {windows} window(s) takes seeds up to {last}, "
+             "past the largest (2^63 - 1): give a smaller --seed")

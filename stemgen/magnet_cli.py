@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .cli_common import _model_dir, _numbered, _say, console, err_console, fail, run_guarded
+from .cli_common import _model_dir, _numbered, _say, check_seed_range, console, err_console, fail, run_guarded
 from .engine.fileutil import read_bounded
 
 MAX_PROMPTS = 1000
@@ -82,10 +82,7 @@ def generate_text(text: str, out: Path, model: str, seconds, keep, regenerate, w
     T = engine.frames(seconds) if seconds else engine.segment_frames()
     win, ovl = run_guarded(engine.window_frames, window, overlap)
     plan = run_guarded(engine.windows, T, win, ovl)
-    last = sampling.seed + variations - 1 + 1000 * (len(plan) - 1)    # variation i, window k: seed + i + 1000 k
-    if last > (1 << 63) - 1:   # before generating
-        fail(f"--seed {sampling.seed} with {variations} variation(s) and {len(plan)} window(s) takes seeds up to "
-             f"{last}, past the largest (2^63 - 1): give a smaller --seed")
+    check_seed_range(sampling.seed, variations, len(plan), 1000)
     if len(plan) > 1:
         _say("note:", "bold", f"{T / fps:.1f} s: {len(plan)} windows of {(plan[0][1] - plan[0][0]) / fps:.1f} s")
     total = sum(sampling.steps) * len(plan) * len(prompts) * variations

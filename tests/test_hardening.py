@@ -672,10 +672,10 @@ def test_text_encoder_folder_may_not_lead_outside(tmp_path):
 
 
 @pytest.mark.parametrize("key, value, needle", [
-    ("num_layers", 200000, "num_layers is 200000; a T5 encoder has 1 to 96"),
+    ("num_layers", 200000, "config.json.num_layers: 200000 is out of range [1, 96]"),
     ("num_layers", 3, "config.json says 3 encoder layers, the weights hold 2"),
     ("d_model", "32", "d_model"),
-    ("vocab_size", 10 ** 12, "vocab_size is 1000000000000"),
+    ("vocab_size", 10 ** 12, "config.json.vocab_size: 1000000000000 is out of range [1, 1048576]"),
     ("model_type", "umt5", "model_type 'umt5' is not a T5 encoder"),   # per-layer position bias T5 lacks
     ("d_ff", 131072, "describes a T5 encoder of 16.8M parameters, its weights hold 0.0M values"),  # within bounds
 ])
